@@ -1,0 +1,24 @@
+"""dsm-lightning: training-free ViT acceleration with Delayed Spatial Merging, as a PyTorch Lightning plugin."""
+
+from .adapters import Adapter, UnsupportedModelError, get_adapter, register_adapter
+from .config import DSMConfig
+from .patch import apply_dsm, get_config, is_patched, remove_dsm, trace_tokens
+from .schedule import BlockPlan, TokenPlan, token_plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "BlockPlan",
+    "DSMConfig",
+    "TokenPlan",
+    "UnsupportedModelError",
+    "apply_dsm",
+    "get_adapter",
+    "get_config",
+    "is_patched",
+    "register_adapter",
+    "remove_dsm",
+    "token_plan",
+    "trace_tokens",
+]

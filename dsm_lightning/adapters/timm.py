@@ -1,0 +1,145 @@
+"""Adapter for ``timm.models.vision_transformer.VisionTransformer`` and its subclasses (DeiT distilled, ...).
+
+Kept from timm's own block: LayerScale (``ls1``/``ls2``), drop-path, q/k-norm, scale-norm and gated attention, the
+fused SDPA path (the log-size bias goes in as ``attn_mask``) and timm's non-fused path when fused attention is off.
+Dense blocks, and merging blocks' MLPs, call timm's modules unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import Adapter, UnsupportedModelError
+from ..engine import MergeFn
+from ..merge import MergeState, unmerge
+
+__all__ = ["TimmViTAdapter", "attention_with_metric"]
+
+
+def _timm_types():
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    try:
+        from timm.layers import Attention
+    except ImportError:  # timm < 1.0 kept Attention in vision_transformer
+        from timm.models.vision_transformer import Attention
+    return VisionTransformer, Block, Attention
+
+
+def attention_with_metric(attn: nn.Module, x: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """timm ``Attention`` forward that also returns the merge metric (keys averaged over heads, ``[B, N, head_dim]``).
+
+    Same ops as ``Attention.forward`` (q/k-norm, fused SDPA with ``attn_mask=bias``, scale-norm, gate, projection);
+    a test checks it against timm's own forward.
+    """
+    batch, n, _ = x.shape
+    gate = getattr(attn, "gate", None)
+    gate = gate(x).sigmoid() if gate is not None else None
+    attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
+        )
+    else:
+        scores = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            scores = scores + bias
+        out = attn.attn_drop(scores.softmax(dim=-1)) @ v
+    out = out.transpose(1, 2).reshape(batch, n, attn_dim)
+    out = getattr(attn, "norm", nn.Identity())(out)
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    return out, k.mean(dim=1)
+
+
+def _forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+    """DSM version of ``VisionTransformer.forward_features``: tokens come back in the dense layout."""
+    if attn_mask is not None or is_causal:
+        raise ValueError("a DSM-patched model takes no attn_mask/is_causal; call remove_dsm(model) to use them")
+    adapter = TimmViTAdapter.instance
+    tokens, grid = adapter.embed(self, x)
+    tokens, state = adapter.run(self, tokens, grid)
+    return unmerge(self.norm(tokens), state, self.num_prefix_tokens)
+
+
+class TimmViTAdapter(Adapter):
+    """timm ``VisionTransformer`` (ViT, DeiT incl. distilled, AugReg, MAE, CLIP, DINOv2 incl. registers)."""
+
+    name = "timm"
+    supports = "timm.models.vision_transformer.VisionTransformer and subclasses with timm Block + Attention"
+    instance: "TimmViTAdapter"
+
+    def __init__(self) -> None:
+        TimmViTAdapter.instance = self
+
+    def matches(self, model: nn.Module) -> bool:
+        try:
+            vit_cls, _, _ = _timm_types()
+        except ImportError:
+            return False
+        return isinstance(model, vit_cls)
+
+    def check(self, model: nn.Module) -> None:
+        _, block_cls, attn_cls = _timm_types()
+        for i, blk in enumerate(model.blocks):
+            if type(blk) is not block_cls:
+                raise UnsupportedModelError(
+                    f"block {i} is {type(blk).__module__}.{type(blk).__qualname__}; DSM's timm adapter supports "
+                    f"{block_cls.__module__}.Block (pre-norm, attention then MLP). Register an adapter for this block "
+                    f"type (README, 'Custom ViTs')"
+                )
+            if type(blk.attn) is not attn_cls:
+                raise UnsupportedModelError(
+                    f"block {i} uses attention {type(blk.attn).__module__}.{type(blk.attn).__qualname__}; DSM's timm "
+                    f"adapter supports timm.layers.Attention (rotary / differential attention are not supported)"
+                )
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return model.blocks
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return int(model.num_prefix_tokens)
+
+    def grid(self, model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+        pe = model.patch_embed
+        if img_size is None:
+            return tuple(int(v) for v in pe.grid_size)
+        return tuple(int(v) for v in pe.dynamic_feat_size(tuple(img_size)))
+
+    def dims(self, model: nn.Module) -> Tuple[int, int]:
+        dim = int(model.embed_dim)
+        fc1 = getattr(model.blocks[0].mlp, "fc1", None)
+        hidden = int(fc1.out_features) if isinstance(fc1, nn.Linear) else 4 * dim
+        return dim, hidden
+
+    def embed(self, model: nn.Module, images: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        x = model.patch_embed(images)
+        if x.ndim == 4:  # dynamic_img_size: NHWC
+            grid = (int(x.shape[1]), int(x.shape[2]))
+        else:
+            grid = tuple(int(v) for v in model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
+        x = model._pos_embed(x)
+        x = model.patch_drop(x)
+        x = model.norm_pre(x)
+        return x, grid
+
+    def dense_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return block(x) if bias is None else block(x, attn_mask=bias)
+
+    def merge_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor], step: MergeFn) -> Tuple[Tensor, MergeState]:
+        y, metric = attention_with_metric(block.attn, block.norm1(x), bias)
+        x = x + block.drop_path1(block.ls1(y))
+        x, state = step(x, metric)
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return x, state
+
+    def overrides(self) -> Dict[str, Callable]:
+        return {"forward_features": _forward_features}
+

@@ -1,0 +1,110 @@
+"""Adapter for ``torchvision.models.VisionTransformer`` (``vit_b_16`` and friends).
+
+torchvision's blocks use ``nn.MultiheadAttention``. Dense blocks call it unchanged (keeping its native fast path).
+Merging blocks, and blocks that need the log-size bias, compute the same attention from the module's own
+``in_proj``/``out_proj`` weights with ``F.scaled_dot_product_attention`` (fused, with ``attn_mask``), because
+``nn.MultiheadAttention`` neither returns keys nor takes a per-key float bias without leaving its fast path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import Adapter, UnsupportedModelError
+from ..engine import MergeFn
+from ..merge import MergeState, unmerge
+
+__all__ = ["TorchvisionViTAdapter", "mha_with_metric"]
+
+
+def mha_with_metric(mha: nn.MultiheadAttention, x: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Self-attention of a ``batch_first`` ``nn.MultiheadAttention`` with an additive bias; also returns the metric."""
+    batch, n, dim = x.shape
+    heads = mha.num_heads
+    head_dim = dim // heads
+    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).reshape(batch, n, 3, heads, head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=mha.dropout if mha.training else 0.0)
+    out = mha.out_proj(out.transpose(1, 2).reshape(batch, n, dim))
+    return out, k.mean(dim=1)
+
+
+def _forward(self, x: Tensor) -> Tensor:
+    """DSM version of torchvision ``VisionTransformer.forward``."""
+    adapter = TorchvisionViTAdapter.instance
+    tokens, grid = adapter.embed(self, x)
+    tokens, state = adapter.run(self, tokens, grid)
+    tokens = unmerge(self.encoder.ln(tokens), state, 1)
+    return self.heads(tokens[:, 0])
+
+
+class TorchvisionViTAdapter(Adapter):
+    """torchvision ``VisionTransformer`` (``vit_b_16``, ``vit_b_32``, ``vit_l_16``, ``vit_l_32``, ``vit_h_14``)."""
+
+    name = "torchvision"
+    supports = "torchvision.models.VisionTransformer with EncoderBlock + nn.MultiheadAttention"
+    instance: "TorchvisionViTAdapter"
+
+    def __init__(self) -> None:
+        TorchvisionViTAdapter.instance = self
+
+    def matches(self, model: nn.Module) -> bool:
+        try:
+            from torchvision.models.vision_transformer import VisionTransformer
+        except ImportError:
+            return False
+        return isinstance(model, VisionTransformer)
+
+    def check(self, model: nn.Module) -> None:
+        from torchvision.models.vision_transformer import EncoderBlock
+
+        for i, blk in enumerate(model.encoder.layers):
+            if type(blk) is not EncoderBlock:
+                raise UnsupportedModelError(
+                    f"encoder layer {i} is {type(blk).__qualname__}; the torchvision adapter supports EncoderBlock")
+            mha = blk.self_attention
+            if not (isinstance(mha, nn.MultiheadAttention) and mha.batch_first and mha._qkv_same_embed_dim
+                    and mha.in_proj_weight is not None and mha.bias_k is None and not mha.add_zero_attn):
+                raise UnsupportedModelError(
+                    f"encoder layer {i}: self_attention must be a batch_first nn.MultiheadAttention with a packed "
+                    f"in_proj and no bias_k/add_zero_attn")
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return model.encoder.layers
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return 1
+
+    def grid(self, model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+        h, w = img_size if img_size is not None else (model.image_size, model.image_size)
+        return int(h) // model.patch_size, int(w) // model.patch_size
+
+    def dims(self, model: nn.Module) -> Tuple[int, int]:
+        return int(model.hidden_dim), int(model.mlp_dim)
+
+    def embed(self, model: nn.Module, images: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        grid = self.grid(model, tuple(images.shape[-2:]))
+        x = model._process_input(images)
+        x = torch.cat([model.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = model.encoder.dropout(x + model.encoder.pos_embedding)
+        return x, grid
+
+    def dense_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if bias is None:
+            return block(x)
+        y, _ = mha_with_metric(block.self_attention, block.ln_1(x), bias)
+        x = x + block.dropout(y)
+        return x + block.mlp(block.ln_2(x))
+
+    def merge_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor], step: MergeFn) -> Tuple[Tensor, MergeState]:
+        y, metric = mha_with_metric(block.self_attention, block.ln_1(x), bias)
+        x = x + block.dropout(y)
+        x, state = step(x, metric)
+        return x + block.mlp(block.ln_2(x)), state
+
+    def overrides(self) -> Dict[str, Callable]:
+        return {"forward": _forward}

@@ -1,0 +1,155 @@
+"""DSMConfig: the user-facing knobs of Delayed Spatial Merging.
+
+A :class:`DSMConfig` is a frozen, hashable dataclass. It validates everything that can be checked without a model
+when it is built; :func:`dsm_lightning.token_plan` checks the rest (depth, grid, token counts) and names the limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple, Union
+
+__all__ = ["DSMConfig", "window_grid"]
+
+RType = Union[int, Sequence[int], None]
+
+
+def window_grid(windows: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    """Return the (rows, cols) window grid for ``windows``.
+
+    Args:
+        windows: A perfect square (``4`` means a 2x2 grid, ``9`` a 3x3 grid, ``1`` no windowing) or an explicit
+            ``(rows, cols)`` pair.
+
+    Raises:
+        ValueError: If ``windows`` is neither a positive perfect square nor a pair of positive ints.
+    """
+    if isinstance(windows, bool):
+        raise ValueError(f"windows must be an int or a (rows, cols) pair, got {windows!r}")
+    if isinstance(windows, int):
+        side = math.isqrt(windows) if windows > 0 else 0
+        if windows < 1 or side * side != windows:
+            raise ValueError(
+                f"windows={windows} is not a positive perfect square; pass 1, 4, 9, 16, ... "
+                f"or an explicit (rows, cols) pair such as windows=(2, 3)"
+            )
+        return side, side
+    try:
+        rows, cols = (int(v) for v in windows)
+    except (TypeError, ValueError):
+        raise ValueError(f"windows must be an int or a (rows, cols) pair, got {windows!r}") from None
+    if rows < 1 or cols < 1:
+        raise ValueError(f"windows=(rows, cols) must both be >= 1, got {windows!r}")
+    return rows, cols
+
+
+@dataclass(frozen=True)
+class DSMConfig:
+    """Settings of Delayed Spatial Merging.
+
+    Blocks ``0 .. delay-1`` stay dense. The next ``local_blocks`` blocks merge inside ``windows`` equal windows of
+    the patch grid (each window merges ``ceil(r / windows)`` tokens); every later block merges ``r`` tokens over the
+    whole image. ``delay=0, local_blocks=0`` is ToMe.
+
+    Args:
+        delay: Number of leading blocks that are never merged.
+        r: Tokens merged per merging block. An int applies to every block from ``delay`` on; a sequence gives one
+            value per block (length = depth; entries before ``delay`` must be 0). ``None`` (default) picks the
+            smallest constant ``r`` whose planned FLOPs are at most ``flops_target`` times the dense model's, for
+            each input size.
+        windows: Local windows: a perfect square (``4`` = 2x2) or ``(rows, cols)``.
+        local_blocks: How many merging blocks after the delay merge inside windows before global merging starts.
+        prop_attn: Proportional attention: add ``log(size)`` to the attention logits so a merged token counts as
+            many tokens as it holds.
+        flops_target: Fraction of the dense FLOPs to aim for when ``r`` is None (0.55 = 1.8x fewer FLOPs).
+    """
+
+    delay: int = 2
+    r: RType = None
+    windows: Union[int, Tuple[int, int]] = 4
+    local_blocks: int = 2
+    prop_attn: bool = True
+    flops_target: float = 0.55
+
+    def __post_init__(self) -> None:
+        for name in ("delay", "local_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        r = self.r
+        if r is not None:
+            if isinstance(r, bool):
+                raise ValueError(f"r must be an int, a per-block list of ints or None, got {r!r}")
+            if isinstance(r, int):
+                if r < 0:
+                    raise ValueError(f"r must be >= 0, got {r}")
+            else:
+                try:
+                    r_tuple = tuple(r)
+                except TypeError:
+                    raise ValueError(f"r must be an int, a per-block list of ints or None, got {r!r}") from None
+                for i, v in enumerate(r_tuple):
+                    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                        raise ValueError(f"r[{i}]={v!r}: every per-block r must be an int >= 0")
+                object.__setattr__(self, "r", r_tuple)
+        rows, cols = window_grid(self.windows)
+        object.__setattr__(self, "windows", (rows, cols) if not isinstance(self.windows, int) else self.windows)
+        if not isinstance(self.prop_attn, bool):
+            raise ValueError(f"prop_attn must be a bool, got {self.prop_attn!r}")
+        if not isinstance(self.flops_target, (int, float)) or not 0.0 < float(self.flops_target) <= 1.0:
+            raise ValueError(f"flops_target must be in (0, 1], got {self.flops_target!r}")
+        object.__setattr__(self, "flops_target", float(self.flops_target))
+
+    @property
+    def window_grid(self) -> Tuple[int, int]:
+        """The (rows, cols) grid of local windows."""
+        return window_grid(self.windows)
+
+    @property
+    def num_windows(self) -> int:
+        """Number of local windows."""
+        rows, cols = self.window_grid
+        return rows * cols
+
+    def replace(self, **changes: Any) -> "DSMConfig":
+        """Return a copy with ``changes`` applied (validated again)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        if unknown:
+            raise TypeError(f"unknown DSMConfig field(s): {sorted(unknown)}; valid: {self.field_names()}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> list:
+        """Names of the public fields."""
+        return [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+
+    def to_dict(self) -> dict:
+        """Plain-Python dict of the public fields (YAML/JSON friendly)."""
+        out = {}
+        for name in self.field_names():
+            value = getattr(self, name)
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DSMConfig":
+        """Build a config from :meth:`to_dict` output."""
+        data = dict(data)
+        if isinstance(data.get("windows"), list):
+            data["windows"] = tuple(data["windows"])
+        unknown = set(data) - set(cls.field_names())
+        if unknown:
+            raise TypeError(f"unknown DSMConfig field(s): {sorted(unknown)}; valid: {cls.field_names()}")
+        return cls(**data)
+
+
+def resolve_config(config: Optional[DSMConfig] = None, **overrides: Any) -> DSMConfig:
+    """Combine an optional base config with keyword overrides."""
+    base = config if config is not None else DSMConfig()
+    if not isinstance(base, DSMConfig):
+        raise TypeError(f"config must be a DSMConfig, got {type(base).__name__}")
+    return base.replace(**overrides) if overrides else base

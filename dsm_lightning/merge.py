@@ -1,0 +1,200 @@
+"""Merge ops: pure tensor functions, no module state.
+
+Conventions: ``x`` is ``[B, N, C]`` patch tokens (prefix tokens are split off by the caller and never enter these
+functions), ``size`` is ``[B, N, 1]`` (how many input patches each token holds), ``metric`` is ``[B, N, D]``
+(attention keys averaged over heads), and ``pos`` is ``[B, N0]`` (for every input patch, the index of the token
+that holds it now). All counts (``r``, windows) are Python ints from the :class:`~dsm_lightning.TokenPlan`, so a
+compiled graph sees constants.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .schedule import BlockPlan, WindowGroup
+
+__all__ = [
+    "Matching",
+    "bipartite_soft_matching",
+    "merge_wavg",
+    "window_order",
+    "merge_local",
+    "merge_global",
+    "MergeState",
+    "merge_step",
+    "size_bias",
+    "unmerge",
+]
+
+
+class Matching(NamedTuple):
+    """Result of :func:`bipartite_soft_matching`.
+
+    Attributes:
+        merge: ``merge(x) -> x'`` sums each merged ``a`` token into its ``b`` partner. Output order: the unmerged
+            ``a`` tokens, then all ``b`` tokens.
+        new_index: ``[B, N]`` long: where each input token ends up in the output.
+    """
+
+    merge: Callable[[Tensor], Tensor]
+    new_index: Tensor
+
+
+def bipartite_soft_matching(metric: Tensor, r: int) -> Matching:
+    """ToMe's bipartite soft matching, on patch tokens only.
+
+    Tokens alternate between set ``a`` (even positions) and ``b`` (odd). Each ``a`` token proposes its most similar
+    ``b`` token (cosine similarity of ``metric``); the ``r`` most similar proposals are merged.
+
+    Args:
+        metric: ``[B, N, D]`` similarity features.
+        r: Tokens to remove, ``0 <= r <= N // 2``.
+    """
+    batch, n, _ = metric.shape
+    na = (n + 1) // 2
+    nb = n // 2
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[:, ::2], metric[:, 1::2]
+        scores = a @ b.transpose(-1, -2)
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True)
+        unm_idx = edge_idx[:, r:]  # [B, na - r]
+        src_idx = edge_idx[:, :r]  # [B, r]
+        dst_idx = node_idx.gather(1, src_idx)  # [B, r]
+
+        device = metric.device
+        a_new = torch.empty(batch, na, dtype=torch.long, device=device)
+        a_new.scatter_(1, unm_idx, torch.arange(na - r, device=device).expand(batch, -1))
+        a_new.scatter_(1, src_idx, dst_idx + (na - r))
+        b_new = (torch.arange(nb, device=device) + (na - r)).expand(batch, -1)
+        new_index = torch.stack([a_new[:, :nb], b_new], dim=-1).reshape(batch, 2 * nb)
+        if na > nb:
+            new_index = torch.cat([new_index, a_new[:, nb:]], dim=1)
+
+    def merge(x: Tensor) -> Tensor:
+        c = x.shape[-1]
+        src, dst = x[:, ::2], x[:, 1::2]
+        unm = src.gather(1, unm_idx.unsqueeze(-1).expand(-1, -1, c))
+        moved = src.gather(1, src_idx.unsqueeze(-1).expand(-1, -1, c))
+        dst = dst.scatter_add(1, dst_idx.unsqueeze(-1).expand(-1, -1, c), moved)
+        return torch.cat([unm, dst], dim=1)
+
+    return Matching(merge, new_index)
+
+
+def merge_wavg(merge: Callable[[Tensor], Tensor], x: Tensor, size: Tensor) -> Tuple[Tensor, Tensor]:
+    """Size-weighted average merge: ``x' = merge(x * size) / merge(size)``; returns ``(x', size')``."""
+    x = merge(x * size)
+    size = merge(size)
+    return x / size, size
+
+
+def window_order(grid: Tuple[int, int], groups: Sequence[WindowGroup], device: torch.device) -> Tensor:
+    """Raster patch indices in window-major order: group by group, window by window, row-major inside."""
+    height, width = grid
+    raster = torch.arange(height * width, device=device).view(height, width)
+    parts = [raster[r0:r1, c0:c1].reshape(-1) for g in groups for (r0, r1, c0, c1) in g.boxes]
+    return torch.cat(parts)
+
+
+def merge_global(x: Tensor, size: Tensor, metric: Tensor, r: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Merge ``r`` tokens over the whole image. Returns ``(x, size, new_index)``."""
+    m = bipartite_soft_matching(metric, r)
+    x, size = merge_wavg(m.merge, x, size)
+    return x, size, m.new_index
+
+
+def merge_local(
+    x: Tensor, size: Tensor, metric: Tensor, groups: Sequence[WindowGroup]
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Merge inside windows. Tokens are in window-major order (see :func:`window_order`).
+
+    Each group's windows are stacked along the batch axis (``[B * windows, tokens_per_window, C]``) and merged
+    in one call; a token never leaves its window. Returns ``(x, size, new_index)`` in window-major order.
+    """
+    batch = x.shape[0]
+    xs, sizes, indices = [], [], []
+    start, out_start = 0, 0
+    for g in groups:
+        span = g.count * g.tokens_in
+
+        def stack(t: Tensor) -> Tensor:
+            return t[:, start:start + span].reshape(batch * g.count, g.tokens_in, t.shape[-1])
+
+        m = bipartite_soft_matching(stack(metric), g.r)
+        gx, gs = merge_wavg(m.merge, stack(x), stack(size))
+        xs.append(gx.reshape(batch, g.count * g.tokens_out, -1))
+        sizes.append(gs.reshape(batch, g.count * g.tokens_out, 1))
+        offsets = torch.arange(g.count, device=x.device) * g.tokens_out + out_start
+        indices.append((m.new_index.view(batch, g.count, g.tokens_in) + offsets.view(1, -1, 1)).reshape(batch, span))
+        start += span
+        out_start += g.count * g.tokens_out
+    if len(groups) == 1:
+        return xs[0], sizes[0], indices[0]
+    return torch.cat(xs, dim=1), torch.cat(sizes, dim=1), torch.cat(indices, dim=1)
+
+
+class MergeState(NamedTuple):
+    """What one forward pass carries next to the tokens (created per call, never stored on a module).
+
+    Attributes:
+        size: ``[B, T, 1]`` tokens' sizes including prefix tokens (size 1), or None while no merge has happened.
+        pos: ``[B, N0]`` index (among patch tokens) of the token holding each input patch, or None while identity.
+    """
+
+    size: Optional[Tensor] = None
+    pos: Optional[Tensor] = None
+
+
+def size_bias(state: MergeState, dtype: torch.dtype) -> Optional[Tensor]:
+    """Additive attention bias ``log(size)`` of shape ``[B, 1, 1, T]`` (None while sizes are uniform)."""
+    if state.size is None:
+        return None
+    return state.size.to(dtype).log().transpose(1, 2).unsqueeze(1)
+
+
+def merge_step(
+    x: Tensor, metric: Tensor, state: MergeState, plan: BlockPlan, grid: Tuple[int, int], num_prefix: int
+) -> Tuple[Tensor, MergeState]:
+    """Apply one block's merge to tokens ``x`` ``[B, T, C]`` (prefix first) with ``metric`` ``[B, T, D]``."""
+    batch = x.shape[0]
+    prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
+    metric = metric[:, num_prefix:]
+    if state.size is None:
+        size = torch.ones(batch, x.shape[1], 1, dtype=x.dtype, device=x.device)
+    else:
+        size = state.size
+    size_prefix, size = size[:, :num_prefix], size[:, num_prefix:]
+    pos = state.pos
+    if pos is None:
+        pos = torch.arange(grid[0] * grid[1], device=x.device).expand(batch, -1)
+
+    if plan.mode == "local":
+        if state.pos is None:
+            # First local merge: tokens are still in raster order; regroup them window by window.
+            order = window_order(grid, plan.groups, x.device)
+            patches, size, metric = patches[:, order], size[:, order], metric[:, order]
+            pos = torch.argsort(order).expand(batch, -1)
+        patches, size, new_index = merge_local(patches, size, metric, plan.groups)
+    else:
+        patches, size, new_index = merge_global(patches, size, metric, plan.r)
+    pos = new_index.gather(1, pos)
+    x = torch.cat([prefix, patches], dim=1)
+    return x, MergeState(torch.cat([size_prefix, size], dim=1), pos)
+
+
+def unmerge(x: Tensor, state: MergeState, num_prefix: int) -> Tensor:
+    """Broadcast merged tokens back onto the input patch layout: ``[B, prefix + N0, C]``.
+
+    Each input patch receives the value of the token that holds it, so an average over patches equals the
+    size-weighted average over tokens, and any head that reads patch tokens sees the dense layout.
+    """
+    if state.pos is None:
+        return x
+    c = x.shape[-1]
+    patches = x[:, num_prefix:].gather(1, state.pos.unsqueeze(-1).expand(-1, -1, c))
+    return torch.cat([x[:, :num_prefix], patches], dim=1)

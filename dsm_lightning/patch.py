@@ -1,0 +1,106 @@
+"""apply_dsm / remove_dsm: swap a model's class for a DSM subclass, remember the original, restore it exactly.
+
+Patching adds no parameters or buffers: ``state_dict`` is untouched, and removing the patch restores the original
+class, so outputs are bit-identical to a model that was never patched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, NamedTuple, Optional, Tuple
+
+from torch import Tensor, nn
+
+from .adapters import Adapter, get_adapter
+from .config import DSMConfig, resolve_config
+from .engine import BlockHook
+from .merge import MergeState
+from .schedule import TokenPlan, plan_for_dims
+
+__all__ = ["apply_dsm", "remove_dsm", "is_patched", "get_config", "trace_tokens", "TokenTrace"]
+
+_ORIGINAL = "_dsm_original_class"
+_CLASS_CACHE: Dict[Tuple[type, type], type] = {}
+
+
+def _patched_class(cls: type, adapter: Adapter) -> type:
+    key = (cls, type(adapter))
+    if key not in _CLASS_CACHE:
+        _CLASS_CACHE[key] = type(f"DSM{cls.__name__}", (cls,), {**adapter.overrides(), "_dsm_adapter": adapter})
+    return _CLASS_CACHE[key]
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` currently runs with DSM."""
+    return _ORIGINAL in model.__dict__
+
+
+def get_config(model: nn.Module) -> Optional[DSMConfig]:
+    """The :class:`DSMConfig` of a patched model, else None."""
+    return model.__dict__.get("_dsm_config") if is_patched(model) else None
+
+
+def apply_dsm(model: nn.Module, config: Optional[DSMConfig] = None, **overrides: Any) -> nn.Module:
+    """Patch ``model`` in place with Delayed Spatial Merging and return it.
+
+    Applying again re-configures: the new config starts from ``config`` if given, else from the model's current
+    config, and keyword ``overrides`` go on top.
+
+    Args:
+        model: A supported ViT (see :func:`dsm_lightning.adapters.get_adapter`).
+        config: A :class:`DSMConfig`.
+        **overrides: Fields of :class:`DSMConfig` (``delay``, ``r``, ``windows``, ``local_blocks``, ...).
+
+    Returns:
+        The same ``model`` object.
+
+    Raises:
+        UnsupportedModelError: For a model or block type no adapter supports.
+        ValueError: For a config that cannot work on this model at its default input size.
+    """
+    adapter = get_adapter(model)
+    adapter.check(model)
+    base = config if config is not None else get_config(model)
+    config = resolve_config(base, **overrides)
+    # Validate now, at the model's default input size, so errors surface at apply time rather than mid-epoch.
+    plan_for_dims(adapter.depth(model), adapter.grid(model), adapter.num_prefix_tokens(model), config,
+                  adapter.dims(model))
+    if not is_patched(model):
+        model.__dict__[_ORIGINAL] = model.__class__
+        model.__class__ = _patched_class(model.__class__, adapter)
+    model.__dict__["_dsm_config"] = config
+    return model
+
+
+def remove_dsm(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_dsm` (a no-op on an unpatched model) and return ``model``."""
+    if is_patched(model):
+        model.__class__ = model.__dict__.pop(_ORIGINAL)
+        model.__dict__.pop("_dsm_config", None)
+    return model
+
+
+class TokenTrace(NamedTuple):
+    """Result of :func:`trace_tokens`.
+
+    Attributes:
+        tokens: Merged tokens after the last block (before the final norm), ``[B, prefix + N_out, C]``.
+        state: Final sizes and patch-to-token map (``state.pos``: ``[B, N0]``, index among patch tokens).
+        plan: The :class:`TokenPlan` used.
+    """
+
+    tokens: Tensor
+    state: MergeState
+    plan: TokenPlan
+
+
+def trace_tokens(model: nn.Module, images: Tensor, hook: Optional[BlockHook] = None) -> TokenTrace:
+    """Run a patched model's blocks on ``images`` and return the merged tokens with their sizes and sources.
+
+    ``hook(block_index, tokens, state)`` is called after every block. Used by the visualiser and the tests.
+    """
+    if not is_patched(model):
+        raise ValueError("trace_tokens needs a patched model: call apply_dsm(model, ...) first")
+    adapter = get_adapter(model)
+    tokens, grid = adapter.embed(model, images)
+    tokens, state = adapter.run(model, tokens, grid, hook)
+    return TokenTrace(tokens, state, adapter.plan(model, grid))

@@ -1,0 +1,397 @@
+"""token_plan(): the per-block merging schedule, computed once per input shape from Python ints only.
+
+The plan is the single source of truth for token counts: the merge engine reads its Python ints (so
+``torch.compile`` sees constants), the FLOP estimate and the callback's summary table print it, and tests check the
+real tensors against it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .config import DSMConfig, resolve_config
+
+__all__ = ["BlockPlan", "TokenPlan", "WindowGroup", "split_windows", "token_plan", "plan_for_dims"]
+
+Box = Tuple[int, int, int, int]  # (row0, row1, col0, col1) on the patch grid, end-exclusive
+
+
+def _split(length: int, parts: int) -> List[Tuple[int, int]]:
+    """Split ``range(length)`` into ``parts`` contiguous spans; the first ``length % parts`` are one longer."""
+    base, extra = divmod(length, parts)
+    spans, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        spans.append((start, start + size))
+        start += size
+    return spans
+
+
+@dataclass(frozen=True)
+class WindowGroup:
+    """Local windows that share one shape, so they can be stacked along the batch axis and merged in one call.
+
+    Attributes:
+        boxes: The windows on the patch grid, ``(row0, row1, col0, col1)``, in row-major order.
+        tokens_in: Tokens per window entering the block.
+        tokens_out: Tokens per window leaving the block.
+    """
+
+    boxes: Tuple[Box, ...]
+    tokens_in: int
+    tokens_out: int
+
+    @property
+    def count(self) -> int:
+        """Number of windows in the group."""
+        return len(self.boxes)
+
+    @property
+    def r(self) -> int:
+        """Tokens merged per window."""
+        return self.tokens_in - self.tokens_out
+
+
+def split_windows(grid: Tuple[int, int], windows: Tuple[int, int]) -> Tuple[Tuple[Box, ...], ...]:
+    """Split a patch grid into ``rows x cols`` windows and group them by shape.
+
+    Grids that do not divide evenly get windows whose sides differ by one patch (a 9x9 grid in 2x2 windows gives
+    5x5, 5x4, 4x5 and 4x4). Windows of one shape form one group, stacked along the batch axis; an evenly divided
+    grid therefore has one group and a single batched merge per block.
+
+    Raises:
+        ValueError: If the grid has fewer patches than windows along a side, or a window would hold < 2 patches.
+    """
+    (height, width), (rows, cols) = grid, windows
+    if rows > height or cols > width:
+        raise ValueError(
+            f"windows={rows}x{cols} needs a patch grid of at least {rows}x{cols}, but this input gives "
+            f"{height}x{width} patches; use fewer windows (e.g. windows=1) or a larger input"
+        )
+    if (height // rows) * (width // cols) < 2:
+        raise ValueError(
+            f"windows={rows}x{cols} on a {height}x{width} patch grid leaves windows of a single patch, which "
+            f"cannot merge; use fewer windows"
+        )
+    groups: Dict[Tuple[int, int], List[Box]] = {}
+    for r0, r1 in _split(height, rows):
+        for c0, c1 in _split(width, cols):
+            groups.setdefault((r1 - r0, c1 - c0), []).append((r0, r1, c0, c1))
+    return tuple(tuple(boxes) for boxes in groups.values())
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """What one block does.
+
+    Attributes:
+        index: Block index.
+        mode: ``"dense"`` (no merging), ``"local"`` (merge inside windows) or ``"global"``.
+        tokens_in: Patch tokens entering the block (prefix tokens excluded).
+        tokens_out: Patch tokens leaving it.
+        groups: For local blocks, the window groups with per-window token counts.
+        size_bias: Whether tokens entering this block have unequal sizes (proportional attention is active).
+    """
+
+    index: int
+    mode: str
+    tokens_in: int
+    tokens_out: int
+    groups: Tuple[WindowGroup, ...] = ()
+    size_bias: bool = False
+
+    @property
+    def r(self) -> int:
+        """Patch tokens removed by this block."""
+        return self.tokens_in - self.tokens_out
+
+    @property
+    def merges(self) -> bool:
+        """Whether this block merges tokens."""
+        return self.tokens_out < self.tokens_in
+
+
+def _block_flops(tokens_attn: int, tokens_mlp: int, dim: int, mlp_hidden: int) -> float:
+    """FLOPs (2 per multiply-add) of a pre-norm block: attention on ``tokens_attn``, MLP on ``tokens_mlp``."""
+    t = tokens_attn
+    attn = 2 * t * dim * 3 * dim + 2 * 2 * t * t * dim + 2 * t * dim * dim
+    mlp = 2 * 2 * tokens_mlp * dim * mlp_hidden
+    return float(attn + mlp)
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """The per-block plan for one input shape.
+
+    Attributes:
+        grid: Patch grid (rows, cols) of the input.
+        num_prefix_tokens: cls / distillation / register tokens, never merged.
+        config: The config the plan was made from.
+        blocks: One :class:`BlockPlan` per block.
+        r: The constant ``r`` used (the chosen one when ``config.r`` is None); ``None`` for per-block lists.
+    """
+
+    grid: Tuple[int, int]
+    num_prefix_tokens: int
+    config: DSMConfig
+    blocks: Tuple[BlockPlan, ...]
+    r: Optional[int]
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens of the input."""
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def depth(self) -> int:
+        """Number of blocks."""
+        return len(self.blocks)
+
+    @property
+    def tokens_out(self) -> int:
+        """Patch tokens after the last block."""
+        return self.blocks[-1].tokens_out
+
+    def block_flops(self, dim: int, mlp_hidden: int) -> List[float]:
+        """Analytic FLOPs per block (attention on the tokens entering it, MLP on the tokens after its merge)."""
+        p = self.num_prefix_tokens
+        return [_block_flops(b.tokens_in + p, b.tokens_out + p, dim, mlp_hidden) for b in self.blocks]
+
+    def flops(self, dim: int, mlp_hidden: int) -> float:
+        """Analytic FLOPs of all blocks for one image."""
+        return sum(self.block_flops(dim, mlp_hidden))
+
+    def flops_ratio(self, dim: int, mlp_hidden: int) -> float:
+        """Planned block FLOPs divided by the dense model's (1.0 = no saving)."""
+        dense = _block_flops(self.num_patches + self.num_prefix_tokens, self.num_patches + self.num_prefix_tokens,
+                             dim, mlp_hidden) * self.depth
+        return self.flops(dim, mlp_hidden) / dense
+
+    def rows(self, dim: Optional[int] = None, mlp_hidden: Optional[int] = None) -> List[Dict[str, Any]]:
+        """The plan as a list of dicts (one per block), with GFLOPs when ``dim`` is given."""
+        flops = self.block_flops(dim, mlp_hidden) if dim and mlp_hidden else [None] * self.depth
+        out = []
+        for b, f in zip(self.blocks, flops):
+            row: Dict[str, Any] = {
+                "block": b.index,
+                "mode": b.mode,
+                "r": b.r,
+                "tokens_in": b.tokens_in + self.num_prefix_tokens,
+                "tokens_out": b.tokens_out + self.num_prefix_tokens,
+            }
+            if b.mode == "local":
+                row["per_window"] = "/".join(f"{g.tokens_in}->{g.tokens_out}x{g.count}" for g in b.groups)
+            if f is not None:
+                row["gflops"] = f / 1e9
+            out.append(row)
+        return out
+
+    def table(self, dim: Optional[int] = None, mlp_hidden: Optional[int] = None) -> str:
+        """A printable per-block table (tokens include prefix tokens)."""
+        rows = self.rows(dim, mlp_hidden)
+        head = f"{'block':>5} {'mode':>6} {'r':>4} {'tokens':>11}"
+        head += f" {'GFLOPs':>7}" if dim else ""
+        lines = [head]
+        for row in rows:
+            line = f"{row['block']:>5} {row['mode']:>6} {row['r']:>4} {row['tokens_in']:>5}->{row['tokens_out']:<5}"
+            if dim:
+                line += f" {row['gflops']:>7.3f}"
+            if "per_window" in row:
+                line += f"  windows {row['per_window']}"
+            lines.append(line)
+        summary = f"grid {self.grid[0]}x{self.grid[1]}, prefix {self.num_prefix_tokens}, r={self.r}"
+        if dim:
+            summary += f", block FLOPs {self.flops_ratio(dim, mlp_hidden):.3f}x dense"
+        lines.append(summary)
+        return "\n".join(lines)
+
+
+def _build(
+    depth: int,
+    grid: Tuple[int, int],
+    num_prefix_tokens: int,
+    config: DSMConfig,
+    per_block_r: Sequence[int],
+    strict_first: bool,
+    groups0: Tuple[Tuple[Box, ...], ...],
+) -> Tuple[BlockPlan, ...]:
+    """Walk the blocks and count tokens. ``per_block_r[i]`` is the requested r of block i."""
+    n = grid[0] * grid[1]
+    strict_all = not strict_first
+    merged_before = False
+    local_left = config.local_blocks
+    window_counts: Optional[List[int]] = None
+    nw = sum(len(g) for g in groups0)
+    blocks = []
+    first_merge = True
+    for i in range(depth):
+        r = per_block_r[i]
+        mode = "dense"
+        groups: Tuple[WindowGroup, ...] = ()
+        n_out = n
+        if i >= config.delay and local_left > 0 and nw > 1:
+            local_left -= 1
+            if window_counts is None:
+                window_counts = [(b[0][1] - b[0][0]) * (b[0][3] - b[0][2]) for b in groups0]
+            k = math.ceil(r / nw) if r else 0
+            if k:
+                mode = "local"
+                limit = min(window_counts) // 2
+                if k > limit and (strict_all or first_merge):
+                    raise ValueError(
+                        f"r={r} is too large at block {i} (local phase): each of the {nw} windows must merge "
+                        f"ceil({r}/{nw})={k} tokens but the smallest window holds {min(window_counts)} and can "
+                        f"merge at most {limit}; the largest r here is {limit * nw}. Lower r, use fewer windows "
+                        f"or fewer local_blocks"
+                    )
+                new_counts = [c - min(k, c // 2) for c in window_counts]
+                groups = tuple(
+                    WindowGroup(boxes, c_in, c_out) for boxes, c_in, c_out in zip(groups0, window_counts, new_counts)
+                )
+                n_out = sum(len(b) * c for b, c in zip(groups0, new_counts))
+                window_counts = new_counts
+        elif i >= config.delay and r:
+            limit = n // 2
+            if r > limit and (strict_all or first_merge):
+                raise ValueError(
+                    f"r={r} is too large at block {i}: {n} patch tokens can merge at most {limit} "
+                    f"(bipartite matching halves the tokens at most); lower r to <= {limit} or raise delay"
+                )
+            mode = "global"
+            n_out = n - min(r, limit)
+        elif r and i < config.delay:
+            raise ValueError(f"r[{i}]={r} but block {i} is inside the delay (delay={config.delay}); set it to 0")
+        if n_out < n:
+            first_merge = False
+        blocks.append(BlockPlan(i, mode if n_out < n else "dense", n, n_out, groups,
+                                size_bias=merged_before and config.prop_attn))
+        merged_before = merged_before or n_out < n
+        n = n_out
+    return tuple(blocks)
+
+
+def _validate(depth: int, grid: Tuple[int, int], num_prefix_tokens: int, config: DSMConfig) -> None:
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    if config.delay >= depth:
+        raise ValueError(
+            f"delay={config.delay} must be < depth={depth}: with delay >= depth no block merges; "
+            f"use delay <= {depth - 1}"
+        )
+    if config.delay + config.local_blocks > depth:
+        raise ValueError(
+            f"delay + local_blocks = {config.delay} + {config.local_blocks} exceeds depth={depth}; "
+            f"use local_blocks <= {depth - config.delay}"
+        )
+    if isinstance(config.r, tuple) and len(config.r) != depth:
+        raise ValueError(f"a per-block r needs one entry per block: got {len(config.r)} entries for depth={depth}")
+    if grid[0] < 1 or grid[1] < 1:
+        raise ValueError(f"patch grid must be at least 1x1, got {grid}")
+    if num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+
+
+@functools.lru_cache(maxsize=256)
+def plan_for_dims(
+    depth: int,
+    grid: Tuple[int, int],
+    num_prefix_tokens: int,
+    config: DSMConfig,
+    dims: Optional[Tuple[int, int]] = None,
+) -> TokenPlan:
+    """Cached core of :func:`token_plan` (all arguments hashable Python values)."""
+    grid = (int(grid[0]), int(grid[1]))
+    _validate(depth, grid, num_prefix_tokens, config)
+    use_windows = config.local_blocks > 0 and config.num_windows > 1
+    groups0 = split_windows(grid, config.window_grid) if use_windows else ()
+    nw = sum(len(g) for g in groups0)
+    if isinstance(config.r, tuple):
+        blocks = _build(depth, grid, num_prefix_tokens, config, config.r, False, groups0)
+        return TokenPlan(grid, num_prefix_tokens, config, blocks, None)
+
+    def per_block(r: int) -> List[int]:
+        return [0 if i < config.delay else r for i in range(depth)]
+
+    if config.r is not None:
+        blocks = _build(depth, grid, num_prefix_tokens, config, per_block(config.r), True, groups0)
+        return TokenPlan(grid, num_prefix_tokens, config, blocks, config.r)
+
+    if dims is None:
+        raise ValueError("r=None picks r from a FLOP target and needs the model's dims=(embed_dim, mlp_hidden_dim); "
+                         "pass a model, dims=..., or an explicit r")
+    # Largest r the first merging block accepts; FLOPs fall monotonically with r, so bisect the smallest r that
+    # meets the target (or take the largest allowed when none does).
+    n = grid[0] * grid[1]
+    first_local = use_windows and config.local_blocks > 0
+    r_max = nw * (min((b[0][1] - b[0][0]) * (b[0][3] - b[0][2]) for b in groups0) // 2) if first_local else n // 2
+    dense = TokenPlan(grid, num_prefix_tokens, config,
+                      _build(depth, grid, num_prefix_tokens, config, [0] * depth, True, groups0), 0)
+    target = config.flops_target * dense.flops(*dims)
+
+    def plan_r(r: int) -> TokenPlan:
+        return TokenPlan(grid, num_prefix_tokens, config,
+                         _build(depth, grid, num_prefix_tokens, config, per_block(r), True, groups0), r)
+
+    lo, hi = 0, r_max
+    if plan_r(hi).flops(*dims) > target:
+        return plan_r(hi)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if plan_r(mid).flops(*dims) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return plan_r(lo)
+
+
+def token_plan(
+    model: Any = None,
+    config: Optional[DSMConfig] = None,
+    *,
+    depth: Optional[int] = None,
+    grid: Optional[Tuple[int, int]] = None,
+    img_size: Optional[Tuple[int, int]] = None,
+    num_prefix_tokens: Optional[int] = None,
+    dims: Optional[Tuple[int, int]] = None,
+    **overrides: Any,
+) -> TokenPlan:
+    """Plan per block: mode (dense / local / global), r, tokens in and out.
+
+    Pure Python, no tensors. Either pass a supported model (its depth, prefix tokens, dims and default grid are
+    read by its adapter; ``img_size=(H, W)`` in pixels plans another input size), or ``depth`` + ``grid`` (patch
+    rows, cols) + ``num_prefix_tokens``.
+
+    Args:
+        model: A supported ViT (patched or not). If patched and ``config`` is None, its current config is used.
+        config: A :class:`DSMConfig`; keyword ``overrides`` are applied on top.
+        depth: Number of blocks (without a model).
+        grid: Patch grid (rows, cols) (without a model, or to override the model's).
+        img_size: Input (H, W) in pixels, turned into a grid by the model's adapter.
+        num_prefix_tokens: cls + distillation + register tokens (without a model).
+        dims: ``(embed_dim, mlp_hidden_dim)``, needed for ``r=None`` without a model.
+
+    Returns:
+        The :class:`TokenPlan`.
+
+    Raises:
+        ValueError: With the limit that was broken (delay >= depth, r too large, too many windows, ...).
+    """
+    if model is not None:
+        from .adapters import get_adapter
+
+        adapter = get_adapter(model)
+        if config is None:
+            config = getattr(model, "_dsm_config", None)
+        depth = adapter.depth(model)
+        num_prefix_tokens = adapter.num_prefix_tokens(model)
+        dims = adapter.dims(model)
+        if grid is None:
+            grid = adapter.grid(model, img_size)
+    config = resolve_config(config, **overrides)
+    if depth is None or grid is None or num_prefix_tokens is None:
+        raise ValueError("token_plan needs a model, or depth=, grid= and num_prefix_tokens=")
+    return plan_for_dims(int(depth), (int(grid[0]), int(grid[1])), int(num_prefix_tokens), config,
+                         tuple(dims) if dims is not None else None)

@@ -1,0 +1,109 @@
+"""A slow, loop-based reference of DSM, written for obviousness, not speed.
+
+Tokens are Python lists of (vector, size, set of source patches). Attention is written out with an explicit softmax
+and log-size bias; matching loops over tokens. Only the block's per-token layers (norms, LayerScale, MLP) and the
+embedding are reused from the model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Set, Tuple
+
+import torch
+
+from dsm_lightning.schedule import TokenPlan
+
+Token = Tuple[torch.Tensor, float, Set[int]]
+
+
+def ref_attention(attn, x: torch.Tensor, sizes: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, C] one image. Returns (output [T, C], keys averaged over heads [T, head_dim])."""
+    t, c = x.shape
+    h, d = attn.num_heads, attn.head_dim
+    qkv = attn.qkv(x).reshape(t, 3, h, d)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [T, H, D]
+    q = attn.q_norm(q)
+    k = attn.k_norm(k)
+    out = torch.zeros(t, h, d, dtype=x.dtype)
+    for head in range(h):
+        for i in range(t):
+            logits = [float(q[i, head] @ k[j, head]) / math.sqrt(d) + math.log(sizes[j]) for j in range(t)]
+            m = max(logits)
+            weights = [math.exp(v_ - m) for v_ in logits]
+            total = sum(weights)
+            out[i, head] = sum(w / total * v[j, head] for j, w in enumerate(weights))
+    out = attn.proj(attn.norm(out.reshape(t, h * d)))
+    return out, k.mean(dim=1)
+
+
+def ref_match(tokens: List[Token], metric: List[torch.Tensor], r: int) -> Tuple[List[Token], List[torch.Tensor]]:
+    """Bipartite soft matching on one list of patch tokens; returns the new tokens (unmerged a's, then b's)."""
+    a = list(range(0, len(tokens), 2))
+    b = list(range(1, len(tokens), 2))
+    unit = [m / m.norm() for m in metric]
+    best = []  # (score, a index, b index)
+    for ia in a:
+        scores = [float(unit[ia] @ unit[ib]) for ib in b]
+        j = max(range(len(b)), key=lambda n: scores[n])
+        best.append((scores[j], ia, b[j]))
+    order = sorted(range(len(best)), key=lambda n: -best[n][0])  # stable: ties keep a's order
+    merged_a = {best[n][1]: best[n][2] for n in order[:r]}
+    acc = {ib: [tokens[ib][0] * tokens[ib][1], tokens[ib][1], set(tokens[ib][2])] for ib in b}
+    for ia, ib in merged_a.items():
+        vec, size, src = tokens[ia]
+        acc[ib][0] = acc[ib][0] + vec * size
+        acc[ib][1] += size
+        acc[ib][2] |= src
+    out = [tokens[best[n][1]] for n in order[r:]]
+    out += [(acc[ib][0] / acc[ib][1], acc[ib][1], acc[ib][2]) for ib in b]
+    return out, None
+
+
+def ref_forward_tokens(model, image: torch.Tensor, plan: TokenPlan) -> Tuple[torch.Tensor, List[Token]]:
+    """One image through a timm ViT with DSM, the slow way. Returns (prefix tokens, patch tokens)."""
+    p = plan.num_prefix_tokens
+    height, width = plan.grid
+    x = model.norm_pre(model._pos_embed(model.patch_embed(image[None])))[0]
+    prefix = [x[i] for i in range(p)]
+    patches: List[Token] = [(x[p + i], 1.0, {i}) for i in range(height * width)]
+    for blk, bp in zip(model.blocks, plan.blocks):
+        seq = torch.stack(prefix + [t[0] for t in patches])
+        sizes = [1.0] * p + [t[1] if plan.config.prop_attn else 1.0 for t in patches]
+        y, keys = ref_attention(blk.attn, blk.norm1(seq), sizes)
+        seq = seq + blk.ls1(y)
+        prefix = [seq[i] for i in range(p)]
+        patches = [(seq[p + i], t[1], t[2]) for i, t in enumerate(patches)]
+        metric = [keys[p + i] for i in range(len(patches))]
+        if bp.mode == "global":
+            patches, _ = ref_match(patches, metric, bp.r)
+        elif bp.mode == "local":
+            new = []
+            for g in bp.groups:
+                for (r0, r1, c0, c1) in g.boxes:
+                    inside = {row * width + col for row in range(r0, r1) for col in range(c0, c1)}
+                    idx = [i for i, t in enumerate(patches) if t[2] <= inside]
+                    assert len(idx) == g.tokens_in
+                    merged, _ = ref_match([patches[i] for i in idx], [metric[i] for i in idx], g.r)
+                    new += merged
+            patches = new
+        seq = torch.stack(prefix + [t[0] for t in patches])
+        seq = seq + blk.ls2(blk.mlp(blk.norm2(seq)))
+        prefix = [seq[i] for i in range(p)]
+        patches = [(seq[p + i], t[1], t[2]) for i, t in enumerate(patches)]
+    return torch.stack(prefix) if prefix else x[:0], patches
+
+
+def ref_forward(model, images: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
+    """Logits of the reference: final norm, then each input patch takes the value of the token holding it."""
+    outs = []
+    n0 = plan.grid[0] * plan.grid[1]
+    for image in images:
+        prefix, patches = ref_forward_tokens(model, image, plan)
+        dense = [None] * n0
+        for vec, _, src in patches:
+            for s in src:
+                dense[s] = vec
+        seq = torch.stack(list(prefix) + dense)
+        outs.append(model.forward_head(model.norm(seq)[None])[0])
+    return torch.stack(outs)
