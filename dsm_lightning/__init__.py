@@ -5,11 +5,21 @@ from .config import DSMConfig
 from .patch import apply_dsm, get_config, is_patched, remove_dsm, trace_tokens
 from .schedule import BlockPlan, TokenPlan, token_plan
 
+
+def __getattr__(name):  # Lightning pieces load lazily: the core does not import lightning
+    if name == "DSMCallback":
+        from .callback import DSMCallback
+
+        return DSMCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
     "BlockPlan",
+    "DSMCallback",
     "DSMConfig",
     "TokenPlan",
     "UnsupportedModelError",

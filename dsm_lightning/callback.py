@@ -1,0 +1,301 @@
+"""DSMCallback: merge tokens during validation / test / predict, never during training.
+
+Like Lightning's ``WeightAveraging``: patch at stage start, restore at stage end, with ``on_exception`` and
+``teardown`` as safety nets. The callback's own settings travel in its ``state_dict``; nothing of DSM enters the
+model's weights or checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from .adapters import UnsupportedModelError, get_adapter
+from .config import DSMConfig
+from .patch import apply_dsm, is_patched, remove_dsm
+from .schedule import token_plan
+
+__all__ = ["DSMCallback", "find_vit"]
+
+_STAGES = ("validate", "test", "predict")
+
+
+def find_vit(module: nn.Module, attr: Optional[str] = None) -> Tuple[str, nn.Module]:
+    """Return ``(name, vit)``: ``module.<attr>`` if given, else the first supported ViT among its submodules."""
+    if attr:
+        target: Any = module
+        for part in attr.split("."):
+            if not hasattr(target, part):
+                raise AttributeError(f"DSMCallback(model_attr={attr!r}): {type(module).__name__} has no {part!r}")
+            target = getattr(target, part)
+        get_adapter(target)  # raises with the list of supported types
+        return attr, target
+    for name, sub in module.named_modules():
+        try:
+            get_adapter(sub)
+        except UnsupportedModelError:
+            continue
+        return name, sub
+    raise UnsupportedModelError(
+        f"DSMCallback found no supported ViT inside {type(module).__name__}. Wrap a timm VisionTransformer or a "
+        f"torchvision VisionTransformer in the LightningModule, pass model_attr='name.of.vit', or register an "
+        f"adapter for your model (README, 'Custom ViTs')."
+    )
+
+
+class _Throughput:
+    """Forward-time accounting of one model variant (seconds and images)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.images = 0
+
+    def add(self, seconds: float, images: int) -> None:
+        self.seconds += seconds
+        self.images += images
+
+    @property
+    def per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+class DSMCallback(Callback):
+    """Apply Delayed Spatial Merging to the ViT inside a LightningModule for evaluation stages.
+
+    ``DSMCallback(delay=4)`` alone merges with ``r`` chosen per input size to reach ``flops_target=0.55`` of the dense
+    block FLOPs (about 1.8x fewer), a 2x2 local phase of 2 blocks, then global merging.
+
+    Args:
+        delay, r, windows, local_blocks, prop_attn, flops_target: See :class:`~dsm_lightning.DSMConfig`.
+        config: A full :class:`~dsm_lightning.DSMConfig` instead of the fields above (they must then be left unset).
+        stages: Which of ``"validate"`` (includes validation during fit and the sanity check), ``"test"``,
+            ``"predict"`` merge.
+        model_attr: Dotted attribute of the ViT inside the LightningModule; default: the first supported ViT found.
+        compare_dense: Also run the dense model on every batch and log top-1 agreement and dense images/s.
+        log_summary: Log the per-block token/FLOP table on rank zero at stage start.
+    """
+
+    def __init__(
+        self,
+        delay: Optional[int] = None,
+        r: Any = None,
+        windows: Any = None,
+        local_blocks: Optional[int] = None,
+        prop_attn: Optional[bool] = None,
+        flops_target: Optional[float] = None,
+        *,
+        config: Optional[DSMConfig] = None,
+        stages: Sequence[str] = _STAGES,
+        model_attr: Optional[str] = None,
+        compare_dense: bool = False,
+        log_summary: bool = True,
+    ) -> None:
+        fields = dict(delay=delay, r=r, windows=windows, local_blocks=local_blocks, prop_attn=prop_attn,
+                      flops_target=flops_target)
+        given = {k: v for k, v in fields.items() if v is not None}
+        if config is not None and given:
+            raise ValueError(f"pass either config= or the fields {sorted(given)}, not both")
+        if isinstance(given.get("r"), list):
+            given["r"] = tuple(given["r"])
+        self.config = config if config is not None else DSMConfig(**given)
+        bad = set(stages) - set(_STAGES)
+        if bad:
+            raise ValueError(f"stages must be a subset of {_STAGES}, got {sorted(bad)}")
+        self.stages = tuple(stages)
+        self.model_attr = model_attr
+        self.compare_dense = compare_dense
+        self.log_summary = log_summary
+        self.metrics: Dict[str, float] = {}
+        self._vit: Optional[nn.Module] = None
+        self._vit_name: Optional[str] = None
+        self._hooks: list = []
+        self._dsm = _Throughput()
+        self._dense = _Throughput()
+        self._agree = None
+        self._flops: Dict[Tuple[int, ...], Tuple[float, float]] = {}
+        self._t0 = 0.0
+        self._busy = False  # set while the callback itself runs the model (FLOP count, dense comparison)
+
+    # ------------------------------------------------------------------ setup / state
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._vit_name, self._vit = find_vit(pl_module, self.model_attr)
+        adapter = get_adapter(self._vit)
+        adapter.check(self._vit)
+        token_plan(self._vit, self.config)  # a config impossible for this model fails here, before any work
+        if self.compare_dense:
+            from torchmetrics.classification import MulticlassAccuracy
+
+            num_classes = self._num_classes(pl_module)
+            self._agree = MulticlassAccuracy(num_classes=num_classes, average="micro").to(pl_module.device)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"config": self.config.to_dict(), "stages": list(self.stages), "model_attr": self.model_attr,
+                "compare_dense": self.compare_dense}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.config = DSMConfig.from_dict(state_dict["config"])
+        self.stages = tuple(state_dict.get("stages", self.stages))
+        self.model_attr = state_dict.get("model_attr", self.model_attr)
+        self.compare_dense = state_dict.get("compare_dense", self.compare_dense)
+
+    # ------------------------------------------------------------------ patch / restore
+    def _start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage not in self.stages or self._vit is None:
+            return
+        apply_dsm(self._vit, self.config)
+        self._dsm, self._dense = _Throughput(), _Throughput()
+        if self._agree is not None:
+            self._agree = self._agree.to(pl_module.device)
+            self._agree.reset()
+        self._hooks = [self._vit.register_forward_pre_hook(self._pre_hook),
+                       self._vit.register_forward_hook(self._post_hook)]
+        if self.log_summary and trainer.is_global_zero and not trainer.sanity_checking:
+            plan = token_plan(self._vit)
+            dims = get_adapter(self._vit).dims(self._vit)
+            rank_zero_info(f"DSM on '{self._vit_name or 'model'}' for {stage} ({self.config}):\n{plan.table(*dims)}")
+
+    def _restore(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self._vit is not None and is_patched(self._vit):
+            remove_dsm(self._vit)
+
+    def _end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage not in self.stages or self._vit is None:
+            return
+        self._restore()
+
+    def on_validation_start(self, trainer, pl_module):
+        self._start(trainer, pl_module, "validate")
+
+    def on_validation_end(self, trainer, pl_module):
+        self._end(trainer, pl_module, "validate")
+
+    def on_test_start(self, trainer, pl_module):
+        self._start(trainer, pl_module, "test")
+
+    def on_test_end(self, trainer, pl_module):
+        self._end(trainer, pl_module, "test")
+
+    def on_predict_start(self, trainer, pl_module):
+        self._start(trainer, pl_module, "predict")
+
+    def on_predict_end(self, trainer, pl_module):
+        self._log_epoch(trainer, pl_module, "predict")
+        self._end(trainer, pl_module, "predict")
+
+    def on_train_start(self, trainer, pl_module):
+        self._restore()  # belt and braces: training never runs merged
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._restore()
+
+    def teardown(self, trainer, pl_module, stage):
+        self._restore()
+
+    # ------------------------------------------------------------------ measurement
+    @staticmethod
+    def _sync(t: torch.Tensor) -> None:
+        if t.is_cuda:
+            torch.cuda.synchronize(t.device)
+
+    def _pre_hook(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+        if self._busy:
+            return
+        if args and isinstance(args[0], torch.Tensor):
+            self._sync(args[0])
+        self._t0 = time.perf_counter()
+
+    def _post_hook(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
+        if self._busy or not args or not isinstance(args[0], torch.Tensor) or not is_patched(module):
+            return
+        images = args[0]
+        self._sync(images)
+        self._dsm.add(time.perf_counter() - self._t0, images.shape[0])
+        self._busy = True
+        try:
+            self._measure(module, args, images, output)
+        finally:
+            self._busy = False
+
+    def _measure(self, module: nn.Module, args: Tuple[Any, ...], images: torch.Tensor, output: Any) -> None:
+        shape = tuple(images.shape[1:])
+        if shape not in self._flops:
+            self._flops[shape] = self._count_flops(module, images[:1])
+        if self.compare_dense and isinstance(output, torch.Tensor):
+            config = self.config
+            remove_dsm(module)
+            try:
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    dense = module.forward(*args)
+                    self._sync(images)
+                    self._dense.add(time.perf_counter() - t0, images.shape[0])
+            finally:
+                apply_dsm(module, config)
+            if self._agree is not None and output.ndim == 2:
+                self._agree.update(output.detach(), dense.argmax(dim=-1))
+
+    def _count_flops(self, module: nn.Module, image: torch.Tensor) -> Tuple[float, float]:
+        from .flops import count_flops
+
+        with torch.no_grad():
+            merged = count_flops(module, image) / 1e9
+            remove_dsm(module)
+            try:
+                dense = count_flops(module, image) / 1e9
+            finally:
+                apply_dsm(module, self.config)
+        return merged, dense
+
+    def _num_classes(self, pl_module: LightningModule) -> int:
+        vit = self._vit
+        for attr in ("num_classes",):
+            if isinstance(getattr(vit, attr, None), int) and getattr(vit, attr) > 0:
+                return getattr(vit, attr)
+        head = getattr(vit, "head", None) or getattr(getattr(vit, "heads", None), "head", None)
+        if isinstance(head, nn.Linear):
+            return head.out_features
+        raise ValueError("compare_dense=True needs a classifier ViT (num_classes > 0)")
+
+    def _collect(self) -> Dict[str, float]:
+        out: Dict[str, float] = {"dsm/images_per_sec": self._dsm.per_second}
+        if self._flops:
+            merged, dense = next(iter(self._flops.values()))
+            out["dsm/gflops_per_image"] = merged
+            out["dsm/dense_gflops_per_image"] = dense
+            out["dsm/flops_reduction"] = dense / merged
+        if self.compare_dense:
+            out["dsm/dense_images_per_sec"] = self._dense.per_second
+            out["dsm/speedup"] = self._dsm.per_second / self._dense.per_second
+            if self._agree is not None and self._agree.update_count:
+                out["dsm/agreement_top1"] = float(self._agree.compute())
+        return out
+
+    def _log_epoch(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage not in self.stages or trainer.sanity_checking or not self._dsm.images:
+            return
+        metrics = self._collect()
+        self.metrics = {k: float(v) for k, v in metrics.items()}
+        if stage == "predict":  # self.log is not available in predict: write to the loggers directly
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(self.metrics, step=trainer.global_step)
+                    logger.save()
+            rank_zero_info("DSM predict: " + ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items()))
+            return
+        for key, value in metrics.items():
+            pl_module.log(key, value, sync_dist=not key.startswith("dsm/agreement"), on_epoch=True)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self._log_epoch(trainer, pl_module, "validate")
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        self._log_epoch(trainer, pl_module, "test")
+

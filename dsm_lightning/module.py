@@ -1,0 +1,177 @@
+"""ImageClassifier: a LightningModule around a timm (or torchvision) ViT, loadable from a local checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+
+__all__ = ["ImageClassifier", "build_model", "load_checkpoint"]
+
+
+def build_model(model_name: str, num_classes: Optional[int] = None, pretrained: bool = False,
+                **model_kwargs: Any) -> nn.Module:
+    """Create a model by name: a timm name, or ``torchvision:<name>`` (e.g. ``torchvision:vit_b_16``)."""
+    if model_name.startswith("torchvision:"):
+        import torchvision
+
+        name = model_name.split(":", 1)[1]
+        kwargs = dict(model_kwargs)
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        if pretrained:
+            raise ValueError("pretrained=True needs a download; pass checkpoint_path= with local weights instead")
+        return getattr(torchvision.models, name)(weights=None, **kwargs)
+    import timm
+
+    kwargs = dict(model_kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+
+
+def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint_path={str(path)!r} does not exist; pass the path of a local "
+                                f".safetensors, .pt/.pth or Lightning .ckpt file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # a Lightning checkpoint
+        prefix = "model."
+        if all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state_dict")
+    return obj
+
+
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """Load local weights (safetensors, or ``torch.load(weights_only=True)``) strictly, casting to the model dtype."""
+    state = _read_state_dict(Path(path))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        def head(items: List[str]) -> str:
+            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+        raise ValueError(
+            f"checkpoint {path} does not match {type(model).__name__}: "
+            + "; ".join(p for p in [f"missing keys: {head(missing)}" if missing else "",
+                                    f"unexpected keys: {head(unexpected)}" if unexpected else "",
+                                    f"shape mismatches: {head(mismatched)}" if mismatched else ""] if p)
+            + ". Check model_name, num_classes and model_kwargs (e.g. img_size, global_pool) against the checkpoint"
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+
+
+class ImageClassifier(LightningModule):
+    """Image classification around a ViT.
+
+    Args:
+        model_name: timm model name (``pretrained=False`` by default: no hub access is needed) or
+            ``torchvision:<name>``.
+        num_classes: Classes of the head (default: the model's default).
+        checkpoint_path: Local weights (``.safetensors``, ``.pt``/``.pth``, Lightning ``.ckpt``), loaded strictly.
+        pretrained: Let timm download weights (needs network access).
+        model_kwargs: Extra keyword arguments for the model constructor (e.g. ``img_size``, ``global_pool``).
+        class_names: Names of the classes (used by the prediction writer); a JSON file with a ``classes`` list
+            next to the checkpoint is read when this is None.
+        top_k: k of the top-k accuracy and of predictions.
+        lr: Learning rate of AdamW (fit only).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_small_patch16_224",
+        num_classes: Optional[int] = None,
+        checkpoint_path: Optional[str] = None,
+        pretrained: bool = False,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        class_names: Optional[List[str]] = None,
+        top_k: int = 5,
+        lr: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_model(model_name, num_classes, pretrained, **(model_kwargs or {}))
+        if checkpoint_path:
+            load_checkpoint(self.model, checkpoint_path)
+            if class_names is None:
+                meta = Path(checkpoint_path).with_suffix(".json")
+                if meta.is_file():
+                    class_names = json.loads(meta.read_text()).get("classes")
+        self.num_classes = self._infer_num_classes()
+        self.class_names = list(class_names) if class_names else None
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"class_names has {len(self.class_names)} entries but the model has {self.num_classes} "
+                             f"classes")
+        self.top_k = min(top_k, self.num_classes)
+        from torchmetrics import MetricCollection
+        from torchmetrics.classification import MulticlassAccuracy
+
+        metrics = MetricCollection({
+            "top1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
+            f"top{self.top_k}": MulticlassAccuracy(self.num_classes, top_k=self.top_k, average="micro"),
+        })
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def _infer_num_classes(self) -> int:
+        n = getattr(self.model, "num_classes", None)
+        if isinstance(n, int) and n > 0:
+            return n
+        raise ValueError(f"{self.hparams.model_name} has no classifier head (num_classes=0); set num_classes")
+
+    def data_config(self) -> Dict[str, Any]:
+        """Preprocessing of the model (timm's ``resolve_data_config``), used by the DataModule."""
+        from timm.data import resolve_data_config
+
+        if self.hparams.model_name.startswith("torchvision:"):
+            size = self.model.image_size
+            return {"input_size": (3, size, size), "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
+                    "std": (0.229, 0.224, 0.225), "crop_pct": 224 / 256, "crop_mode": "center"}
+        return resolve_data_config({}, model=self.model)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = F.cross_entropy(self(batch["image"]), batch["target"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: Dict[str, Any], metrics) -> None:
+        logits = self(batch["image"])
+        target = batch["target"]
+        if (target < 0).any():
+            raise ValueError("this batch has no labels (an unlabelled folder): use predict, not validate/test")
+        self.log(f"{metrics.prefix}loss", F.cross_entropy(logits, target), sync_dist=True)
+        metrics.update(logits, target)
+        self.log_dict(metrics, on_epoch=True, prog_bar=True)
+
+    def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+
+    def test_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+
+    def predict_step(self, batch: Dict[str, Any], batch_idx: int) -> Dict[str, Any]:
+        probs = self(batch["image"]).softmax(dim=-1)
+        scores, classes = probs.topk(self.top_k, dim=-1)
+        return {"path": batch["path"], "index": batch["index"], "classes": classes, "scores": scores,
+                "target": batch["target"]}
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)

@@ -1,0 +1,121 @@
+"""PredictionWriter: per-image top-k predictions to CSV or JSONL, complete and atomic under DDP.
+
+Every rank appends its rows to its own part file as batches finish. At the end of predict, rank zero merges the
+parts (one row per image, in dataset order, duplicates from padded samplers dropped) into a temporary file and
+renames it into place, so the output is never half-written; on an exception the parts are removed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+__all__ = ["PredictionWriter"]
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write predictions of :class:`~dsm_lightning.module.ImageClassifier` (``predict_step`` dicts).
+
+    Args:
+        output: Destination file; ``.csv`` or ``.jsonl``.
+        overwrite: Replace an existing file (otherwise refuse before any work starts).
+    """
+
+    def __init__(self, output: str = "predictions.csv", overwrite: bool = True) -> None:
+        super().__init__(write_interval="batch")
+        self.output = Path(output)
+        if self.output.suffix not in (".csv", ".jsonl"):
+            raise ValueError(f"output={output!r}: use a .csv or .jsonl file name")
+        self.overwrite = overwrite
+        self._fh = None
+        self._classes: Optional[List[str]] = None
+
+    def _part(self, rank: int) -> Path:
+        return self.output.with_name(f".{self.output.name}.rank{rank}.part")
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        if self.output.exists() and not self.overwrite:
+            raise FileExistsError(f"{self.output} exists; delete it or set overwrite=True")
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._classes = getattr(pl_module, "class_names", None)
+        if not self._classes and trainer.datamodule is not None:
+            self._classes = getattr(trainer.datamodule, "classes", None) or None
+        self._fh = open(self._part(trainer.global_rank), "w")
+
+    def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Dict[str, Any],
+                           batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
+                           dataloader_idx: int) -> None:
+        classes = prediction["classes"].tolist()
+        scores = prediction["scores"].tolist()
+        for i, path in enumerate(prediction["path"]):
+            row = {"index": int(prediction["index"][i]), "path": path, "classes": classes[i],
+                   "scores": [round(s, 6) for s in scores[i]]}
+            target = int(prediction["target"][i])
+            if target >= 0:
+                row["target"] = target
+            if self._classes:
+                row["names"] = [self._classes[c] for c in classes[i]]
+            self._fh.write(json.dumps(row) + "\n")
+        self._fh.flush()
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        trainer.strategy.barrier("dsm_prediction_writer_parts")
+        if trainer.is_global_zero:
+            self._merge(trainer.world_size)
+        trainer.strategy.barrier("dsm_prediction_writer_done")
+
+    def _merge(self, world_size: int) -> None:
+        rows: Dict[int, Dict[str, Any]] = {}
+        for rank in range(world_size):
+            part = self._part(rank)
+            with open(part) as fh:
+                for line in fh:
+                    row = json.loads(line)
+                    rows.setdefault(row["index"], row)
+        ordered = [rows[k] for k in sorted(rows)]
+        tmp = self.output.with_name(f".{self.output.name}.tmp")
+        with open(tmp, "w", newline="") as fh:
+            if self.output.suffix == ".jsonl":
+                for row in ordered:
+                    fh.write(json.dumps(row) + "\n")
+            else:
+                k = len(ordered[0]["classes"]) if ordered else 0
+                fields = ["index", "path"] + (["target"] if any("target" in r for r in ordered) else [])
+                for j in range(k):
+                    fields += [f"top{j + 1}_class"] + ([f"top{j + 1}_name"] if self._classes else []) + [
+                        f"top{j + 1}_score"]
+                writer = csv.DictWriter(fh, fieldnames=fields)
+                writer.writeheader()
+                for row in ordered:
+                    flat = {"index": row["index"], "path": row["path"]}
+                    if "target" in row:
+                        flat["target"] = row["target"]
+                    for j in range(k):
+                        flat[f"top{j + 1}_class"] = row["classes"][j]
+                        flat[f"top{j + 1}_score"] = row["scores"][j]
+                        if self._classes:
+                            flat[f"top{j + 1}_name"] = row["names"][j]
+                    writer.writerow(flat)
+        os.replace(tmp, self.output)
+        for rank in range(world_size):
+            self._part(rank).unlink(missing_ok=True)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        self._part(trainer.global_rank).unlink(missing_ok=True)
+        self.output.with_name(f".{self.output.name}.tmp").unlink(missing_ok=True)
