@@ -17,12 +17,25 @@ def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _native_mha_flop(query_shape, key_shape, value_shape, embed_dim, num_heads, *args, out_shape=None,
+                     **kwargs) -> int:
+    # nn.MultiheadAttention's inference fast path (torchvision ViT): in-projection, attention, out-projection.
+    batch, tokens, dim = query_shape
+    head_dim = dim // num_heads
+    proj = 2 * batch * tokens * dim * 3 * dim + 2 * batch * tokens * dim * dim
+    return proj + sdpa_flop_count((batch, num_heads, tokens, head_dim), (batch, num_heads, tokens, head_dim),
+                                  (batch, num_heads, tokens, head_dim))
+
+
 def _custom_mapping() -> dict:
     # torch's counter knows the CUDA SDPA kernels; the CPU flash kernel needs the same formula.
     mapping = {}
     op = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is not None:
         mapping[op] = _cpu_sdpa_flop
+    op = getattr(aten, "_native_multi_head_attention", None)
+    if op is not None:
+        mapping[op] = _native_mha_flop
     return mapping
 
 

@@ -142,7 +142,11 @@ class ImageClassifier(LightningModule):
             size = self.model.image_size
             return {"input_size": (3, size, size), "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
                     "std": (0.229, 0.224, 0.225), "crop_pct": 224 / 256, "crop_mode": "center"}
-        return resolve_data_config({}, model=self.model)
+        cfg = resolve_data_config({}, model=self.model)
+        img_size = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
+        if img_size is not None:  # the model may be built at another size than its pretrained config says
+            cfg["input_size"] = (3, *img_size)
+        return cfg
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

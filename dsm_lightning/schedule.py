@@ -198,7 +198,7 @@ class TokenPlan:
         for row in rows:
             line = f"{row['block']:>5} {row['mode']:>6} {row['r']:>4} {row['tokens_in']:>5}->{row['tokens_out']:<5}"
             if dim:
-                line += f" {row['gflops']:>7.3f}"
+                line += f" {row['gflops']:>7.3g}"
             if "per_window" in row:
                 line += f"  windows {row['per_window']}"
             lines.append(line)

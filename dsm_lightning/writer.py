@@ -50,6 +50,9 @@ class PredictionWriter(BasePredictionWriter):
         self._classes = getattr(pl_module, "class_names", None)
         if not self._classes and trainer.datamodule is not None:
             self._classes = getattr(trainer.datamodule, "classes", None) or None
+            # folder names only name the model's outputs when they line up one to one
+            if self._classes and len(self._classes) != getattr(pl_module, "num_classes", None):
+                self._classes = None
         self._fh = open(self._part(trainer.global_rank), "w")
 
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Dict[str, Any],

@@ -1,0 +1,131 @@
+"""DSMCallback: merges only in evaluation stages, restores everything, logs the trade-off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+from dsm_lightning import DSMCallback, DSMConfig, UnsupportedModelError, is_patched
+from tests.lightning_helpers import make_image_folder, tiny_classifier, tiny_data
+
+
+def trainer(**kwargs):
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+    return Trainer(**{**defaults, **kwargs})
+
+
+def test_patched_in_validation_restored_after(tmp_path):
+    data = tiny_data(make_image_folder(tmp_path))
+    module = tiny_classifier()
+    seen = []
+    original = module.validation_step
+
+    def spy(batch, batch_idx):
+        seen.append(is_patched(module.model))
+        return original(batch, batch_idx)
+
+    module.validation_step = spy
+    cb = DSMCallback(delay=1, r=2, local_blocks=1, compare_dense=True)
+    out = trainer(callbacks=[cb]).validate(module, datamodule=data, verbose=False)[0]
+    assert seen and all(seen), "validation runs merged"
+    assert not is_patched(module.model), "restored after validation"
+    for key in ("dsm/images_per_sec", "dsm/gflops_per_image", "dsm/agreement_top1", "dsm/dense_images_per_sec",
+                "dsm/speedup", "dsm/flops_reduction"):
+        assert key in out, key
+    assert out["dsm/flops_reduction"] > 1.0
+    assert 0.0 <= out["dsm/agreement_top1"] <= 1.0
+    assert out["val/top1"] >= 0.0
+
+
+def test_dsm_changes_eval_but_not_the_module(tmp_path):
+    data = tiny_data(make_image_folder(tmp_path))
+    module = tiny_classifier()
+    dense = trainer().validate(module, datamodule=data, verbose=False)[0]
+    merged = trainer(callbacks=[DSMCallback(delay=1, r=4, local_blocks=0)]).validate(
+        module, datamodule=data, verbose=False)[0]
+    again = trainer().validate(module, datamodule=data, verbose=False)[0]
+    assert merged["val/loss"] != dense["val/loss"]
+    assert again["val/loss"] == dense["val/loss"], "restoring leaves the dense model bit-identical"
+
+
+def test_fit_weights_bit_identical_with_and_without_callback(tmp_path):
+    data_root = make_image_folder(tmp_path)
+
+    def fit(callbacks):
+        seed_everything(0)
+        module = tiny_classifier(lr=1e-2)
+        trainer(callbacks=callbacks, max_epochs=2, num_sanity_val_steps=2, deterministic=True).fit(
+            module, datamodule=tiny_data(data_root))
+        return module.state_dict()
+
+    plain = fit([])
+    with_dsm = fit([DSMCallback(delay=1, r=4)])
+    assert plain.keys() == with_dsm.keys()
+    assert all(torch.equal(plain[k], with_dsm[k]) for k in plain)
+
+
+def test_restored_on_exception(tmp_path):
+    data = tiny_data(make_image_folder(tmp_path))
+    module = tiny_classifier()
+
+    def boom(batch, batch_idx):
+        assert is_patched(module.model)
+        raise RuntimeError("boom")
+
+    module.validation_step = boom
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(callbacks=[DSMCallback(delay=1, r=2)]).validate(module, datamodule=data, verbose=False)
+    assert not is_patched(module.model)
+
+
+def test_module_without_vit_fails_at_setup(tmp_path):
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    with pytest.raises(UnsupportedModelError, match="found no supported ViT"):
+        trainer(callbacks=[DSMCallback()]).validate(BoringModel(), verbose=False)
+
+
+def test_impossible_config_fails_at_setup(tmp_path):
+    data = tiny_data(make_image_folder(tmp_path))
+    with pytest.raises(ValueError, match="delay=9 must be < depth=4"):
+        trainer(callbacks=[DSMCallback(delay=9)]).validate(tiny_classifier(), datamodule=data, verbose=False)
+
+
+def test_explicit_attr_and_stage_selection(tmp_path):
+    data = tiny_data(make_image_folder(tmp_path))
+    module = tiny_classifier()
+    seen = []
+    original = module.test_step
+    module.test_step = lambda batch, batch_idx: (seen.append(is_patched(module.model)), original(batch, batch_idx))[1]
+    trainer(callbacks=[DSMCallback(delay=1, r=2, model_attr="model", stages=["validate"])]).test(
+        module, datamodule=data, verbose=False)
+    assert seen and not any(seen), "test stage not selected: dense"
+    with pytest.raises(AttributeError, match="has no 'backbone'"):
+        trainer(callbacks=[DSMCallback(model_attr="backbone")]).validate(module, datamodule=data, verbose=False)
+
+
+def test_state_dict_round_trip_and_checkpoint_clean(tmp_path):
+    cb = DSMCallback(delay=3, r=[0, 0, 0, 2], windows=(1, 2), compare_dense=True)
+    state = cb.state_dict()
+    other = DSMCallback()
+    other.load_state_dict(state)
+    assert other.config == cb.config == DSMConfig(delay=3, r=(0, 0, 0, 2), windows=(1, 2))
+    data = tiny_data(make_image_folder(tmp_path))
+    module = tiny_classifier()
+    t = trainer(callbacks=[DSMCallback(delay=1, r=2)], max_epochs=1, enable_checkpointing=True,
+                default_root_dir=str(tmp_path / "run"))
+    t.fit(module, datamodule=data)
+    ckpt_path = tmp_path / "m.ckpt"
+    t.save_checkpoint(ckpt_path)
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    assert set(ckpt["state_dict"]) == set(tiny_classifier().state_dict())
+    assert any("DSMCallback" in k for k in ckpt["callbacks"])
+
+
+def test_config_and_fields_are_exclusive():
+    with pytest.raises(ValueError, match="either config"):
+        DSMCallback(delay=2, config=DSMConfig())
+    with pytest.raises(ValueError, match="stages"):
+        DSMCallback(stages=["fit"])

@@ -1,0 +1,58 @@
+"""Multi-process evaluation on CPU: same accuracy as one process, every prediction written exactly once."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lightning.pytorch import Trainer
+
+from dsm_lightning import DSMCallback
+from dsm_lightning.writer import PredictionWriter
+from tests.lightning_helpers import make_image_folder, tiny_classifier, tiny_data
+from tests.test_cli_writer import cli_args
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _validate(data_root, devices, strategy):
+    trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[DSMCallback(delay=1, r=2, compare_dense=True)])
+    return trainer.validate(tiny_classifier(), datamodule=tiny_data(data_root), verbose=False)[0]
+
+
+def test_ddp_spawn_accuracy_equals_single_process(tmp_path):
+    data_root = make_image_folder(tmp_path / "imgs", classes=3, per_class=4)  # 12 images, divisible by 2
+    single = _validate(data_root, 1, "auto")
+    multi = _validate(data_root, 2, "ddp_spawn")
+    for key in ("val/top1", "val/top2", "dsm/agreement_top1"):
+        assert multi[key] == pytest.approx(single[key], abs=1e-6), key
+
+
+def test_ddp_spawn_predictions_written_once(tmp_path):
+    data_root = make_image_folder(tmp_path / "imgs", classes=3, per_class=3)  # 9 images: padded sampler
+    out = tmp_path / "preds.csv"
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+                      enable_progress_bar=False, callbacks=[DSMCallback(delay=1, r=2), PredictionWriter(str(out))])
+    trainer.predict(tiny_classifier(), datamodule=tiny_data(data_root), return_predictions=False)
+    paths = [row["path"] for row in csv.DictReader(open(out))]
+    assert sorted(paths) == sorted(str(p) for p in data_root.rglob("*.png"))
+    assert len(paths) == len(set(paths)) == 9
+
+
+def test_cli_ddp_subprocess(tmp_path):
+    data_root = make_image_folder(tmp_path / "imgs", classes=2, per_class=5)
+    out = tmp_path / "preds.jsonl"
+    args = [a for a in cli_args(tmp_path, data_root, out) if not a.startswith("--trainer.devices")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "dsm_lightning", "predict", *args, "--trainer.devices=2",
+                           "--trainer.strategy=ddp"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = out.read_text().splitlines()
+    assert len(lines) == 10 and len(set(lines)) == 10
