@@ -128,3 +128,24 @@ def test_remove_gives_bit_identical_outputs(cfg):
         remove_dsm(model)
         assert torch.equal(model(x), ref)
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+@given(configs, st.sampled_from(["cls", "distilled", "registers", "torchvision", "map_pool"]))
+def test_every_adapter_conserves_sizes_and_follows_plan(cfg, name):
+    from tests.conftest import VARIANTS
+
+    model = VARIANTS[name]()
+    try:
+        apply_dsm(model, **cfg)
+    except ValueError:
+        return
+    plan = token_plan(model)
+    p, n0 = plan.num_prefix_tokens, plan.num_patches
+
+    def hook(i, tokens, state):
+        assert tokens.shape[1] == p + plan.blocks[i].tokens_out
+        if state.size is not None:
+            torch.testing.assert_close(state.size[:, p:].sum(1).squeeze(-1), torch.full((2,), float(n0)))
+
+    with torch.no_grad():
+        trace_tokens(model, images(), hook=hook)

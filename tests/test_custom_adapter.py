@@ -1,0 +1,122 @@
+"""The README's custom-adapter example, run on a tiny ViT defined here; plus the shared guarantees for it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsm_lightning import Adapter, apply_dsm, get_adapter, register_adapter, remove_dsm, token_plan, trace_tokens
+from dsm_lightning.merge import unmerge
+
+
+class Attn(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x, bias=None, return_keys=False):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        y = self.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b, t, c))
+        return (y, k.mean(1)) if return_keys else y
+
+
+class Blk(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = nn.LayerNorm(dim), Attn(dim, heads), nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x, bias=None):
+        x = x + self.attn(self.norm1(x), bias)
+        return x + self.mlp(self.norm2(x))
+
+
+class MyViT(nn.Module):
+    def __init__(self, img_size=32, patch=4, dim=32, depth=5, heads=2, classes=4):
+        super().__init__()
+        self.img_size, self.patch, self.dim = img_size, patch, dim
+        self.proj = nn.Conv2d(3, dim, patch, patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 1 + (img_size // patch) ** 2, dim) * 0.1)
+        self.blocks = nn.ModuleList(Blk(dim, heads) for _ in range(depth))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def embed(self, images):
+        x = self.proj(images).flatten(2).transpose(1, 2)
+        return torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+
+    def forward(self, images):
+        x = self.embed(images)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+def dsm_forward(self, images):
+    adapter = MyViTAdapter.instance
+    tokens, grid = adapter.embed(self, images)
+    tokens, state = adapter.run(self, tokens, grid)
+    return self.head(unmerge(self.norm(tokens), state, 1)[:, 0])
+
+
+class MyViTAdapter(Adapter):
+    name, supports = "myvit", "tests.MyViT"
+
+    def __init__(self):
+        MyViTAdapter.instance = self
+
+    def matches(self, model):
+        return isinstance(model, MyViT)
+
+    def blocks(self, model):
+        return model.blocks
+
+    def num_prefix_tokens(self, model):
+        return 1
+
+    def grid(self, model, img_size=None):
+        h, w = img_size or (model.img_size, model.img_size)
+        return h // model.patch, w // model.patch
+
+    def dims(self, model):
+        return model.dim, 4 * model.dim
+
+    def embed(self, model, images):
+        return model.embed(images), self.grid(model, tuple(images.shape[-2:]))
+
+    def dense_block(self, blk, x, bias):
+        return blk(x, bias)
+
+    def merge_block(self, blk, x, bias, step):
+        y, keys = blk.attn(blk.norm1(x), bias, return_keys=True)
+        x, state = step(x + y, keys)
+        return x + blk.mlp(blk.norm2(x)), state
+
+    def overrides(self):
+        return {"forward": dsm_forward}
+
+
+register_adapter(MyViTAdapter())
+
+
+def test_custom_adapter_round_trip():
+    torch.manual_seed(0)
+    model = MyViT().eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert isinstance(get_adapter(model), MyViTAdapter)
+    with torch.no_grad():
+        ref = model(x)
+        apply_dsm(model, delay=1, r=0)
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-6)
+        apply_dsm(model, delay=1, r=6, local_blocks=2)
+        merged = model(x)
+        plan = token_plan(model)
+        seen = []
+        trace_tokens(model, x, hook=lambda i, t, s: seen.append(t.shape[1] - 1))
+        assert seen == [b.tokens_out for b in plan.blocks]
+        remove_dsm(model)
+        assert torch.equal(model(x), ref)
+    assert not torch.allclose(merged, ref)
+    assert plan.tokens_out < plan.num_patches
