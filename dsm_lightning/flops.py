@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Tuple, Union
 
 import torch
 from torch import nn
@@ -39,8 +39,8 @@ def _custom_mapping() -> dict:
     return mapping
 
 
-def count_flops(model: nn.Module, images: torch.Tensor) -> int:
-    """Total FLOPs of ``model(images)`` as counted by :class:`torch.utils.flop_counter.FlopCounterMode`.
+def count_flops(model: Union[nn.Module, Callable[[torch.Tensor], object]], images: torch.Tensor) -> int:
+    """Total FLOPs of ``model(images)`` (a module or any callable) as counted by :class:`torch.utils.flop_counter.FlopCounterMode`.
 
     Counts matmuls, convolutions and attention (CPU fused attention included); elementwise ops are not counted.
     """

@@ -294,15 +294,14 @@ def _validate(depth: int, grid: Tuple[int, int], num_prefix_tokens: int, config:
         raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
 
 
-@functools.lru_cache(maxsize=256)
-def plan_for_dims(
+def _plan(
     depth: int,
     grid: Tuple[int, int],
     num_prefix_tokens: int,
     config: DSMConfig,
     dims: Optional[Tuple[int, int]] = None,
 ) -> TokenPlan:
-    """Cached core of :func:`token_plan` (all arguments hashable Python values)."""
+    """Uncached core of :func:`token_plan` (all arguments hashable Python values)."""
     grid = (int(grid[0]), int(grid[1]))
     _validate(depth, grid, num_prefix_tokens, config)
     use_windows = config.local_blocks > 0 and config.num_windows > 1
@@ -345,6 +344,28 @@ def plan_for_dims(
         else:
             lo = mid + 1
     return plan_r(lo)
+
+
+_plan_cached = functools.lru_cache(maxsize=256)(_plan)
+
+
+def plan_for_dims(
+    depth: int,
+    grid: Tuple[int, int],
+    num_prefix_tokens: int,
+    config: DSMConfig,
+    dims: Optional[Tuple[int, int]] = None,
+) -> TokenPlan:
+    """The plan for a model's depth / grid / prefix tokens / dims, cached per argument set.
+
+    Under ``torch.compile`` the uncached function is traced instead: it is pure Python on ints, so Dynamo folds it
+    into constants (the LRU cache wrapper itself is not traceable).
+    """
+    import torch
+
+    if torch.compiler.is_compiling():
+        return _plan(depth, grid, num_prefix_tokens, config, dims)
+    return _plan_cached(depth, grid, num_prefix_tokens, config, dims)
 
 
 def token_plan(
