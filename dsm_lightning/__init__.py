@@ -1,5 +1,6 @@
 """dsm-lightning: training-free ViT acceleration with Delayed Spatial Merging, as a PyTorch Lightning plugin."""
 
+from .calibrate import CalibrationResult, calibrate
 from .adapters import Adapter, UnsupportedModelError, get_adapter, register_adapter
 from .config import DSMConfig
 from .patch import apply_dsm, get_config, is_patched, remove_dsm, trace_tokens
@@ -19,11 +20,13 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter",
     "BlockPlan",
+    "CalibrationResult",
     "DSMCallback",
     "DSMConfig",
     "TokenPlan",
     "UnsupportedModelError",
     "apply_dsm",
+    "calibrate",
     "get_adapter",
     "get_config",
     "is_patched",

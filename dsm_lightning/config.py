@@ -135,6 +135,24 @@ class DSMConfig:
             out[name] = list(value) if isinstance(value, tuple) else value
         return out
 
+    def to_yaml(self, path: Optional[str] = None) -> str:
+        """The config as YAML (the same keys ``DSMCallback`` takes as ``init_args``); written to ``path`` if given."""
+        import yaml
+
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            with open(path, "w") as fh:
+                fh.write(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "DSMConfig":
+        """Load a config written by :meth:`to_yaml`."""
+        import yaml
+
+        with open(path) as fh:
+            return cls.from_dict(yaml.safe_load(fh) or {})
+
     @classmethod
     def from_dict(cls, data: dict) -> "DSMConfig":
         """Build a config from :meth:`to_dict` output."""

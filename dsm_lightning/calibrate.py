@@ -1,0 +1,197 @@
+"""calibrate(): pick the DSM schedule that keeps the most accuracy (or agreement with dense) under a FLOP budget.
+
+The search runs on a few calibration batches, training-free: every candidate schedule (delay x local phase) gets the
+smallest constant ``r`` that meets the budget, so all candidates cost the same planned FLOPs and only the quality
+differs. ToMe's schedule (``delay=0, local_blocks=0``) is always a candidate, so the result is never worse than ToMe
+at the same budget on the calibration data. Successive halving keeps it fast: every candidate is scored on the first
+quarter of the images, the best few on all of them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .config import DSMConfig
+from .patch import apply_dsm, get_config, is_patched, remove_dsm
+from .schedule import token_plan
+
+__all__ = ["calibrate", "CalibrationResult", "default_search_space"]
+
+
+@dataclass
+class CalibrationResult:
+    """Outcome of :func:`calibrate`.
+
+    Attributes:
+        config: The best schedule, with the explicit ``r`` chosen at the calibration input size.
+        score: Its score (accuracy or agreement with the dense model) on all calibration images.
+        flops_ratio: Its planned block FLOPs relative to dense.
+        metric: ``"accuracy"`` or ``"agreement"``.
+        seconds: Wall time of the whole search, dense pass included.
+        images: Calibration images used.
+        candidates: One dict per candidate (config, r, flops_ratio, score on the images it saw, images).
+    """
+
+    config: DSMConfig
+    score: float
+    flops_ratio: float
+    metric: str
+    seconds: float
+    images: int
+    candidates: List[Dict[str, Any]] = field(default_factory=list)
+
+    def table(self) -> str:
+        """Printable ranking of the candidates."""
+        lines = [f"{'delay':>5} {'local':>5} {'win':>5} {'r':>4} {'FLOPs':>6} {self.metric:>9} {'images':>6}"]
+        for c in sorted(self.candidates, key=lambda c: (-c["images"], -c["score"])):
+            lines.append(f"{c['delay']:>5} {c['local_blocks']:>5} {str(c['windows']):>5} {c['r']:>4} "
+                         f"{c['flops_ratio']:>6.3f} {c['score']:>9.4f} {c['images']:>6}")
+        return "\n".join(lines)
+
+
+def default_search_space(depth: int) -> List[Dict[str, Any]]:
+    """Delays 0..depth/3 x local phases {none, 1, 2 blocks} in 2x2 windows; ToMe is ``delay=0, local_blocks=0``."""
+    space = []
+    for delay in range(0, max(1, depth // 3) + 1):
+        for local_blocks in (0, 1, 2):
+            space.append({"delay": delay, "local_blocks": local_blocks, "windows": 4})
+    return space
+
+
+def _batches(dataloader: Iterable, max_images: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    xs, ys = [], []
+    seen = 0
+    for batch in dataloader:
+        if isinstance(batch, dict):
+            x, y = batch["image"], batch.get("target")
+        elif isinstance(batch, (tuple, list)):
+            x, y = batch[0], batch[1] if len(batch) > 1 else None
+        else:
+            x, y = batch, None
+        xs.append(x)
+        if y is not None and torch.is_tensor(y):
+            ys.append(y)
+        seen += x.shape[0]
+        if seen >= max_images:
+            break
+    if not xs:
+        raise ValueError("calibrate got an empty dataloader")
+    images = torch.cat(xs)[:max_images]
+    labels = torch.cat(ys)[:max_images] if len(ys) == len(xs) else None
+    if labels is not None and (labels < 0).any():
+        labels = None
+    return images, labels
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        out.append(model(images[i:i + batch_size].to(device)).argmax(dim=-1).cpu())
+    return torch.cat(out)
+
+
+def calibrate(
+    model: nn.Module,
+    dataloader: Iterable,
+    target: float = 0.55,
+    *,
+    metric: str = "auto",
+    max_images: int = 256,
+    batch_size: int = 32,
+    search_space: Optional[Sequence[Dict[str, Any]]] = None,
+    keep: int = 4,
+    prop_attn: bool = True,
+    verbose: bool = False,
+) -> CalibrationResult:
+    """Choose delay / local phase / r for ``model`` under a FLOP budget, from a few calibration batches.
+
+    Args:
+        model: A supported ViT classifier (patched or not; it is left as it was).
+        dataloader: Yields images, ``(images, labels)`` or dicts with ``image``/``target``.
+        target: Budget as a fraction of the dense model's block FLOPs (0.55 = 1.8x fewer).
+        metric: ``"accuracy"`` (needs labels), ``"agreement"`` (top-1 agreement with the dense model), or
+            ``"auto"`` (accuracy when labels exist).
+        max_images: Calibration images to use.
+        batch_size: Batch size of the search's forward passes.
+        search_space: Dicts of :class:`DSMConfig` fields (without ``r``); default :func:`default_search_space`.
+        keep: Candidates kept for the full-set round of successive halving.
+        prop_attn: Proportional attention in every candidate.
+        verbose: Print progress.
+
+    Returns:
+        A :class:`CalibrationResult`; ``result.config`` goes straight into ``apply_dsm`` or ``DSMCallback``.
+    """
+    start = time.perf_counter()
+    was = get_config(model)
+    if is_patched(model):
+        remove_dsm(model)
+    device = next(model.parameters()).device
+    images, labels = _batches(dataloader, max_images)
+    if metric == "auto":
+        metric = "accuracy" if labels is not None else "agreement"
+    if metric == "accuracy" and labels is None:
+        raise ValueError("metric='accuracy' needs labels from the dataloader; use metric='agreement'")
+    if metric not in ("accuracy", "agreement"):
+        raise ValueError(f"metric must be 'auto', 'accuracy' or 'agreement', got {metric!r}")
+    model.eval()
+    try:
+        dense_pred = _predict(model, images, batch_size, device)
+        reference = labels if metric == "accuracy" else dense_pred
+        from .adapters import get_adapter
+
+        adapter = get_adapter(model)
+        depth = adapter.depth(model)
+        img_size = tuple(images.shape[-2:])
+        space = list(search_space) if search_space is not None else default_search_space(depth)
+        if not any(c.get("delay", 0) == 0 and c.get("local_blocks", 0) == 0 for c in space):
+            space.append({"delay": 0, "local_blocks": 0, "windows": 4})  # ToMe always competes
+        candidates = []
+        for fields in space:
+            try:
+                cfg = DSMConfig(**{**fields, "r": None, "flops_target": target, "prop_attn": prop_attn})
+                plan = token_plan(model, cfg, img_size=img_size)
+            except ValueError:
+                continue
+            fixed = cfg.replace(r=plan.r)
+            candidates.append({"config": fixed, "delay": fixed.delay, "local_blocks": fixed.local_blocks,
+                               "windows": fixed.windows, "r": plan.r,
+                               "flops_ratio": plan.flops_ratio(*adapter.dims(model)), "score": float("nan"),
+                               "images": 0})
+        if not candidates:
+            raise ValueError("no candidate schedule fits this model and input size; widen the search space")
+
+        def score(cand: Dict[str, Any], n: int) -> None:
+            apply_dsm(model, cand["config"])
+            try:
+                pred = _predict(model, images[:n], batch_size, device)
+            finally:
+                remove_dsm(model)
+            cand["score"] = float((pred == reference[:n]).float().mean())
+            cand["images"] = n
+            if verbose:
+                print(f"  delay={cand['delay']} local={cand['local_blocks']} r={cand['r']}: "
+                      f"{metric}={cand['score']:.4f} on {n} images", flush=True)
+
+        first = max(1, images.shape[0] // 4)
+        for cand in candidates:
+            score(cand, first)
+        ranked = sorted(candidates, key=lambda c: -c["score"])
+        finalists = ranked[:keep]
+        tome = next((c for c in candidates if c["delay"] == 0 and c["local_blocks"] == 0), None)
+        if tome is not None and tome not in finalists:
+            finalists.append(tome)
+        for cand in finalists:
+            score(cand, images.shape[0])
+        best = max(finalists, key=lambda c: (c["score"], -c["flops_ratio"]))
+    finally:
+        if was is not None:
+            apply_dsm(model, was)
+    return CalibrationResult(best["config"], best["score"], best["flops_ratio"], metric,
+                             time.perf_counter() - start, int(images.shape[0]),
+                             [{k: v for k, v in c.items() if k != "config"} for c in candidates])

@@ -1,0 +1,94 @@
+"""calibrate(), merge pictures and the Pareto harness, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dsm_lightning import DSMConfig, apply_dsm, calibrate, get_config, token_plan
+from dsm_lightning.vis import merge_figure, render_tokens, token_maps
+from tests.conftest import images, tiny_vit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def loader(n=32, batch=8, labels=True):
+    x = images(batch=n, seed=3)
+    y = torch.arange(n) % 7
+    return [(x[i:i + batch], y[i:i + batch]) if labels else x[i:i + batch] for i in range(0, n, batch)]
+
+
+def test_calibrate_meets_budget_and_never_loses_to_tome():
+    model = tiny_vit()
+    result = calibrate(model, loader(labels=False), target=0.6, max_images=32)
+    assert result.metric == "agreement" and result.images == 32
+    assert result.flops_ratio <= 0.6 + 1e-9
+    assert isinstance(result.config, DSMConfig) and isinstance(result.config.r, int)
+    tome = [c for c in result.candidates if c["delay"] == 0 and c["local_blocks"] == 0]
+    assert tome and tome[0]["images"] == 32, "ToMe is always scored on the full calibration set"
+    assert result.score >= tome[0]["score"]
+    # the reported score is reproducible with the returned config
+    with torch.no_grad():
+        dense = model(torch.cat(loader(labels=False))).argmax(-1)
+        apply_dsm(model, result.config)
+        merged = model(torch.cat(loader(labels=False))).argmax(-1)
+    assert float((merged == dense).float().mean()) == pytest.approx(result.score)
+    assert "delay" in result.table()
+
+
+def test_calibrate_restores_model_and_uses_labels(tmp_path):
+    model = apply_dsm(tiny_vit(), delay=1, r=3)
+    before = get_config(model)
+    result = calibrate(model, loader(labels=True), target=0.7, max_images=16,
+                       search_space=[{"delay": 1, "local_blocks": 1}])
+    assert result.metric == "accuracy"
+    assert get_config(model) == before
+    path = tmp_path / "dsm.yaml"
+    result.config.to_yaml(str(path))
+    assert DSMConfig.from_yaml(str(path)) == result.config
+    with pytest.raises(ValueError, match="needs labels"):
+        calibrate(tiny_vit(), loader(labels=False), metric="accuracy")
+
+
+def test_token_maps_and_render():
+    model = apply_dsm(tiny_vit(), delay=1, r=6, local_blocks=2)
+    maps, grid = token_maps(model, images(batch=1)[0])
+    plan = token_plan(model)
+    assert len(np.unique(maps["final"])) == plan.tokens_out
+    # after the local phase no token spans two 4x4 windows of the 8x8 grid
+    local = maps["local"]
+    for token in np.unique(local):
+        rows, cols = np.nonzero(local == token)
+        assert len({(r // 4, c // 4) for r, c in zip(rows, cols)}) == 1
+    rgb = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    assert render_tokens(rgb, maps["final"]).size == (32, 32)
+    fig = merge_figure(model, images(batch=1)[0], (0.5,) * 3, (0.5,) * 3)
+    assert fig.size == (32 * 3 + 8, 32)
+
+
+def test_pareto_harness_runs_and_resumes(tmp_path):
+    from tests.lightning_helpers import TINY_KW, make_image_folder
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import pareto
+
+    data = make_image_folder(tmp_path / "imgs", classes=3, per_class=4)
+    out = tmp_path / "p"
+    argv = ["--model-name", "vit_tiny_patch16_224", "--num-classes", "3", "--model-kwargs", json.dumps(TINY_KW),
+            "--val-dir", str(data), "--calib-dir", str(data), "--calib-images", "8", "--limit", "12",
+            "--targets", "0.7", "--batch", "4", "--repeats", "1", "--out", str(out)]
+    assert pareto.main(argv) == 0
+    first = json.loads(out.with_suffix(".json").read_text())["rows"]
+    names = {r["schedule"] for r in first}
+    assert {"dense", "tome@0.70", "dsm-d2@0.70", "calibrated@0.55"} <= names
+    assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".csv").exists()
+    dense = next(r for r in first if r["schedule"] == "dense")
+    assert dense["agreement"] == 1.0 and all(r["img_per_s"] > 0 for r in first)
+    assert pareto.main(argv) == 0
+    second = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert {r["schedule"]: r["eval_s"] for r in second} == {r["schedule"]: r["eval_s"] for r in first}
