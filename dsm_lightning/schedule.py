@@ -55,6 +55,10 @@ class WindowGroup:
         return self.tokens_in - self.tokens_out
 
 
+def _box_area(box: Box) -> int:
+    return (box[1] - box[0]) * (box[3] - box[2])
+
+
 def split_windows(grid: Tuple[int, int], windows: Tuple[int, int]) -> Tuple[Tuple[Box, ...], ...]:
     """Split a patch grid into ``rows x cols`` windows and group them by shape.
 
@@ -212,7 +216,6 @@ class TokenPlan:
 def _build(
     depth: int,
     grid: Tuple[int, int],
-    num_prefix_tokens: int,
     config: DSMConfig,
     per_block_r: Sequence[int],
     strict_first: bool,
@@ -235,7 +238,7 @@ def _build(
         if i >= config.delay and local_left > 0 and nw > 1:
             local_left -= 1
             if window_counts is None:
-                window_counts = [(b[0][1] - b[0][0]) * (b[0][3] - b[0][2]) for b in groups0]
+                window_counts = [_box_area(g[0]) for g in groups0]
             k = math.ceil(r / nw) if r else 0
             if k:
                 mode = "local"
@@ -308,32 +311,24 @@ def _plan(
     groups0 = split_windows(grid, config.window_grid) if use_windows else ()
     nw = sum(len(g) for g in groups0)
     if isinstance(config.r, tuple):
-        blocks = _build(depth, grid, num_prefix_tokens, config, config.r, False, groups0)
+        blocks = _build(depth, grid, config, config.r, False, groups0)
         return TokenPlan(grid, num_prefix_tokens, config, blocks, None)
 
-    def per_block(r: int) -> List[int]:
-        return [0 if i < config.delay else r for i in range(depth)]
+    def plan_r(r: int) -> TokenPlan:
+        per_block = [0 if i < config.delay else r for i in range(depth)]
+        return TokenPlan(grid, num_prefix_tokens, config,
+                         _build(depth, grid, config, per_block, True, groups0), r)
 
     if config.r is not None:
-        blocks = _build(depth, grid, num_prefix_tokens, config, per_block(config.r), True, groups0)
-        return TokenPlan(grid, num_prefix_tokens, config, blocks, config.r)
+        return plan_r(config.r)
 
     if dims is None:
         raise ValueError("r=None picks r from a FLOP target and needs the model's dims=(embed_dim, mlp_hidden_dim); "
                          "pass a model, dims=..., or an explicit r")
     # Largest r the first merging block accepts; FLOPs fall monotonically with r, so bisect the smallest r that
     # meets the target (or take the largest allowed when none does).
-    n = grid[0] * grid[1]
-    first_local = use_windows and config.local_blocks > 0
-    r_max = nw * (min((b[0][1] - b[0][0]) * (b[0][3] - b[0][2]) for b in groups0) // 2) if first_local else n // 2
-    dense = TokenPlan(grid, num_prefix_tokens, config,
-                      _build(depth, grid, num_prefix_tokens, config, [0] * depth, True, groups0), 0)
-    target = config.flops_target * dense.flops(*dims)
-
-    def plan_r(r: int) -> TokenPlan:
-        return TokenPlan(grid, num_prefix_tokens, config,
-                         _build(depth, grid, num_prefix_tokens, config, per_block(r), True, groups0), r)
-
+    r_max = nw * (min(_box_area(g[0]) for g in groups0) // 2) if use_windows else grid[0] * grid[1] // 2
+    target = config.flops_target * plan_r(0).flops(*dims)
     lo, hi = 0, r_max
     if plan_r(hi).flops(*dims) > target:
         return plan_r(hi)

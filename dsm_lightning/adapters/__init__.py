@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..config import DSMConfig
 from ..engine import BlockHook, MergeFn, check_tokens, run_blocks
-from ..merge import MergeState, unmerge
+from ..merge import MergeState
 from ..schedule import TokenPlan, plan_for_dims
 
 __all__ = ["Adapter", "register_adapter", "get_adapter", "registered_adapters", "UnsupportedModelError"]
@@ -90,11 +90,6 @@ class Adapter(abc.ABC):
         plan = self.plan(model, grid)
         check_tokens(x, plan)
         return run_blocks(self.blocks(model), x, plan, self.dense_block, self.merge_block, hook)
-
-    @staticmethod
-    def unmerge(x: Tensor, state: MergeState, num_prefix: int) -> Tensor:
-        """See :func:`dsm_lightning.merge.unmerge`."""
-        return unmerge(x, state, num_prefix)
 
 
 _REGISTRY: List[Adapter] = []
