@@ -47,19 +47,24 @@ class CalibrationResult:
 
     def table(self) -> str:
         """Printable ranking of the candidates."""
-        lines = [f"{'delay':>5} {'local':>5} {'win':>5} {'r':>4} {'FLOPs':>6} {self.metric:>9} {'images':>6}"]
-        for c in sorted(self.candidates, key=lambda c: (-c["images"], -c["score"])):
-            lines.append(f"{c['delay']:>5} {c['local_blocks']:>5} {str(c['windows']):>5} {c['r']:>4} "
-                         f"{c['flops_ratio']:>6.3f} {c['score']:>9.4f} {c['images']:>6}")
+        lines = [f"{'delay':>5} {'local':>5} {'schedule':>12} {'r':>7} {'FLOPs':>6} {self.metric:>9} {'KL':>7} "
+                 f"{'images':>6}"]
+        for c in sorted(self.candidates, key=lambda c: (-c["images"], -c["score"], c["kl"])):
+            lines.append(f"{c['delay']:>5} {c['local_blocks']:>5} {c['schedule']:>12} {c['r']:>7.4g} "
+                         f"{c['flops_ratio']:>6.3f} {c['score']:>9.4f} {c['kl']:>7.4f} {c['images']:>6}")
         return "\n".join(lines)
 
 
 def default_search_space(depth: int) -> List[Dict[str, Any]]:
-    """Delays 0..depth/3 x local phases {none, 1, 2 blocks} in 2x2 windows; ToMe is ``delay=0, local_blocks=0``."""
+    """Delays 0..depth/4 x local phase {none, 2 blocks of 2x2 windows} x schedule {constant, proportional}.
+
+    ``delay=0, local_blocks=0, schedule="constant"`` is ToMe.
+    """
     space = []
-    for delay in range(0, max(1, depth // 3) + 1):
-        for local_blocks in (0, 1, 2):
-            space.append({"delay": delay, "local_blocks": local_blocks, "windows": 4})
+    for delay in range(0, max(1, depth // 4) + 1):
+        for local_blocks in (0, 2):
+            for schedule in ("constant", "proportional"):
+                space.append({"delay": delay, "local_blocks": local_blocks, "windows": 4, "schedule": schedule})
     return space
 
 
@@ -89,10 +94,10 @@ def _batches(dataloader: Iterable, max_images: int) -> Tuple[torch.Tensor, Optio
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+def _logits(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     out = []
     for i in range(0, images.shape[0], batch_size):
-        out.append(model(images[i:i + batch_size].to(device)).argmax(dim=-1).cpu())
+        out.append(model(images[i:i + batch_size].to(device)).float().cpu())
     return torch.cat(out)
 
 
@@ -105,11 +110,15 @@ def calibrate(
     max_images: int = 256,
     batch_size: int = 32,
     search_space: Optional[Sequence[Dict[str, Any]]] = None,
-    keep: int = 4,
+    keep: int = 3,
     prop_attn: bool = True,
     verbose: bool = False,
 ) -> CalibrationResult:
-    """Choose delay / local phase / r for ``model`` under a FLOP budget, from a few calibration batches.
+    """Choose delay / local phase / schedule / r for ``model`` under a FLOP budget, from a few calibration batches.
+
+    Candidates are ranked by the metric, ties broken by the mean KL divergence from the dense model's predictions
+    (so a saturated metric, e.g. accuracy on the head's own training images, still separates them). Successive
+    halving: all candidates see the first eighth of the images, the best ``keep`` (and ToMe) all of them.
 
     Args:
         model: A supported ViT classifier (patched or not; it is left as it was).
@@ -141,15 +150,20 @@ def calibrate(
         raise ValueError(f"metric must be 'auto', 'accuracy' or 'agreement', got {metric!r}")
     model.eval()
     try:
-        dense_pred = _predict(model, images, batch_size, device)
-        reference = labels if metric == "accuracy" else dense_pred
+        dense_logits = _logits(model, images, batch_size, device)
+        dense_logp = dense_logits.log_softmax(-1)
+        reference = labels if metric == "accuracy" else dense_logits.argmax(-1)
         from .adapters import get_adapter
 
         adapter = get_adapter(model)
         depth = adapter.depth(model)
         img_size = tuple(images.shape[-2:])
         space = list(search_space) if search_space is not None else default_search_space(depth)
-        if not any(c.get("delay", 0) == 0 and c.get("local_blocks", 0) == 0 for c in space):
+        def is_tome(c: Dict[str, Any]) -> bool:
+            return c.get("delay", 0) == 0 and c.get("local_blocks", 0) == 0 and \
+                c.get("schedule", "constant") == "constant"
+
+        if not any(is_tome(c) for c in space):
             space.append({"delay": 0, "local_blocks": 0, "windows": 4})  # ToMe always competes
         candidates = []
         for fields in space:
@@ -160,38 +174,49 @@ def calibrate(
                 continue
             fixed = cfg.replace(r=plan.r)
             candidates.append({"config": fixed, "delay": fixed.delay, "local_blocks": fixed.local_blocks,
-                               "windows": fixed.windows, "r": plan.r,
+                               "windows": fixed.windows, "schedule": fixed.schedule, "r": plan.r,
                                "flops_ratio": plan.flops_ratio(*adapter.dims(model)), "score": float("nan"),
-                               "images": 0})
+                               "kl": float("nan"), "images": 0, "_hits": 0.0, "_kl": 0.0})
         if not candidates:
             raise ValueError("no candidate schedule fits this model and input size; widen the search space")
 
-        def score(cand: Dict[str, Any], n: int) -> None:
+        def score(cand: Dict[str, Any], start: int, stop: int) -> None:
+            """Add images[start:stop] to the candidate's running score (metric, then KL to dense as tie-break)."""
             apply_dsm(model, cand["config"])
             try:
-                pred = _predict(model, images[:n], batch_size, device)
+                logits = _logits(model, images[start:stop], batch_size, device)
             finally:
                 remove_dsm(model)
-            cand["score"] = float((pred == reference[:n]).float().mean())
-            cand["images"] = n
+            cand["_hits"] += float((logits.argmax(-1) == reference[start:stop]).sum())
+            cand["_kl"] += float(torch.nn.functional.kl_div(logits.log_softmax(-1), dense_logp[start:stop],
+                                                            log_target=True, reduction="sum"))
+            cand["images"] = stop
+            cand["score"] = cand["_hits"] / stop
+            cand["kl"] = cand["_kl"] / stop
             if verbose:
-                print(f"  delay={cand['delay']} local={cand['local_blocks']} r={cand['r']}: "
-                      f"{metric}={cand['score']:.4f} on {n} images", flush=True)
+                print(f"  delay={cand['delay']} local={cand['local_blocks']} {cand['schedule']} r={cand['r']}: "
+                      f"{metric}={cand['score']:.4f} kl={cand['kl']:.4f} on {stop} images", flush=True)
 
-        first = max(1, images.shape[0] // 4)
+        def rank(c: Dict[str, Any]) -> Tuple[float, float]:
+            return (c["score"], -c["kl"])
+
+        total = images.shape[0]
+        first = max(1, total // 8)
         for cand in candidates:
-            score(cand, first)
-        ranked = sorted(candidates, key=lambda c: -c["score"])
-        finalists = ranked[:keep]
-        tome = next((c for c in candidates if c["delay"] == 0 and c["local_blocks"] == 0), None)
+            score(cand, 0, first)
+        finalists = sorted(candidates, key=rank, reverse=True)[:keep]
+        tome = next((c for c in candidates if c["delay"] == 0 and c["local_blocks"] == 0
+                     and c["schedule"] == "constant"), None)
         if tome is not None and tome not in finalists:
             finalists.append(tome)
-        for cand in finalists:
-            score(cand, images.shape[0])
-        best = max(finalists, key=lambda c: (c["score"], -c["flops_ratio"]))
+        if total > first:
+            for cand in finalists:
+                score(cand, first, total)
+        best = max(finalists, key=rank)
     finally:
         if was is not None:
             apply_dsm(model, was)
     return CalibrationResult(best["config"], best["score"], best["flops_ratio"], metric,
                              time.perf_counter() - start, int(images.shape[0]),
-                             [{k: v for k, v in c.items() if k != "config"} for c in candidates])
+                             [{k: v for k, v in c.items() if k != "config" and not k.startswith("_")}
+                              for c in candidates])

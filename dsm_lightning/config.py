@@ -55,15 +55,18 @@ class DSMConfig:
 
     Args:
         delay: Number of leading blocks that are never merged.
-        r: Tokens merged per merging block. An int applies to every block from ``delay`` on; a sequence gives one
-            value per block (length = depth; entries before ``delay`` must be 0). ``None`` (default) picks the
-            smallest constant ``r`` whose planned FLOPs are at most ``flops_target`` times the dense model's, for
-            each input size.
+        r: Tokens merged per merging block. An int applies to every block from ``delay`` on; a float in
+            ``(0, 0.5]`` merges that fraction of the tokens entering each merging block (a proportional schedule);
+            a sequence gives one value per block (length = depth; entries before ``delay`` must be 0). ``None``
+            (default) picks, per input size, the smallest ``r`` of the ``schedule`` family whose planned FLOPs are
+            at most ``flops_target`` times the dense model's.
         windows: Local windows: a perfect square (``4`` = 2x2) or ``(rows, cols)``.
         local_blocks: How many merging blocks after the delay merge inside windows before global merging starts.
         prop_attn: Proportional attention: add ``log(size)`` to the attention logits so a merged token counts as
             many tokens as it holds.
         flops_target: Fraction of the dense FLOPs to aim for when ``r`` is None (0.55 = 1.8x fewer FLOPs).
+        schedule: Family searched when ``r`` is None: ``"constant"`` (the same r in every merging block, as ToMe)
+            or ``"proportional"`` (the same fraction of the remaining tokens in every merging block).
     """
 
     delay: int = 2
@@ -72,6 +75,7 @@ class DSMConfig:
     local_blocks: int = 2
     prop_attn: bool = True
     flops_target: float = 0.55
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
         for name in ("delay", "local_blocks"):
@@ -87,6 +91,10 @@ class DSMConfig:
             if isinstance(r, int):
                 if r < 0:
                     raise ValueError(f"r must be >= 0, got {r}")
+            elif isinstance(r, float):
+                if not 0.0 < r <= 0.5:
+                    raise ValueError(f"a fractional r must be in (0, 0.5] (bipartite matching merges at most half "
+                                     f"the tokens), got {r}")
             else:
                 try:
                     r_tuple = tuple(r)
@@ -103,6 +111,8 @@ class DSMConfig:
         if not isinstance(self.flops_target, (int, float)) or not 0.0 < float(self.flops_target) <= 1.0:
             raise ValueError(f"flops_target must be in (0, 1], got {self.flops_target!r}")
         object.__setattr__(self, "flops_target", float(self.flops_target))
+        if self.schedule not in ("constant", "proportional"):
+            raise ValueError(f"schedule must be 'constant' or 'proportional', got {self.schedule!r}")
 
     @property
     def window_grid(self) -> Tuple[int, int]:

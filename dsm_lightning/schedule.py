@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .config import DSMConfig, resolve_config
 
@@ -135,14 +135,15 @@ class TokenPlan:
         num_prefix_tokens: cls / distillation / register tokens, never merged.
         config: The config the plan was made from.
         blocks: One :class:`BlockPlan` per block.
-        r: The constant ``r`` used (the chosen one when ``config.r`` is None); ``None`` for per-block lists.
+        r: The ``r`` used (the chosen one when ``config.r`` is None): an int for a constant schedule, a fraction
+            for a proportional one, ``None`` for per-block lists.
     """
 
     grid: Tuple[int, int]
     num_prefix_tokens: int
     config: DSMConfig
     blocks: Tuple[BlockPlan, ...]
-    r: Optional[int]
+    r: Union[int, float, None]
 
     @property
     def num_patches(self) -> int:
@@ -217,13 +218,18 @@ def _build(
     depth: int,
     grid: Tuple[int, int],
     config: DSMConfig,
-    per_block_r: Sequence[int],
-    strict_first: bool,
+    r_for: Callable[[int, int], int],
+    strict: str,
     groups0: Tuple[Tuple[Box, ...], ...],
 ) -> Tuple[BlockPlan, ...]:
-    """Walk the blocks and count tokens. ``per_block_r[i]`` is the requested r of block i."""
+    """Walk the blocks and count tokens. ``r_for(i, n)`` is the requested r of block i with n patch tokens.
+
+    ``strict``: ``"all"`` raises for any block whose r cannot be merged, ``"first"`` only for the first merging
+    block (later blocks merge at most half their tokens, like ToMe), ``"none"`` never raises.
+    """
     n = grid[0] * grid[1]
-    strict_all = not strict_first
+    strict_all = strict == "all"
+    strict_first = strict != "none"
     merged_before = False
     local_left = config.local_blocks
     window_counts: Optional[List[int]] = None
@@ -231,7 +237,7 @@ def _build(
     blocks = []
     first_merge = True
     for i in range(depth):
-        r = per_block_r[i]
+        r = r_for(i, n)
         mode = "dense"
         groups: Tuple[WindowGroup, ...] = ()
         n_out = n
@@ -243,7 +249,7 @@ def _build(
             if k:
                 mode = "local"
                 limit = min(window_counts) // 2
-                if k > limit and (strict_all or first_merge):
+                if k > limit and (strict_all or (strict_first and first_merge)):
                     raise ValueError(
                         f"r={r} is too large at block {i} (local phase): each of the {nw} windows must merge "
                         f"ceil({r}/{nw})={k} tokens but the smallest window holds {min(window_counts)} and can "
@@ -258,7 +264,7 @@ def _build(
                 window_counts = new_counts
         elif i >= config.delay and r:
             limit = n // 2
-            if r > limit and (strict_all or first_merge):
+            if r > limit and (strict_all or (strict_first and first_merge)):
                 raise ValueError(
                     f"r={r} is too large at block {i}: {n} patch tokens can merge at most {limit} "
                     f"(bipartite matching halves the tokens at most); lower r to <= {limit} or raise delay"
@@ -311,13 +317,17 @@ def _plan(
     groups0 = split_windows(grid, config.window_grid) if use_windows else ()
     nw = sum(len(g) for g in groups0)
     if isinstance(config.r, tuple):
-        blocks = _build(depth, grid, config, config.r, False, groups0)
+        per_block = config.r
+        blocks = _build(depth, grid, config, lambda i, n: per_block[i], "all", groups0)
         return TokenPlan(grid, num_prefix_tokens, config, blocks, None)
 
-    def plan_r(r: int) -> TokenPlan:
-        per_block = [0 if i < config.delay else r for i in range(depth)]
-        return TokenPlan(grid, num_prefix_tokens, config,
-                         _build(depth, grid, config, per_block, True, groups0), r)
+    def plan_r(r: Union[int, float]) -> TokenPlan:
+        if isinstance(r, float):  # proportional: merge this fraction of the tokens entering each merging block
+            blocks = _build(depth, grid, config, lambda i, n: int(r * n) if i >= config.delay else 0, "none",
+                            groups0)
+        else:
+            blocks = _build(depth, grid, config, lambda i, n: r if i >= config.delay else 0, "first", groups0)
+        return TokenPlan(grid, num_prefix_tokens, config, blocks, r)
 
     if config.r is not None:
         return plan_r(config.r)
@@ -327,18 +337,29 @@ def _plan(
                          "pass a model, dims=..., or an explicit r")
     # Largest r the first merging block accepts; FLOPs fall monotonically with r, so bisect the smallest r that
     # meets the target (or take the largest allowed when none does).
-    r_max = nw * (min(_box_area(g[0]) for g in groups0) // 2) if use_windows else grid[0] * grid[1] // 2
+    # For the proportional schedule, bisect the fraction on a grid of 1/256.
+    if config.schedule == "proportional":
+        steps = 128
+
+        def at(k: int) -> TokenPlan:
+            return plan_r(k / 256)
+    else:
+        steps = nw * (min(_box_area(g[0]) for g in groups0) // 2) if use_windows else grid[0] * grid[1] // 2
+
+        def at(k: int) -> TokenPlan:
+            return plan_r(k)
+
     target = config.flops_target * plan_r(0).flops(*dims)
-    lo, hi = 0, r_max
-    if plan_r(hi).flops(*dims) > target:
-        return plan_r(hi)
+    lo, hi = 0, steps
+    if at(hi).flops(*dims) > target:
+        return at(hi)
     while lo < hi:
         mid = (lo + hi) // 2
-        if plan_r(mid).flops(*dims) <= target:
+        if at(mid).flops(*dims) <= target:
             hi = mid
         else:
             lo = mid + 1
-    return plan_r(lo)
+    return at(lo)
 
 
 _plan_cached = functools.lru_cache(maxsize=256)(_plan)

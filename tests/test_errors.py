@@ -19,6 +19,8 @@ from tests.conftest import images, tiny_vit
     (dict(windows=(0, 2)), ">= 1"),
     (dict(flops_target=0.0), "flops_target"),
     (dict(delay=1.5), "delay must be an int"),
+    (dict(r=0.7), r"fractional r must be in \(0, 0.5\]"),
+    (dict(schedule="linear"), "schedule must be"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -61,7 +61,8 @@ def test_prefix_tokens_never_merged(data, num_prefix):
 
 configs = st.fixed_dictionaries({
     "delay": st.integers(0, 3),
-    "r": st.integers(0, 12),
+    "schedule": st.sampled_from(["constant", "proportional"]),
+    "r": st.one_of(st.integers(0, 12), st.sampled_from([0.1, 0.25, 0.5]), st.none()),
     "local_blocks": st.integers(0, 3),
     "windows": st.sampled_from([1, 4, 9, (1, 2), (2, 3), (3, 2)]),
     "prop_attn": st.booleans(),

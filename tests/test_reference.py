@@ -15,6 +15,7 @@ CASES = {
     "dsm_uneven_windows": dict(delay=1, r=5, local_blocks=2, windows=(2, 3)),
     "per_block_r": dict(delay=2, r=[0, 0, 9, 4, 7, 2], local_blocks=1),
     "no_prop_attn": dict(delay=1, r=6, local_blocks=1, prop_attn=False),
+    "proportional": dict(delay=1, r=0.3, local_blocks=1),
 }
 
 
