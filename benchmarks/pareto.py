@@ -30,10 +30,12 @@ from dsm_lightning.data import ImageFiles  # noqa: E402
 from dsm_lightning.flops import count_flops  # noqa: E402
 from dsm_lightning.module import ImageClassifier  # noqa: E402
 
-TARGETS = (0.75, 0.65, 0.55, 0.45)
+TARGETS = (0.65, 0.55, 0.45)
 FAMILIES = {
     "tome": dict(delay=0, local_blocks=0),
+    "tome-prop": dict(delay=0, local_blocks=0, schedule="proportional"),
     "dsm-d2": dict(delay=2, local_blocks=2),
+    "dsm-d2-prop": dict(delay=2, local_blocks=2, schedule="proportional"),
     "dsm-d4": dict(delay=4, local_blocks=2),
 }
 
@@ -97,8 +99,9 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"dense": ("k", "*"), "tome": ("tab:blue", "o"), "dsm-d2": ("tab:orange", "s"),
-              "dsm-d4": ("tab:green", "^"), "calibrated": ("tab:red", "D")}
+    styles = {"dense": ("k", "*"), "tome": ("tab:blue", "o"), "tome-prop": ("tab:cyan", "o"),
+              "dsm-d2": ("tab:orange", "s"), "dsm-d2-prop": ("tab:brown", "s"), "dsm-d4": ("tab:green", "^"),
+              "calibrated": ("tab:red", "D")}
     for family, (color, marker) in styles.items():
         sel = sorted((r for r in rows if r["family"] == family), key=lambda r: r["gflops"])
         if not sel:
@@ -176,7 +179,7 @@ def main(argv=None) -> int:
         row = {
             "schedule": name, "family": name.split("@")[0], "target": cfg.flops_target if cfg else 1.0,
             "r": token_plan(model).r if cfg else 0, "delay": cfg.delay if cfg else None,
-            "local_blocks": cfg.local_blocks if cfg else None,
+            "local_blocks": cfg.local_blocks if cfg else None, "schedule_kind": cfg.schedule if cfg else None,
             "config": cfg.to_dict() if cfg else None,
             "top1": float((logits.argmax(-1) == labels).float().mean()),
             "top5": float((top5 == labels[:, None]).any(-1).float().mean()),
