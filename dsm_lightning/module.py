@@ -153,7 +153,7 @@ class ImageClassifier(LightningModule):
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = F.cross_entropy(self(batch["image"]), batch["target"])
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["target"].shape[0])
         return loss
 
     def _eval_step(self, batch: Dict[str, Any], metrics) -> None:
@@ -161,9 +161,10 @@ class ImageClassifier(LightningModule):
         target = batch["target"]
         if (target < 0).any():
             raise ValueError("this batch has no labels (an unlabelled folder): use predict, not validate/test")
-        self.log(f"{metrics.prefix}loss", F.cross_entropy(logits, target), sync_dist=True)
+        batch_size = target.shape[0]
+        self.log(f"{metrics.prefix}loss", F.cross_entropy(logits, target), sync_dist=True, batch_size=batch_size)
         metrics.update(logits, target)
-        self.log_dict(metrics, on_epoch=True, prog_bar=True)
+        self.log_dict(metrics, on_epoch=True, prog_bar=True, batch_size=batch_size)
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics)
