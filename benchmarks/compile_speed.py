@@ -51,10 +51,10 @@ def main(argv=None) -> int:
             compile_s[f"compiled {name}"] = time.perf_counter() - t0
             variants[f"compiled {name}"] = compiled
 
-        def runner(m):
+        def runner(m, x=images):
             def fn():
                 with torch.inference_mode():
-                    m(images)
+                    m(x)
             return fn
 
         times = time_interleaved({k: runner(m) for k, m in variants.items()}, args.repeats, 1, args.device)

@@ -69,10 +69,10 @@ def main(argv=None) -> int:
             variants[sched] = model
         flops = {k: count_flops(m, images[:1]) / 1e9 for k, m in variants.items()}
 
-        def runner(m):
+        def runner(m, x=images):
             def fn():
                 with torch.inference_mode():
-                    m(images)
+                    m(x)
             return fn
 
         times = time_interleaved({k: runner(m) for k, m in variants.items()}, args.repeats, args.warmup, args.device)

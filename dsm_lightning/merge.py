@@ -121,12 +121,10 @@ def merge_local(
     start, out_start = 0, 0
     for g in groups:
         span = g.count * g.tokens_in
-
-        def stack(t: Tensor) -> Tensor:
-            return t[:, start:start + span].reshape(batch * g.count, g.tokens_in, t.shape[-1])
-
-        m = bipartite_soft_matching(stack(metric), g.r)
-        gx, gs = merge_wavg(m.merge, stack(x), stack(size))
+        window = (slice(None), slice(start, start + span))
+        m = bipartite_soft_matching(metric[window].reshape(batch * g.count, g.tokens_in, -1), g.r)
+        gx, gs = merge_wavg(m.merge, x[window].reshape(batch * g.count, g.tokens_in, -1),
+                            size[window].reshape(batch * g.count, g.tokens_in, 1))
         xs.append(gx.reshape(batch, g.count * g.tokens_out, -1))
         sizes.append(gs.reshape(batch, g.count * g.tokens_out, 1))
         offsets = torch.arange(g.count, device=x.device) * g.tokens_out + out_start

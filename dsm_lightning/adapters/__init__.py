@@ -67,8 +67,9 @@ class Adapter(abc.ABC):
     def overrides(self) -> Dict[str, Callable]:
         """Methods the patched subclass overrides, e.g. ``{"forward_features": fn}``."""
 
-    def check(self, model: nn.Module) -> None:
+    def check(self, model: nn.Module) -> None:  # noqa: B027 - optional hook, no-op by default
         """Raise :class:`UnsupportedModelError` naming any block or attention type this adapter cannot run."""
+        return None
 
     def depth(self, model: nn.Module) -> int:
         """Number of blocks."""
