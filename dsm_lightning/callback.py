@@ -130,6 +130,7 @@ class DSMCallback(Callback):
         self._flops: Dict[Tuple[int, ...], Tuple[float, float]] = {}
         self._t0 = 0.0
         self._busy = False  # set while the callback itself runs the model (FLOP count, dense comparison)
+        self._compiled = False
 
     # ------------------------------------------------------------------ setup / state
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -162,6 +163,7 @@ class DSMCallback(Callback):
         if self.compile is not None:
             # Compile forward only (an instance attribute shadowing the class method): the timing hooks stay eager.
             self._vit.forward = torch.compile(self._vit.forward, **self.compile)
+            self._compiled = True
         self._dsm, self._dense = _Throughput(), _Throughput()
         if self._agree is not None:
             self._agree = self._agree.to(pl_module.device)
@@ -178,7 +180,9 @@ class DSMCallback(Callback):
             h.remove()
         self._hooks = []
         if self._vit is not None:
-            self._vit.__dict__.pop("forward", None)  # drop a compiled forward
+            if self._compiled:
+                self._vit.__dict__.pop("forward", None)  # drop the compiled forward
+                self._compiled = False
             if is_patched(self._vit):
                 remove_dsm(self._vit)
 

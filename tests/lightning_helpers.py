@@ -22,6 +22,15 @@ def make_image_folder(root: Path, classes=3, per_class=4, size=32, seed=0, label
     return root
 
 
+def trainer(**kwargs):
+    """A quiet single-process CPU Trainer; keyword arguments override the defaults."""
+    from lightning.pytorch import Trainer
+
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+    return Trainer(**{**defaults, **kwargs})
+
+
 def tiny_classifier(**kwargs):
     from dsm_lightning.module import ImageClassifier
 

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 
 from dsm_lightning import DSMCallback, DSMConfig, UnsupportedModelError, is_patched
-from tests.lightning_helpers import make_image_folder, tiny_classifier, tiny_data
-
-
-def trainer(**kwargs):
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False)
-    return Trainer(**{**defaults, **kwargs})
+from tests.lightning_helpers import make_image_folder, tiny_classifier, tiny_data, trainer
 
 
 def test_patched_in_validation_restored_after(tmp_path):

@@ -58,9 +58,7 @@ def test_inductor_matches_eager():
 
 
 def test_callback_compile_switch(tmp_path):
-    from lightning.pytorch import Trainer
-
-    from tests.lightning_helpers import make_image_folder, tiny_classifier, tiny_data
+    from tests.lightning_helpers import make_image_folder, tiny_classifier, tiny_data, trainer
 
     data = tiny_data(make_image_folder(tmp_path))
     module = tiny_classifier()
@@ -74,9 +72,8 @@ def test_callback_compile_switch(tmp_path):
     module.validation_step = spy
 
     def run(compile_opt):
-        t = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                    callbacks=[DSMCallback(delay=1, r=2, compare_dense=True, compile=compile_opt)])
-        return t.validate(module, datamodule=data, verbose=False)[0]
+        callback = DSMCallback(delay=1, r=2, compare_dense=True, compile=compile_opt)
+        return trainer(callbacks=[callback]).validate(module, datamodule=data, verbose=False)[0]
 
     eager = run(False)
     compiled = run({"backend": "eager", "fullgraph": True})
