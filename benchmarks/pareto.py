@@ -37,6 +37,7 @@ FAMILIES = {
     "dsm-d2": dict(delay=2, local_blocks=2),
     "dsm-d2-prop": dict(delay=2, local_blocks=2, schedule="proportional"),
     "dsm-d4": dict(delay=4, local_blocks=2),
+    "dsm-d4-prop": dict(delay=4, local_blocks=2, schedule="proportional"),
 }
 
 
@@ -100,7 +101,7 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"dense": ("k", "*"), "tome": ("tab:blue", "o"), "tome-prop": ("tab:cyan", "o"),
-              "dsm-d2": ("tab:orange", "s"), "dsm-d2-prop": ("tab:brown", "s"), "dsm-d4": ("tab:green", "^"),
+              "dsm-d2": ("tab:orange", "s"), "dsm-d2-prop": ("tab:brown", "s"), "dsm-d4": ("tab:green", "^"), "dsm-d4-prop": ("tab:olive", "^"),
               "calibrated": ("tab:red", "D")}
     for family, (color, marker) in styles.items():
         sel = sorted((r for r in rows if r["family"] == family), key=lambda r: r["gflops"])

@@ -25,9 +25,10 @@ from dsm_lightning.flops import count_flops  # noqa: E402
 # name -> DSMConfig overrides; flops_target picks r so ToMe and DSM are compared at matched planned FLOPs.
 SCHEDULES = {
     "dense": None,
-    "tome (delay 0, global)": dict(delay=0, local_blocks=0, flops_target=0.55),
-    "dsm delay=2 (default)": dict(delay=2, flops_target=0.55),
-    "dsm delay=4": dict(delay=4, flops_target=0.55),
+    "tome (delay 0, global, constant r)": dict(delay=0, local_blocks=0, schedule="constant", flops_target=0.55),
+    "dsm delay=2 (default, proportional)": dict(delay=2, flops_target=0.55),
+    "dsm delay=2, constant r": dict(delay=2, schedule="constant", flops_target=0.55),
+    "dsm delay=4 (proportional)": dict(delay=4, flops_target=0.55),
 }
 
 
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
                 row["tokens"] = [b["tokens_out"] for b in plan.rows()]
                 plans[f"{model_name}/{sched}"] = plan.table(*get_adapter(m).dims(m))
             rows.append(row)
-            print(f"{model_name:28s} {sched:24s} {flops[sched]:7.2f} GFLOPs  {ips:8.1f} img/s  x{row['speedup']:.2f}",
+            print(f"{model_name:28s} {sched:36s} {flops[sched]:7.2f} GFLOPs  {ips:8.1f} img/s  x{row['speedup']:.2f}",
                   flush=True)
     cols = ["model", "schedule", "r", "gflops", "flops_ratio", "img_per_s", "speedup", "efficiency"]
     print()

@@ -161,10 +161,10 @@ def calibrate(
         space = list(search_space) if search_space is not None else default_search_space(depth)
         def is_tome(c: Dict[str, Any]) -> bool:
             return c.get("delay", 0) == 0 and c.get("local_blocks", 0) == 0 and \
-                c.get("schedule", "constant") == "constant"
+                c.get("schedule", DSMConfig.schedule) == "constant"
 
         if not any(is_tome(c) for c in space):
-            space.append({"delay": 0, "local_blocks": 0, "windows": 4})  # ToMe always competes
+            space.append({"delay": 0, "local_blocks": 0, "windows": 4, "schedule": "constant"})  # ToMe competes
         candidates = []
         for fields in space:
             try:
