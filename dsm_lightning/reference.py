@@ -139,7 +139,8 @@ def check_with_onnxruntime(onnx_path: Path, model: torch.nn.Module, img_size: in
     except ImportError:
         return None
     graph = onnx.load(str(onnx_path))
-    name = next(n.output[0] for n in graph.graph.node if n.name.startswith("/backbone/layernorm/"))
+    # the final LayerNorm may be decomposed (ReduceMean, Sub, ..., Add): its output is the last node's
+    name = [n.output[0] for n in graph.graph.node if n.name.startswith("/backbone/layernorm/")][-1]
     graph.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
