@@ -3,7 +3,9 @@
     python benchmarks/pareto.py --reference ../shared/reference/dinov2_s14_fmnist.json \
         --val-dir ../shared/fashion_mnist/val --calib-dir ../shared/fashion_mnist/train --limit 256
 
-or with any local checkpoint: ``--model-name vit_small_patch16_224 --checkpoint w.safetensors --num-classes 10``.
+or with any local checkpoint: ``--model-name vit_small_patch16_224 --checkpoint w.safetensors --num-classes 10``,
+and with any LightningDataModule instead of a folder: ``--datamodule pkg.MyDataModule --datamodule-args '{...}'``
+(its ``val_dataloader()`` must yield ``(images, labels)`` or dicts with ``image`` / ``target``).
 
 Per schedule: top-1, top-5, top-1 agreement with dense, GFLOPs (``torch.utils.flop_counter``) and images/s (one
 interleaved timing phase over all schedules at the end of the run, so throughput is compared within one run).
@@ -83,6 +85,24 @@ def stack(folder: str, transform, limit: int) -> tuple:
     return torch.stack([it["image"] for it in items]), torch.tensor([it["target"] for it in items])
 
 
+def from_datamodule(class_path: str, init_args: Dict[str, Any], limit: int) -> tuple:
+    """The first ``limit`` validation images and labels of any LightningDataModule."""
+    import importlib
+
+    module_name, _, cls_name = class_path.rpartition(".")
+    dm = getattr(importlib.import_module(module_name), cls_name)(**init_args)
+    dm.setup("validate")
+    xs, ys, seen = [], [], 0
+    for batch in dm.val_dataloader():
+        x, y = (batch["image"], batch["target"]) if isinstance(batch, dict) else (batch[0], batch[1])
+        xs.append(x)
+        ys.append(y)
+        seen += len(x)
+        if seen >= limit:
+            break
+    return torch.cat(xs)[:limit], torch.cat(ys)[:limit]
+
+
 @torch.no_grad()
 def logits_of(model, images, batch) -> torch.Tensor:
     from tqdm import tqdm
@@ -129,7 +149,9 @@ def main(argv=None) -> int:
     parser.add_argument("--num-classes", type=int)
     parser.add_argument("--model-kwargs", default="{}")
     parser.add_argument("--crop-pct", type=float, default=1.0)
-    parser.add_argument("--val-dir", required=True)
+    parser.add_argument("--val-dir", help="labelled image folder (ImageFolder layout)")
+    parser.add_argument("--datamodule", help="class path of a LightningDataModule to take validation images from")
+    parser.add_argument("--datamodule-args", default="{}", help="JSON init arguments of --datamodule")
     parser.add_argument("--calib-dir", help="labelled folder for calibrate() (kept apart from --val-dir)")
     parser.add_argument("--calib-images", type=int, default=256)
     parser.add_argument("--limit", type=int, default=256, help="validation images (class-balanced subset)")
@@ -141,12 +163,18 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     module, transform = load(args)
     model = module.model
-    images, labels = stack(args.val_dir, transform, args.limit)
+    if args.datamodule:
+        images, labels = from_datamodule(args.datamodule, json.loads(args.datamodule_args), args.limit)
+    elif args.val_dir:
+        images, labels = stack(args.val_dir, transform, args.limit)
+    else:
+        parser.error("pass --val-dir or --datamodule")
     done: Dict[str, dict] = {}
     if args.out.with_suffix(".json").exists():
         done = {r["schedule"]: r for r in json.loads(args.out.with_suffix(".json").read_text())["rows"]}
         print(f"resuming: {len(done)} rows already evaluated")
-    meta: Dict[str, Any] = {"env": environment("cpu"), "images": len(images), "val_dir": args.val_dir}
+    meta: Dict[str, Any] = {"env": environment("cpu"), "images": len(images),
+                            "data": args.val_dir or f"{args.datamodule}({args.datamodule_args})"}
     if done.get("dense", {}).get("calibration"):
         meta["calibration"] = done["dense"]["calibration"]
     plan_rows = schedules(args.targets)
@@ -218,7 +246,7 @@ def main(argv=None) -> int:
         row["speedup"] = row["img_per_s"] / dense_ips
         row["flops_reduction"] = rows[0]["gflops"] / row["gflops"] if rows[0]["schedule"] == "dense" else None
     write_rows(rows, args.out, meta)
-    plot(rows, args.out.with_suffix(".png"), f"{len(images)} images from {args.val_dir}")
+    plot(rows, args.out.with_suffix(".png"), f"{len(images)} images from {meta['data']}")
     cols = ["schedule", "r", "gflops", "flops_reduction", "img_per_s", "speedup", "top1", "top5", "agreement"]
     print(markdown_table(rows, cols))
     print(f"wrote {args.out}.csv/.json/.png")

@@ -92,3 +92,21 @@ def test_pareto_harness_runs_and_resumes(tmp_path):
     assert pareto.main(argv) == 0
     second = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert {r["schedule"]: r["eval_s"] for r in second} == {r["schedule"]: r["eval_s"] for r in first}
+
+
+def test_pareto_harness_with_a_datamodule(tmp_path):
+    from tests.lightning_helpers import TINY_KW, make_image_folder
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import pareto
+
+    data = make_image_folder(tmp_path / "imgs", classes=3, per_class=2)
+    out = tmp_path / "dm"
+    dm_args = {"val_dir": str(data), "batch_size": 4, "img_size": 32, "crop_pct": 1.0}
+    argv = ["--model-name", "vit_tiny_patch16_224", "--num-classes", "3", "--model-kwargs", json.dumps(TINY_KW),
+            "--datamodule", "dsm_lightning.data.ImageFolderDataModule", "--datamodule-args", json.dumps(dm_args),
+            "--limit", "6", "--targets", "0.7", "--batch", "3", "--repeats", "1", "--out", str(out)]
+    assert pareto.main(argv) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert {r["schedule"] for r in rows} >= {"dense", "tome@0.70"}
+    assert all(0.0 <= r["top1"] <= 1.0 for r in rows)
