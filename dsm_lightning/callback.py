@@ -67,11 +67,13 @@ class _Throughput:
 class DSMCallback(Callback):
     """Apply Delayed Spatial Merging to the ViT inside a LightningModule for evaluation stages.
 
-    ``DSMCallback(delay=4)`` alone merges with ``r`` chosen per input size to reach ``flops_target=0.55`` of the dense
-    block FLOPs (about 1.8x fewer), a 2x2 local phase of 2 blocks, then global merging.
+    ``DSMCallback(delay=4)`` alone merges with a proportional ``r`` chosen per input size to reach
+    ``flops_target=0.55`` of the dense block FLOPs (about 1.8x fewer), a 2x2 local phase of 2 blocks, then global
+    merging.
 
     Args:
-        delay, r, windows, local_blocks, prop_attn, flops_target: See :class:`~dsm_lightning.DSMConfig`.
+        delay, r, windows, local_blocks, prop_attn, flops_target, schedule: See :class:`~dsm_lightning.DSMConfig`
+            (unset fields keep its defaults).
         config: A full :class:`~dsm_lightning.DSMConfig` instead of the fields above (they must then be left unset).
         stages: Which of ``"validate"`` (includes validation during fit and the sanity check), ``"test"``,
             ``"predict"`` merge.
@@ -92,6 +94,7 @@ class DSMCallback(Callback):
         local_blocks: Optional[int] = None,
         prop_attn: Optional[bool] = None,
         flops_target: Optional[float] = None,
+        schedule: Optional[str] = None,
         *,
         config: Optional[DSMConfig] = None,
         stages: Sequence[str] = _STAGES,
@@ -101,7 +104,7 @@ class DSMCallback(Callback):
         compile: Any = False,
     ) -> None:
         fields = dict(delay=delay, r=r, windows=windows, local_blocks=local_blocks, prop_attn=prop_attn,
-                      flops_target=flops_target)
+                      flops_target=flops_target, schedule=schedule)
         given = {k: v for k, v in fields.items() if v is not None}
         if config is not None and given:
             raise ValueError(f"pass either config= or the fields {sorted(given)}, not both")

@@ -101,6 +101,7 @@ def test_explicit_attr_and_stage_selection(tmp_path):
 
 
 def test_state_dict_round_trip_and_checkpoint_clean(tmp_path):
+    assert DSMCallback(delay=4, schedule="constant").config == DSMConfig(delay=4, schedule="constant")
     cb = DSMCallback(delay=3, r=[0, 0, 0, 2], windows=(1, 2), compare_dense=True)
     state = cb.state_dict()
     other = DSMCallback()
