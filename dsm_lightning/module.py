@@ -16,7 +16,8 @@ __all__ = ["ImageClassifier", "build_model", "load_checkpoint"]
 
 def build_model(model_name: str, num_classes: Optional[int] = None, pretrained: bool = False,
                 **model_kwargs: Any) -> nn.Module:
-    """Create a model by name: a timm name, or ``torchvision:<name>`` (e.g. ``torchvision:vit_b_16``)."""
+    """Create a model by name: a timm name, or ``torchvision:<name>`` (``torchvision:vit_b_16``, or
+    ``torchvision:VisionTransformer`` with its constructor arguments in ``model_kwargs``)."""
     if model_name.startswith("torchvision:"):
         import torchvision
 
@@ -26,7 +27,9 @@ def build_model(model_name: str, num_classes: Optional[int] = None, pretrained: 
             kwargs["num_classes"] = num_classes
         if pretrained:
             raise ValueError("pretrained=True needs a download; pass checkpoint_path= with local weights instead")
-        return getattr(torchvision.models, name)(weights=None, **kwargs)
+        ctor = getattr(torchvision.models, name)
+        # a builder (vit_b_16) takes weights=; the class itself (VisionTransformer) takes a custom configuration
+        return ctor(**kwargs) if isinstance(ctor, type) else ctor(weights=None, **kwargs)
     import timm
 
     kwargs = dict(model_kwargs)

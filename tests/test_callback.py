@@ -124,3 +124,24 @@ def test_config_and_fields_are_exclusive():
         DSMCallback(delay=2, config=DSMConfig())
     with pytest.raises(ValueError, match="stages"):
         DSMCallback(stages=["fit"])
+
+
+def test_callback_on_torchvision_vit(tmp_path):
+    """The callback finds and patches a torchvision ViT like a timm one."""
+    from dsm_lightning.module import ImageClassifier
+
+    data = tiny_data(make_image_folder(tmp_path))
+    module = ImageClassifier("torchvision:VisionTransformer", num_classes=3, top_k=2, model_kwargs=dict(
+        image_size=32, patch_size=8, num_layers=4, num_heads=2, hidden_dim=32, mlp_dim=64))
+    seen = []
+    original = module.validation_step
+
+    def spy(batch, batch_idx):
+        seen.append(is_patched(module.model))
+        return original(batch, batch_idx)
+
+    module.validation_step = spy
+    out = trainer(callbacks=[DSMCallback(delay=1, r=2, compare_dense=True)]).validate(
+        module, datamodule=data, verbose=False)[0]
+    assert seen and all(seen) and not is_patched(module.model)
+    assert out["dsm/flops_reduction"] > 1.0 and 0.0 <= out["dsm/agreement_top1"] <= 1.0
