@@ -1,8 +1,8 @@
 """A slow, loop-based reference of DSM, written for obviousness, not speed.
 
 Tokens are Python lists of (vector, size, set of source patches). Attention is written out with an explicit softmax
-and log-size bias; matching loops over tokens. Only the block's per-token layers (norms, LayerScale, MLP) and the
-embedding are reused from the model.
+and log-size bias; matching loops over tokens. Only per-token layers (norms, projections, LayerScale, MLP), the
+embedding and the head are reused from the model, for timm and torchvision ViTs alike.
 """
 
 from __future__ import annotations
@@ -17,15 +17,10 @@ from dsm_lightning.schedule import TokenPlan
 Token = Tuple[torch.Tensor, float, Set[int]]
 
 
-def ref_attention(attn, x: torch.Tensor, sizes: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x: [T, C] one image. Returns (output [T, C], keys averaged over heads [T, head_dim])."""
-    t, c = x.shape
-    h, d = attn.num_heads, attn.head_dim
-    qkv = attn.qkv(x).reshape(t, 3, h, d)
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [T, H, D]
-    q = attn.q_norm(q)
-    k = attn.k_norm(k)
-    out = torch.zeros(t, h, d, dtype=x.dtype)
+def ref_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: Sequence[float]) -> torch.Tensor:
+    """q, k, v: [T, H, D]. Proportional attention written out: softmax_j(q_i.k_j / sqrt(D) + log size_j) v_j."""
+    t, h, d = q.shape
+    out = torch.zeros(t, h, d, dtype=q.dtype)
     for head in range(h):
         for i in range(t):
             logits = [float(q[i, head] @ k[j, head]) / math.sqrt(d) + math.log(sizes[j]) for j in range(t)]
@@ -33,8 +28,77 @@ def ref_attention(attn, x: torch.Tensor, sizes: Sequence[float]) -> Tuple[torch.
             weights = [math.exp(v_ - m) for v_ in logits]
             total = sum(weights)
             out[i, head] = sum(w / total * v[j, head] for j, w in enumerate(weights))
-    out = attn.proj(attn.norm(out.reshape(t, h * d)))
-    return out, k.mean(dim=1)
+    return out
+
+
+class TimmOps:
+    """How one timm ViT block / embedding / head is computed, for the reference."""
+
+    @staticmethod
+    def embed(model, image):
+        return model.norm_pre(model._pos_embed(model.patch_embed(image[None])))[0]
+
+    @staticmethod
+    def blocks(model):
+        return model.blocks
+
+    @staticmethod
+    def attention(blk, seq, sizes):
+        """Residual branch of attention ([T, C]) and keys averaged over heads."""
+        attn = blk.attn
+        x = blk.norm1(seq)
+        t = x.shape[0]
+        h, d = attn.num_heads, attn.head_dim
+        qkv = attn.qkv(x).reshape(t, 3, h, d)
+        q, k, v = attn.q_norm(qkv[:, 0]), attn.k_norm(qkv[:, 1]), qkv[:, 2]
+        out = attn.proj(attn.norm(ref_softmax_attention(q, k, v, sizes).reshape(t, h * d)))
+        return blk.ls1(out), k.mean(dim=1)
+
+    @staticmethod
+    def mlp(blk, seq):
+        return blk.ls2(blk.mlp(blk.norm2(seq)))
+
+    @staticmethod
+    def head(model, seq):
+        return model.forward_head(model.norm(seq)[None])[0]
+
+
+class TorchvisionOps:
+    """The same for torchvision's VisionTransformer (nn.MultiheadAttention weights used directly)."""
+
+    @staticmethod
+    def embed(model, image):
+        x = model._process_input(image[None])
+        return (torch.cat([model.class_token, x], dim=1) + model.encoder.pos_embedding)[0]
+
+    @staticmethod
+    def blocks(model):
+        return model.encoder.layers
+
+    @staticmethod
+    def attention(blk, seq, sizes):
+        mha = blk.self_attention
+        x = blk.ln_1(seq)
+        t, c = x.shape
+        h = mha.num_heads
+        qkv = (x @ mha.in_proj_weight.T + mha.in_proj_bias).reshape(t, 3, h, c // h)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        out = mha.out_proj(ref_softmax_attention(q, k, v, sizes).reshape(t, c))
+        return out, k.mean(dim=1)
+
+    @staticmethod
+    def mlp(blk, seq):
+        return blk.mlp(blk.ln_2(seq))
+
+    @staticmethod
+    def head(model, seq):
+        return model.heads(model.encoder.ln(seq)[0])
+
+
+def ops_for(model):
+    from torchvision.models import VisionTransformer as TVViT
+
+    return TorchvisionOps if isinstance(model, TVViT) else TimmOps
 
 
 def ref_match(tokens: List[Token], metric: List[torch.Tensor], r: int) -> Tuple[List[Token], List[torch.Tensor]]:
@@ -61,17 +125,18 @@ def ref_match(tokens: List[Token], metric: List[torch.Tensor], r: int) -> Tuple[
 
 
 def ref_forward_tokens(model, image: torch.Tensor, plan: TokenPlan) -> Tuple[torch.Tensor, List[Token]]:
-    """One image through a timm ViT with DSM, the slow way. Returns (prefix tokens, patch tokens)."""
+    """One image through a ViT with DSM, the slow way. Returns (prefix tokens, patch tokens)."""
+    ops = ops_for(model)
     p = plan.num_prefix_tokens
     height, width = plan.grid
-    x = model.norm_pre(model._pos_embed(model.patch_embed(image[None])))[0]
+    x = ops.embed(model, image)
     prefix = [x[i] for i in range(p)]
     patches: List[Token] = [(x[p + i], 1.0, {i}) for i in range(height * width)]
-    for blk, bp in zip(model.blocks, plan.blocks):
+    for blk, bp in zip(ops.blocks(model), plan.blocks):
         seq = torch.stack(prefix + [t[0] for t in patches])
         sizes = [1.0] * p + [t[1] if plan.config.prop_attn else 1.0 for t in patches]
-        y, keys = ref_attention(blk.attn, blk.norm1(seq), sizes)
-        seq = seq + blk.ls1(y)
+        y, keys = ops.attention(blk, seq, sizes)
+        seq = seq + y
         prefix = [seq[i] for i in range(p)]
         patches = [(seq[p + i], t[1], t[2]) for i, t in enumerate(patches)]
         metric = [keys[p + i] for i in range(len(patches))]
@@ -88,7 +153,7 @@ def ref_forward_tokens(model, image: torch.Tensor, plan: TokenPlan) -> Tuple[tor
                     new += merged
             patches = new
         seq = torch.stack(prefix + [t[0] for t in patches])
-        seq = seq + blk.ls2(blk.mlp(blk.norm2(seq)))
+        seq = seq + ops.mlp(blk, seq)
         prefix = [seq[i] for i in range(p)]
         patches = [(seq[p + i], t[1], t[2]) for i, t in enumerate(patches)]
     return torch.stack(prefix) if prefix else x[:0], patches
@@ -105,5 +170,5 @@ def ref_forward(model, images: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
             for s in src:
                 dense[s] = vec
         seq = torch.stack(list(prefix) + dense)
-        outs.append(model.forward_head(model.norm(seq)[None])[0])
+        outs.append(ops_for(model).head(model, seq))
     return torch.stack(outs)

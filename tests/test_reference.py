@@ -32,3 +32,15 @@ def test_matches_reference(case, model_kw):
         fast = model(x)
         slow = ref_forward(model, x, plan)
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["tome_like", "dsm_default_windows", "proportional"])
+def test_torchvision_matches_reference(case):
+    from tests.conftest import tiny_torchvision
+
+    model = tiny_torchvision()
+    x = images(batch=2)
+    apply_dsm(model, **CASES[case])
+    plan = token_plan(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref_forward(model, x, plan), rtol=1e-4, atol=1e-4)
