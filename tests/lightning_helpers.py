@@ -46,3 +46,18 @@ def tiny_data(root: Path, **kwargs):
     from dsm_lightning.data import ImageFolderDataModule
 
     return ImageFolderDataModule(val_dir=str(root), train_dir=str(root), batch_size=4, crop_pct=1.0, **kwargs)
+
+
+def spy_patched(module, step: str = "validation_step", attr: str = "model") -> list:
+    """Wrap ``module.<step>`` to record, per batch, whether ``module.<attr>`` was DSM-patched; returns the record."""
+    from dsm_lightning import is_patched
+
+    seen: list = []
+    original = getattr(module, step)
+
+    def spy(batch, batch_idx):
+        seen.append(is_patched(getattr(module, attr)))
+        return original(batch, batch_idx)
+
+    setattr(module, step, spy)
+    return seen

@@ -7,20 +7,13 @@ import torch
 from lightning.pytorch import seed_everything
 
 from dsm_lightning import DSMCallback, DSMConfig, UnsupportedModelError, is_patched
-from tests.lightning_helpers import make_image_folder, tiny_classifier, tiny_data, trainer
+from tests.lightning_helpers import make_image_folder, spy_patched, tiny_classifier, tiny_data, trainer
 
 
 def test_patched_in_validation_restored_after(tmp_path):
     data = tiny_data(make_image_folder(tmp_path))
     module = tiny_classifier()
-    seen = []
-    original = module.validation_step
-
-    def spy(batch, batch_idx):
-        seen.append(is_patched(module.model))
-        return original(batch, batch_idx)
-
-    module.validation_step = spy
+    seen = spy_patched(module)
     cb = DSMCallback(delay=1, r=2, local_blocks=1, compare_dense=True)
     out = trainer(callbacks=[cb]).validate(module, datamodule=data, verbose=False)[0]
     assert seen and all(seen), "validation runs merged"
@@ -90,9 +83,7 @@ def test_impossible_config_fails_at_setup(tmp_path):
 def test_explicit_attr_and_stage_selection(tmp_path):
     data = tiny_data(make_image_folder(tmp_path))
     module = tiny_classifier()
-    seen = []
-    original = module.test_step
-    module.test_step = lambda batch, batch_idx: (seen.append(is_patched(module.model)), original(batch, batch_idx))[1]
+    seen = spy_patched(module, "test_step")
     trainer(callbacks=[DSMCallback(delay=1, r=2, model_attr="model", stages=["validate"])]).test(
         module, datamodule=data, verbose=False)
     assert seen and not any(seen), "test stage not selected: dense"
@@ -133,14 +124,7 @@ def test_callback_on_torchvision_vit(tmp_path):
     data = tiny_data(make_image_folder(tmp_path))
     module = ImageClassifier("torchvision:VisionTransformer", num_classes=3, top_k=2, model_kwargs=dict(
         image_size=32, patch_size=8, num_layers=4, num_heads=2, hidden_dim=32, mlp_dim=64))
-    seen = []
-    original = module.validation_step
-
-    def spy(batch, batch_idx):
-        seen.append(is_patched(module.model))
-        return original(batch, batch_idx)
-
-    module.validation_step = spy
+    seen = spy_patched(module)
     out = trainer(callbacks=[DSMCallback(delay=1, r=2, compare_dense=True)]).validate(
         module, datamodule=data, verbose=False)[0]
     assert seen and all(seen) and not is_patched(module.model)
