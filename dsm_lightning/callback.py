@@ -17,7 +17,7 @@ from torch import nn
 
 from .adapters import UnsupportedModelError, get_adapter
 from .config import DSMConfig
-from .patch import apply_dsm, is_patched, remove_dsm
+from .patch import apply_dsm, is_patched, remove_dsm, unpatched
 from .schedule import token_plan
 
 __all__ = ["DSMCallback", "find_vit"]
@@ -252,16 +252,11 @@ class DSMCallback(Callback):
         if shape not in self._flops:
             self._flops[shape] = self._count_flops(module, images[:1])
         if self.compare_dense and isinstance(output, torch.Tensor):
-            config = self.config
-            remove_dsm(module)
-            try:
-                with torch.no_grad():
-                    t0 = time.perf_counter()
-                    dense = type(module).forward(module, *args)  # the class forward: never the compiled one
-                    self._sync(images)
-                    self._dense.add(time.perf_counter() - t0, images.shape[0])
-            finally:
-                apply_dsm(module, config)
+            with unpatched(module), torch.no_grad():
+                t0 = time.perf_counter()
+                dense = type(module).forward(module, *args)  # the class forward: never the compiled one
+                self._sync(images)
+                self._dense.add(time.perf_counter() - t0, images.shape[0])
             if self._agree is not None and output.ndim == 2:
                 self._agree.update(output.detach(), dense.argmax(dim=-1))
 
@@ -273,11 +268,8 @@ class DSMCallback(Callback):
 
         with torch.no_grad():
             merged = count_flops(eager, image) / 1e9
-            remove_dsm(module)
-            try:
+            with unpatched(module):
                 dense = count_flops(eager, image) / 1e9
-            finally:
-                apply_dsm(module, self.config)
         return merged, dense
 
     def _num_classes(self, pl_module: LightningModule) -> int:

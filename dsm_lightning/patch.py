@@ -6,7 +6,8 @@ class, so outputs are bit-identical to a model that was never patched.
 
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+import contextlib
+from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -16,7 +17,7 @@ from .engine import BlockHook
 from .merge import MergeState
 from .schedule import TokenPlan, plan_for_dims
 
-__all__ = ["apply_dsm", "remove_dsm", "is_patched", "get_config", "trace_tokens", "TokenTrace"]
+__all__ = ["apply_dsm", "remove_dsm", "unpatched", "is_patched", "get_config", "trace_tokens", "TokenTrace"]
 
 _ORIGINAL = "_dsm_original_class"
 _CLASS_CACHE: Dict[Tuple[type, type], type] = {}
@@ -77,6 +78,21 @@ def remove_dsm(model: nn.Module) -> nn.Module:
         model.__class__ = model.__dict__.pop(_ORIGINAL)
         model.__dict__.pop("_dsm_config", None)
     return model
+
+
+@contextlib.contextmanager
+def unpatched(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a patched model dense for a moment: its original class is swapped back inside the ``with`` block and the
+    patch is put back after, without re-validating the config (cheap enough for every batch)."""
+    if not is_patched(model):
+        yield model
+        return
+    patched = model.__class__
+    model.__class__ = model.__dict__[_ORIGINAL]
+    try:
+        yield model
+    finally:
+        model.__class__ = patched
 
 
 class TokenTrace(NamedTuple):

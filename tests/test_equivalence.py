@@ -85,3 +85,19 @@ def test_avg_pool_is_size_weighted():
         size = tr.state.size
         weighted = (tokens * size).sum(1) / size.sum(1)
     torch.testing.assert_close(pooled, weighted, rtol=1e-5, atol=1e-6)
+
+
+def test_unpatched_runs_dense_then_restores_the_patch():
+    from dsm_lightning import get_config
+    from dsm_lightning.patch import unpatched
+
+    model = tiny_vit()
+    x = images()
+    with torch.no_grad():
+        dense = model(x)
+        apply_dsm(model, delay=1, r=6)
+        merged = model(x)
+        config = get_config(model)
+        with unpatched(model):
+            assert torch.equal(model(x), dense)
+        assert torch.equal(model(x), merged) and get_config(model) == config and is_patched(model)
