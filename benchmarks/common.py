@@ -18,6 +18,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def forward_fn(model: Callable, images: torch.Tensor) -> Callable[[], object]:
+    """A no-argument callable running ``model(images)`` under ``torch.inference_mode`` (what gets timed)."""
+    def fn():
+        with torch.inference_mode():
+            return model(images)
+    return fn
+
+
 def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int, device: str) -> Dict[str, List[float]]:
     """Run every fn ``warmup`` times, then ``repeats`` rounds where each round calls every fn once (interleaved,
     so drift in machine speed hits all variants alike). Returns seconds per call, per variant."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, median, time_interleaved, write_rows  # noqa: E402
+from common import environment, forward_fn, markdown_table, median, time_interleaved, write_rows  # noqa: E402
 
 from dsm_lightning import apply_dsm  # noqa: E402
 from dsm_lightning.flops import count_flops  # noqa: E402
@@ -51,13 +51,7 @@ def main(argv=None) -> int:
             compile_s[f"compiled {name}"] = time.perf_counter() - t0
             variants[f"compiled {name}"] = compiled
 
-        def runner(m, x=images):
-            def fn():
-                with torch.inference_mode():
-                    m(x)
-            return fn
-
-        times = time_interleaved({k: runner(m) for k, m in variants.items()}, args.repeats, 1, args.device)
+        times = time_interleaved({k: forward_fn(m, images) for k, m in variants.items()}, args.repeats, 1, args.device)
         ips = {k: args.batch / median(v) for k, v in times.items()}
         flop_ratio = flops["dense"] / flops["dsm"]
         for name in variants:

@@ -25,10 +25,11 @@ from typing import Any, Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, median, time_interleaved, write_rows  # noqa: E402
+from common import environment, forward_fn, markdown_table, median, time_interleaved, write_rows  # noqa: E402
 
 from dsm_lightning import DSMConfig, apply_dsm, calibrate, remove_dsm, token_plan  # noqa: E402
-from dsm_lightning.data import ImageFiles  # noqa: E402
+from dsm_lightning.calibrate import collect_batches  # noqa: E402
+from dsm_lightning.data import ImageFiles, transform_from_config  # noqa: E402
 from dsm_lightning.flops import count_flops  # noqa: E402
 from dsm_lightning.module import ImageClassifier  # noqa: E402
 
@@ -67,11 +68,7 @@ def load(args) -> tuple:
                                  model_kwargs=json.loads(args.model_kwargs))
         data_cfg = module.data_config()
         data_cfg["crop_pct"] = args.crop_pct
-    from timm.data import create_transform
-
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    transform = create_transform(**{k: data_cfg[k] for k in keys if k in data_cfg})
-    return module.eval(), transform
+    return module.eval(), transform_from_config(data_cfg)
 
 
 def stack(folder: str, transform, limit: int) -> tuple:
@@ -92,15 +89,10 @@ def from_datamodule(class_path: str, init_args: Dict[str, Any], limit: int) -> t
     module_name, _, cls_name = class_path.rpartition(".")
     dm = getattr(importlib.import_module(module_name), cls_name)(**init_args)
     dm.setup("validate")
-    xs, ys, seen = [], [], 0
-    for batch in dm.val_dataloader():
-        x, y = (batch["image"], batch["target"]) if isinstance(batch, dict) else (batch[0], batch[1])
-        xs.append(x)
-        ys.append(y)
-        seen += len(x)
-        if seen >= limit:
-            break
-    return torch.cat(xs)[:limit], torch.cat(ys)[:limit]
+    images, labels = collect_batches(dm.val_dataloader(), limit)
+    if labels is None:
+        raise ValueError(f"{class_path}.val_dataloader() yields no labels; the Pareto harness needs labelled data")
+    return images, labels
 
 
 @torch.no_grad()
@@ -233,13 +225,7 @@ def main(argv=None) -> int:
             apply_dsm(m, DSMConfig.from_dict(row["config"]))
         variants[row["schedule"]] = m
 
-    def runner(m):
-        def fn():
-            with torch.inference_mode():
-                m(batch)
-        return fn
-
-    times = time_interleaved({k: runner(m) for k, m in variants.items()}, args.repeats, 1, "cpu")
+    times = time_interleaved({k: forward_fn(m, batch) for k, m in variants.items()}, args.repeats, 1, "cpu")
     dense_ips = 16 / median(times["dense"])
     for row in rows:
         row["img_per_s"] = 16 / median(times[row["schedule"]])

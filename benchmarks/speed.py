@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, median, time_interleaved, write_rows  # noqa: E402
+from common import environment, forward_fn, markdown_table, median, time_interleaved, write_rows  # noqa: E402
 
 from dsm_lightning import apply_dsm, get_adapter, token_plan  # noqa: E402
 from dsm_lightning.flops import count_flops  # noqa: E402
@@ -70,13 +70,7 @@ def main(argv=None) -> int:
             variants[sched] = model
         flops = {k: count_flops(m, images[:1]) / 1e9 for k, m in variants.items()}
 
-        def runner(m, x=images):
-            def fn():
-                with torch.inference_mode():
-                    m(x)
-            return fn
-
-        times = time_interleaved({k: runner(m) for k, m in variants.items()}, args.repeats, args.warmup, args.device)
+        times = time_interleaved({k: forward_fn(m, images) for k, m in variants.items()}, args.repeats, args.warmup, args.device)
         dense_ips = args.batch / median(times["dense"])
         for sched, m in variants.items():
             ips = args.batch / median(times[sched])

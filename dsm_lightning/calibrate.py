@@ -68,7 +68,9 @@ def default_search_space(depth: int) -> List[Dict[str, Any]]:
     return space
 
 
-def _batches(dataloader: Iterable, max_images: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def collect_batches(dataloader: Iterable, max_images: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The first ``max_images`` images (and labels, None when absent or negative) of a dataloader yielding images,
+    ``(images, labels)`` or dicts with ``image`` / ``target``."""
     xs, ys = [], []
     seen = 0
     for batch in dataloader:
@@ -141,7 +143,7 @@ def calibrate(
     if is_patched(model):
         remove_dsm(model)
     device = next(model.parameters()).device
-    images, labels = _batches(dataloader, max_images)
+    images, labels = collect_batches(dataloader, max_images)
     if metric == "auto":
         metric = "accuracy" if labels is not None else "agreement"
     if metric == "accuracy" and labels is None:

@@ -9,9 +9,17 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["ImageFolderDataModule", "ImageFiles", "IMG_EXTENSIONS"]
+__all__ = ["ImageFolderDataModule", "ImageFiles", "IMG_EXTENSIONS", "transform_from_config"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def transform_from_config(cfg: Dict[str, Any], training: bool = False) -> Callable:
+    """timm's ``create_transform`` from a data config (``resolve_data_config`` output, possibly edited)."""
+    from timm.data import create_transform
+
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    return create_transform(**{k: cfg[k] for k in keys if k in cfg}, is_training=training)
 
 
 class ImageFiles(Dataset):
@@ -117,11 +125,7 @@ class ImageFolderDataModule(LightningDataModule):
         return cfg
 
     def transform(self, training: bool = False) -> Callable:
-        from timm.data import create_transform
-
-        cfg = self.data_config()
-        keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-        return create_transform(**{k: cfg[k] for k in keys if k in cfg}, is_training=training)
+        return transform_from_config(self.data_config(), training)
 
     def setup(self, stage: str) -> None:
         h = self.hparams

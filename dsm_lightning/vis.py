@@ -106,9 +106,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--local-blocks", type=int, default=2)
     parser.add_argument("--limit", type=int, default=16)
     args = parser.parse_args(argv)
-    from timm.data import create_transform
-
-    from .data import ImageFiles
+    from .data import ImageFiles, transform_from_config
     from .module import ImageClassifier
 
     kwargs = {"img_size": args.img_size} if args.img_size else {}
@@ -116,8 +114,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                              model_kwargs=kwargs).eval()
     cfg = module.data_config()
     cfg["crop_pct"] = 1.0
-    transform = create_transform(**{k: cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct")
-                                    if k in cfg})
+    transform = transform_from_config(cfg)
     files = ImageFiles(args.images, transform, labelled=False)
     apply_dsm(module.model, delay=args.delay, r=args.r, local_blocks=args.local_blocks)
     out = Path(args.out)
