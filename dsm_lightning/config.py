@@ -13,7 +13,9 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 __all__ = ["DSMConfig", "window_grid"]
 
-RType = Union[int, Sequence[int], None]
+RType = Union[int, float, Sequence[int], None]
+#: Values of :attr:`DSMConfig.metric`.
+METRICS = ("keys", "tokens")
 
 
 def window_grid(windows: Union[int, Sequence[int]]) -> Tuple[int, int]:
@@ -69,6 +71,12 @@ class DSMConfig:
             remaining tokens in every merging block) or ``"constant"`` (the same r in every merging block, as
             ToMe). At matched FLOPs the proportional family kept more agreement with the dense model for every
             delay we measured (README, "Accuracy vs speed").
+        metric: What pairs are matched on: ``"keys"`` (ToMe: attention keys averaged over heads) or ``"tokens"``
+            (the token features themselves, after the block's attention).
+        protect: Fraction of the patch tokens entering a merging block, those the class token attends to most
+            (averaged over heads; the mean query for models without a class token), that neither merge away nor
+            receive a merge in that block. ``0`` (ToMe) protects none; needs an adapter that reports class
+            attention (timm and torchvision do).
     """
 
     delay: int = 2
@@ -78,6 +86,8 @@ class DSMConfig:
     prop_attn: bool = True
     flops_target: float = 0.55
     schedule: str = "proportional"
+    metric: str = "keys"
+    protect: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("delay", "local_blocks"):
@@ -115,6 +125,13 @@ class DSMConfig:
         object.__setattr__(self, "flops_target", float(self.flops_target))
         if self.schedule not in ("constant", "proportional"):
             raise ValueError(f"schedule must be 'constant' or 'proportional', got {self.schedule!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if isinstance(self.protect, bool) or not isinstance(self.protect, (int, float)) \
+                or not 0.0 <= float(self.protect) < 0.5:
+            raise ValueError(f"protect is a fraction of the tokens in [0, 0.5), got {self.protect!r}; "
+                             f"0 protects nothing (ToMe)")
+        object.__setattr__(self, "protect", float(self.protect))
 
     @property
     def window_grid(self) -> Tuple[int, int]:

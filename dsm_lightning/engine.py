@@ -11,14 +11,38 @@ from typing import Callable, Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from .merge import MergeState, merge_step, size_bias
-from .schedule import TokenPlan
+from .schedule import BlockPlan, TokenPlan
 
-__all__ = ["run_blocks", "check_tokens", "BlockHook", "MergeFn"]
+__all__ = ["run_blocks", "check_tokens", "BlockHook", "MergeStep", "MergeFn"]
 
 #: ``hook(block_index, tokens, state)`` called after every block (used by tests and the visualiser).
 BlockHook = Callable[[int, Tensor, MergeState], None]
-#: ``step(tokens, metric) -> (tokens, state)``: the merge of the current block, handed to an adapter's block fn.
-MergeFn = Callable[[Tensor, Tensor], Tuple[Tensor, MergeState]]
+
+
+class MergeStep:
+    """The merge of one block, handed to an adapter's ``merge_block``: ``step(tokens, metric, cls_attn=None)``.
+
+    Called between attention and MLP with the tokens ``[B, T, C]`` and the merge metric ``[B, T, D]`` (keys averaged
+    over heads); returns ``(tokens, state)``. ``needs_class_attention`` tells the adapter to also pass the class
+    token's attention ``[B, T]`` (see :func:`~dsm_lightning.merge.class_attention`), which ``protect`` ranks by.
+    """
+
+    __slots__ = ("state", "block", "plan", "needs_class_attention")
+
+    def __init__(self, state: MergeState, block: BlockPlan, plan: TokenPlan) -> None:
+        self.state = state
+        self.block = block
+        self.plan = plan
+        self.needs_class_attention = plan.config.protect > 0
+
+    def __call__(self, tokens: Tensor, metric: Tensor, cls_attn: Optional[Tensor] = None) -> Tuple[Tensor, MergeState]:
+        plan = self.plan
+        return merge_step(tokens, metric, self.state, self.block, plan.grid, plan.num_prefix_tokens, plan.config,
+                          cls_attn)
+
+
+#: Type of the ``step`` argument of ``Adapter.merge_block``.
+MergeFn = MergeStep
 
 
 def run_blocks(
@@ -26,7 +50,7 @@ def run_blocks(
     x: Tensor,
     plan: TokenPlan,
     dense_block: Callable[[nn.Module, Tensor, Optional[Tensor]], Tensor],
-    merge_block: Callable[[nn.Module, Tensor, Optional[Tensor], MergeFn], Tuple[Tensor, MergeState]],
+    merge_block: Callable[[nn.Module, Tensor, Optional[Tensor], MergeStep], Tuple[Tensor, MergeState]],
     hook: Optional[BlockHook] = None,
 ) -> Tuple[Tensor, MergeState]:
     """Run ``blocks`` on tokens ``x`` ``[B, prefix + N, C]`` following ``plan``.
@@ -37,22 +61,18 @@ def run_blocks(
         plan: The :class:`TokenPlan` for this input's grid.
         dense_block: ``fn(block, x, bias)`` running a block without merging (``bias`` is None while sizes are equal,
             which lets an adapter call the block's own forward).
-        merge_block: ``fn(block, x, bias, step)`` running a block that calls ``step(x, metric)`` between attention
-            and MLP and returns ``(x, state)``.
+        merge_block: ``fn(block, x, bias, step)`` running a block that calls ``step(x, metric)`` (a
+            :class:`MergeStep`) between attention and MLP and returns ``(x, state)``.
         hook: Optional per-block observer.
 
     Returns:
         The tokens after the last block and the final :class:`MergeState`.
     """
     state = MergeState()
-    num_prefix = plan.num_prefix_tokens
     for blk, bp in zip(blocks, plan.blocks):
         bias = size_bias(state, x.dtype) if bp.size_bias else None
         if bp.merges:
-            def step(tokens: Tensor, metric: Tensor, _state: MergeState = state, _bp=bp) -> Tuple[Tensor, MergeState]:
-                return merge_step(tokens, metric, _state, _bp, plan.grid, num_prefix)
-
-            x, state = merge_block(blk, x, bias, step)
+            x, state = merge_block(blk, x, bias, MergeStep(state, bp, plan))
         else:
             x = dense_block(blk, x, bias)
         if hook is not None:

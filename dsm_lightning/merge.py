@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .config import DSMConfig
 from .schedule import BlockPlan, WindowGroup
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "merge_local",
     "merge_global",
     "MergeState",
+    "class_attention",
+    "protected_mask",
     "merge_step",
     "size_bias",
     "unmerge",
@@ -43,7 +46,7 @@ class Matching(NamedTuple):
     new_index: Tensor
 
 
-def bipartite_soft_matching(metric: Tensor, r: int) -> Matching:
+def bipartite_soft_matching(metric: Tensor, r: int, protected: Optional[Tensor] = None) -> Matching:
     """ToMe's bipartite soft matching, on patch tokens only.
 
     Tokens alternate between set ``a`` (even positions) and ``b`` (odd). Each ``a`` token proposes its most similar
@@ -52,6 +55,8 @@ def bipartite_soft_matching(metric: Tensor, r: int) -> Matching:
     Args:
         metric: ``[B, N, D]`` similarity features.
         r: Tokens to remove, ``0 <= r <= N // 2``.
+        protected: Optional ``[B, N]`` bool mask of tokens that should neither merge away nor receive a merge. Their
+            proposals rank last, so they merge only when fewer than ``r`` unprotected ``a`` tokens exist.
     """
     batch, n, _ = metric.shape
     na = (n + 1) // 2
@@ -60,8 +65,11 @@ def bipartite_soft_matching(metric: Tensor, r: int) -> Matching:
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[:, ::2], metric[:, 1::2]
         scores = a @ b.transpose(-1, -2)
+        if protected is not None:
+            blocked = protected[:, ::2, None] | protected[:, None, 1::2]
+            scores = scores.masked_fill(blocked, -2.0)  # below any cosine similarity
         node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True)
+        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)  # ties (protected) keep order
         unm_idx = edge_idx[:, r:]  # [B, na - r]
         src_idx = edge_idx[:, :r]  # [B, r]
         dst_idx = node_idx.gather(1, src_idx)  # [B, r]
@@ -101,15 +109,17 @@ def window_order(grid: Tuple[int, int], groups: Sequence[WindowGroup], device: t
     return torch.cat(parts)
 
 
-def merge_global(x: Tensor, size: Tensor, metric: Tensor, r: int) -> Tuple[Tensor, Tensor, Tensor]:
+def merge_global(
+    x: Tensor, size: Tensor, metric: Tensor, r: int, protected: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Merge ``r`` tokens over the whole image. Returns ``(x, size, new_index)``."""
-    m = bipartite_soft_matching(metric, r)
+    m = bipartite_soft_matching(metric, r, protected)
     x, size = merge_wavg(m.merge, x, size)
     return x, size, m.new_index
 
 
 def merge_local(
-    x: Tensor, size: Tensor, metric: Tensor, groups: Sequence[WindowGroup]
+    x: Tensor, size: Tensor, metric: Tensor, groups: Sequence[WindowGroup], protected: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Merge inside windows. Tokens are in window-major order (see :func:`window_order`).
 
@@ -122,7 +132,8 @@ def merge_local(
     for g in groups:
         span = g.count * g.tokens_in
         window = (slice(None), slice(start, start + span))
-        m = bipartite_soft_matching(metric[window].reshape(batch * g.count, g.tokens_in, -1), g.r)
+        keep = None if protected is None else protected[window].reshape(batch * g.count, g.tokens_in)
+        m = bipartite_soft_matching(metric[window].reshape(batch * g.count, g.tokens_in, -1), g.r, keep)
         gx, gs = merge_wavg(m.merge, x[window].reshape(batch * g.count, g.tokens_in, -1),
                             size[window].reshape(batch * g.count, g.tokens_in, 1))
         xs.append(gx.reshape(batch, g.count * g.tokens_out, -1))
@@ -155,13 +166,53 @@ def size_bias(state: MergeState, dtype: torch.dtype) -> Optional[Tensor]:
     return state.size.to(dtype).log().transpose(1, 2).unsqueeze(1)
 
 
+def class_attention(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor], num_prefix: int) -> Tensor:
+    """Attention each token receives from the class token, averaged over heads: ``[B, T]``.
+
+    One ``[1 x T]`` row of the attention matrix per head (``q`` and ``k`` are ``[B, heads, T, head_dim]``), so the
+    fused attention kernel stays untouched. Models without prefix tokens use the mean query instead.
+    """
+    query = q[:, :, :1] if num_prefix else q.mean(dim=2, keepdim=True)
+    logits = (query * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def protected_mask(cls_attn: Tensor, fraction: float) -> Tensor:
+    """``[B, N]`` bool: the ``int(fraction * N)`` patch tokens with the highest class attention ``[B, N]``."""
+    batch, n = cls_attn.shape
+    k = int(fraction * n)
+    mask = torch.zeros(batch, n, dtype=torch.bool, device=cls_attn.device)
+    if k:
+        mask.scatter_(1, cls_attn.topk(k, dim=-1).indices, True)
+    return mask
+
+
 def merge_step(
-    x: Tensor, metric: Tensor, state: MergeState, plan: BlockPlan, grid: Tuple[int, int], num_prefix: int
+    x: Tensor,
+    metric: Tensor,
+    state: MergeState,
+    plan: BlockPlan,
+    grid: Tuple[int, int],
+    num_prefix: int,
+    config: Optional[DSMConfig] = None,
+    cls_attn: Optional[Tensor] = None,
 ) -> Tuple[Tensor, MergeState]:
-    """Apply one block's merge to tokens ``x`` ``[B, T, C]`` (prefix first) with ``metric`` ``[B, T, D]``."""
+    """Apply one block's merge to tokens ``x`` ``[B, T, C]`` (prefix first) with ``metric`` ``[B, T, D]``.
+
+    ``config`` supplies the merge options (:attr:`~DSMConfig.metric`, :attr:`~DSMConfig.protect`; ToMe's when
+    None); ``cls_attn`` ``[B, T]`` is the class attention that ``protect`` ranks by.
+    """
     batch = x.shape[0]
     prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
-    metric = metric[:, num_prefix:]
+    metric = patches if config is not None and config.metric == "tokens" else metric[:, num_prefix:]
+    protected = None
+    if config is not None and config.protect > 0:
+        if cls_attn is None:
+            raise RuntimeError("DSMConfig.protect needs the class attention, but this model's adapter passed none to "
+                               "step(x, metric, cls_attn); set protect=0 or extend the adapter (README, 'Custom ViTs')")
+        protected = protected_mask(cls_attn[:, num_prefix:], config.protect)
     if state.size is None:
         size = torch.ones(batch, x.shape[1], 1, dtype=x.dtype, device=x.device)
     else:
@@ -176,10 +227,11 @@ def merge_step(
             # First local merge: tokens are still in raster order; regroup them window by window.
             order = window_order(grid, plan.groups, x.device)
             patches, size, metric = patches[:, order], size[:, order], metric[:, order]
+            protected = None if protected is None else protected[:, order]
             pos = torch.argsort(order).expand(batch, -1)
-        patches, size, new_index = merge_local(patches, size, metric, plan.groups)
+        patches, size, new_index = merge_local(patches, size, metric, plan.groups, protected)
     else:
-        patches, size, new_index = merge_global(patches, size, metric, plan.r)
+        patches, size, new_index = merge_global(patches, size, metric, plan.r, protected)
     pos = new_index.gather(1, pos)
     x = torch.cat([prefix, patches], dim=1)
     return x, MergeState(torch.cat([size_prefix, size], dim=1), pos)

@@ -31,6 +31,21 @@ def ref_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, siz
     return out
 
 
+def ref_class_attention(q: torch.Tensor, k: torch.Tensor, sizes: Sequence[float], num_prefix: int) -> List[float]:
+    """Attention every token gets from the class token (the mean query without one), averaged over heads."""
+    t, h, d = q.shape
+    query = q[0] if num_prefix else q.mean(dim=0)
+    out = [0.0] * t
+    for head in range(h):
+        logits = [float(query[head] @ k[j, head]) / math.sqrt(d) + math.log(sizes[j]) for j in range(t)]
+        m = max(logits)
+        weights = [math.exp(v_ - m) for v_ in logits]
+        total = sum(weights)
+        for j in range(t):
+            out[j] += weights[j] / total / h
+    return out
+
+
 class TimmOps:
     """How one timm ViT block / embedding / head is computed, for the reference."""
 
@@ -52,7 +67,7 @@ class TimmOps:
         qkv = attn.qkv(x).reshape(t, 3, h, d)
         q, k, v = attn.q_norm(qkv[:, 0]), attn.k_norm(qkv[:, 1]), qkv[:, 2]
         out = attn.proj(attn.norm(ref_softmax_attention(q, k, v, sizes).reshape(t, h * d)))
-        return blk.ls1(out), k.mean(dim=1)
+        return blk.ls1(out), k.mean(dim=1), (q, k)
 
     @staticmethod
     def mlp(blk, seq):
@@ -84,7 +99,7 @@ class TorchvisionOps:
         qkv = (x @ mha.in_proj_weight.T + mha.in_proj_bias).reshape(t, 3, h, c // h)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         out = mha.out_proj(ref_softmax_attention(q, k, v, sizes).reshape(t, c))
-        return out, k.mean(dim=1)
+        return out, k.mean(dim=1), (q, k)
 
     @staticmethod
     def mlp(blk, seq):
@@ -101,14 +116,18 @@ def ops_for(model):
     return TorchvisionOps if isinstance(model, TVViT) else TimmOps
 
 
-def ref_match(tokens: List[Token], metric: List[torch.Tensor], r: int) -> Tuple[List[Token], List[torch.Tensor]]:
-    """Bipartite soft matching on one list of patch tokens; returns the new tokens (unmerged a's, then b's)."""
+def ref_match(tokens: List[Token], metric: List[torch.Tensor], r: int,
+              protected: Sequence[bool] = ()) -> Tuple[List[Token], List[torch.Tensor]]:
+    """Bipartite soft matching on one list of patch tokens; returns the new tokens (unmerged a's, then b's).
+
+    A pair that involves a ``protected`` token scores -2 (below any cosine), so it is proposed last."""
     a = list(range(0, len(tokens), 2))
     b = list(range(1, len(tokens), 2))
     unit = [m / m.norm() for m in metric]
+    guard = list(protected) or [False] * len(tokens)
     best = []  # (score, a index, b index)
     for ia in a:
-        scores = [float(unit[ia] @ unit[ib]) for ib in b]
+        scores = [-2.0 if guard[ia] or guard[ib] else float(unit[ia] @ unit[ib]) for ib in b]
         j = max(range(len(b)), key=lambda n: scores[n])
         best.append((scores[j], ia, b[j]))
     order = sorted(range(len(best)), key=lambda n: -best[n][0])  # stable: ties keep a's order
@@ -135,13 +154,21 @@ def ref_forward_tokens(model, image: torch.Tensor, plan: TokenPlan) -> Tuple[tor
     for blk, bp in zip(ops.blocks(model), plan.blocks):
         seq = torch.stack(prefix + [t[0] for t in patches])
         sizes = [1.0] * p + [t[1] if plan.config.prop_attn else 1.0 for t in patches]
-        y, keys = ops.attention(blk, seq, sizes)
+        y, keys, (q, k) = ops.attention(blk, seq, sizes)
         seq = seq + y
         prefix = [seq[i] for i in range(p)]
         patches = [(seq[p + i], t[1], t[2]) for i, t in enumerate(patches)]
-        metric = [keys[p + i] for i in range(len(patches))]
+        if plan.config.metric == "tokens":
+            metric = [t[0] for t in patches]
+        else:
+            metric = [keys[p + i] for i in range(len(patches))]
+        guard = [False] * len(patches)
+        if plan.config.protect and bp.merges:
+            cls_attn = ref_class_attention(q, k, sizes, p)[p:]
+            top = sorted(range(len(patches)), key=lambda i: -cls_attn[i])[:int(plan.config.protect * len(patches))]
+            guard = [i in top for i in range(len(patches))]
         if bp.mode == "global":
-            patches, _ = ref_match(patches, metric, bp.r)
+            patches, _ = ref_match(patches, metric, bp.r, guard)
         elif bp.mode == "local":
             new = []
             for g in bp.groups:
@@ -149,7 +176,8 @@ def ref_forward_tokens(model, image: torch.Tensor, plan: TokenPlan) -> Tuple[tor
                     inside = {row * width + col for row in range(r0, r1) for col in range(c0, c1)}
                     idx = [i for i, t in enumerate(patches) if t[2] <= inside]
                     assert len(idx) == g.tokens_in
-                    merged, _ = ref_match([patches[i] for i in idx], [metric[i] for i in idx], g.r)
+                    merged, _ = ref_match([patches[i] for i in idx], [metric[i] for i in idx], g.r,
+                                          [guard[i] for i in idx])
                     new += merged
             patches = new
         seq = torch.stack(prefix + [t[0] for t in patches])

@@ -16,6 +16,9 @@ CASES = {
     "per_block_r": dict(delay=2, r=[0, 0, 9, 4, 7, 2], local_blocks=1),
     "no_prop_attn": dict(delay=1, r=6, local_blocks=1, prop_attn=False),
     "proportional": dict(delay=1, r=0.3, local_blocks=1),
+    "token_metric": dict(delay=1, r=6, local_blocks=1, metric="tokens"),
+    "protect": dict(delay=0, r=0.25, local_blocks=1, protect=0.2),
+    "protect_tokens_windows": dict(delay=1, r=6, local_blocks=2, windows=(2, 3), metric="tokens", protect=0.1),
 }
 
 
@@ -34,7 +37,7 @@ def test_matches_reference(case, model_kw):
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["tome_like", "dsm_default_windows", "proportional"])
+@pytest.mark.parametrize("case", ["tome_like", "dsm_default_windows", "proportional", "protect"])
 def test_torchvision_matches_reference(case):
     from tests.conftest import tiny_torchvision
 

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from ..config import DSMConfig
-from ..engine import BlockHook, MergeFn, check_tokens, run_blocks
+from ..engine import BlockHook, MergeStep, check_tokens, run_blocks
 from ..merge import MergeState
 from ..schedule import TokenPlan, plan_for_dims
 
@@ -56,8 +56,12 @@ class Adapter(abc.ABC):
         """``(embed_dim, mlp_hidden_dim)``, for FLOP estimates."""
 
     @abc.abstractmethod
-    def merge_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor], step: MergeFn) -> Tuple[Tensor, MergeState]:
-        """Run ``block`` on ``x`` with attention bias ``bias``, calling ``step(x, metric)`` between attention and MLP."""
+    def merge_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor], step: MergeStep) -> Tuple[Tensor, MergeState]:
+        """Run ``block`` on ``x`` with attention bias ``bias``, calling ``step(x, metric)`` between attention and MLP.
+
+        When ``step.needs_class_attention`` (``DSMConfig.protect > 0``), call ``step(x, metric, cls_attn)`` with the
+        class token's attention ``[B, T]`` (:func:`~dsm_lightning.merge.class_attention` computes it from q and k).
+        """
 
     @abc.abstractmethod
     def dense_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor]) -> Tensor:

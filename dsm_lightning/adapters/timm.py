@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import Adapter, UnsupportedModelError
-from ..engine import MergeFn
-from ..merge import MergeState, unmerge
+from ..engine import MergeStep
+from ..merge import MergeState, class_attention, unmerge
 
 __all__ = ["TimmViTAdapter", "attention_with_metric"]
 
@@ -29,11 +29,14 @@ def _timm_types():
     return VisionTransformer, Block, Attention
 
 
-def attention_with_metric(attn: nn.Module, x: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def attention_with_metric(
+    attn: nn.Module, x: Tensor, bias: Optional[Tensor], num_prefix: Optional[int] = None
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """timm ``Attention`` forward that also returns the merge metric (keys averaged over heads, ``[B, N, head_dim]``).
 
     Same ops as ``Attention.forward`` (q/k-norm, fused SDPA with ``attn_mask=bias``, scale-norm, gate, projection);
-    a test checks it against timm's own forward.
+    a test checks it against timm's own forward. With ``num_prefix`` set it also returns the class attention
+    ``[B, N]`` (:func:`~dsm_lightning.merge.class_attention`), else None.
     """
     batch, n, _ = x.shape
     gate = getattr(attn, "gate", None)
@@ -42,6 +45,7 @@ def attention_with_metric(attn: nn.Module, x: Tensor, bias: Optional[Tensor]) ->
     qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    cls_attn = None if num_prefix is None else class_attention(q, k, attn.scale, bias, num_prefix)
     if attn.fused_attn:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
@@ -56,7 +60,7 @@ def attention_with_metric(attn: nn.Module, x: Tensor, bias: Optional[Tensor]) ->
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    return out, k.mean(dim=1)
+    return out, k.mean(dim=1), cls_attn
 
 
 def _forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
@@ -133,10 +137,11 @@ class TimmViTAdapter(Adapter):
     def dense_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor]) -> Tensor:
         return block(x) if bias is None else block(x, attn_mask=bias)
 
-    def merge_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor], step: MergeFn) -> Tuple[Tensor, MergeState]:
-        y, metric = attention_with_metric(block.attn, block.norm1(x), bias)
+    def merge_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor], step: MergeStep) -> Tuple[Tensor, MergeState]:
+        prefix = step.plan.num_prefix_tokens if step.needs_class_attention else None
+        y, metric, cls_attn = attention_with_metric(block.attn, block.norm1(x), bias, prefix)
         x = x + block.drop_path1(block.ls1(y))
-        x, state = step(x, metric)
+        x, state = step(x, metric, cls_attn)
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         return x, state
 

@@ -15,22 +15,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import Adapter, UnsupportedModelError
-from ..engine import MergeFn
-from ..merge import MergeState, unmerge
+from ..engine import MergeStep
+from ..merge import MergeState, class_attention, unmerge
 
 __all__ = ["TorchvisionViTAdapter", "mha_with_metric"]
 
 
-def mha_with_metric(mha: nn.MultiheadAttention, x: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """Self-attention of a ``batch_first`` ``nn.MultiheadAttention`` with an additive bias; also returns the metric."""
+def mha_with_metric(
+    mha: nn.MultiheadAttention, x: Tensor, bias: Optional[Tensor], num_prefix: Optional[int] = None
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Self-attention of a ``batch_first`` ``nn.MultiheadAttention`` with an additive bias; also returns the metric
+    (keys averaged over heads) and, with ``num_prefix`` set, the class attention ``[B, N]`` (else None)."""
     batch, n, dim = x.shape
     heads = mha.num_heads
     head_dim = dim // heads
     qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).reshape(batch, n, 3, heads, head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    cls_attn = None if num_prefix is None else class_attention(q, k, head_dim ** -0.5, bias, num_prefix)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=mha.dropout if mha.training else 0.0)
     out = mha.out_proj(out.transpose(1, 2).reshape(batch, n, dim))
-    return out, k.mean(dim=1)
+    return out, k.mean(dim=1), cls_attn
 
 
 def _forward(self, x: Tensor) -> Tensor:
@@ -96,14 +100,15 @@ class TorchvisionViTAdapter(Adapter):
     def dense_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor]) -> Tensor:
         if bias is None:
             return block(x)
-        y, _ = mha_with_metric(block.self_attention, block.ln_1(x), bias)
+        y, _, _ = mha_with_metric(block.self_attention, block.ln_1(x), bias)
         x = x + block.dropout(y)
         return x + block.mlp(block.ln_2(x))
 
-    def merge_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor], step: MergeFn) -> Tuple[Tensor, MergeState]:
-        y, metric = mha_with_metric(block.self_attention, block.ln_1(x), bias)
+    def merge_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor], step: MergeStep) -> Tuple[Tensor, MergeState]:
+        prefix = step.plan.num_prefix_tokens if step.needs_class_attention else None
+        y, metric, cls_attn = mha_with_metric(block.self_attention, block.ln_1(x), bias, prefix)
         x = x + block.dropout(y)
-        x, state = step(x, metric)
+        x, state = step(x, metric, cls_attn)
         return x + block.mlp(block.ln_2(x)), state
 
     def overrides(self) -> Dict[str, Callable]:
