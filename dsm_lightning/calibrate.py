@@ -20,7 +20,7 @@ from .config import DSMConfig
 from .patch import apply_dsm, get_config, is_patched, remove_dsm
 from .schedule import token_plan
 
-__all__ = ["calibrate", "CalibrationResult", "default_search_space"]
+__all__ = ["calibrate", "CalibrationResult", "default_search_space", "quality_guard", "GuardResult", "guard_candidates"]
 
 
 @dataclass
@@ -222,3 +222,134 @@ def calibrate(
                              time.perf_counter() - start, int(images.shape[0]),
                              [{k: v for k, v in c.items() if k != "config" and not k.startswith("_")}
                               for c in candidates])
+
+
+# ---------------------------------------------------------------------------------------------- quality guard
+GUARD_TARGETS = (0.6, 0.65, 0.7, 0.75, 0.8, 0.9)
+GUARD_SCALES = (1.0, 0.75, 0.5, 0.25)
+
+
+@dataclass
+class GuardResult:
+    """Outcome of :func:`quality_guard`.
+
+    Attributes:
+        config: The most-merging candidate whose agreement met the target, or None when only the dense model did.
+        agreement: Its top-1 agreement with the dense model (1.0 for dense).
+        min_agreement: The target.
+        images: Images the agreement was measured on (summed over processes).
+        trials: The candidates evaluated, in order: ``label``, ``flops_ratio``, ``agreement``.
+    """
+
+    config: Optional[DSMConfig]
+    agreement: float
+    min_agreement: float
+    images: int
+    trials: List[Dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line per evaluated candidate, the chosen one marked."""
+        chosen = self.config.to_dict() if self.config is not None else None
+        lines = [f"DSM quality guard: top-1 agreement with dense >= {self.min_agreement:.3f} on {self.images} images"]
+        for t in self.trials:
+            mark = "->" if t["config"] == chosen else "  "
+            lines.append(f"{mark} {t['label']:<22} block FLOPs {t['flops_ratio']:.3f}x dense  agreement "
+                         f"{t['agreement']:.4f}")
+        if self.config is None:
+            lines.append("-> no merging schedule met the target: running dense")
+        return "\n".join(lines)
+
+
+def guard_candidates(config: DSMConfig) -> List[DSMConfig]:
+    """The schedules the guard may choose from, most merging first, keeping every field the user fixed.
+
+    With ``r=None`` the FLOP budget relaxes from ``config.flops_target`` through :data:`GUARD_TARGETS`; with an
+    explicit ``r`` it is scaled by :data:`GUARD_SCALES`.
+    """
+    if config.r is None:
+        targets = sorted({config.flops_target, *(t for t in GUARD_TARGETS if t > config.flops_target)})
+        return [config.replace(flops_target=t) for t in targets]
+    out: List[DSMConfig] = []
+    for s in GUARD_SCALES:
+        r = config.r
+        if isinstance(r, tuple):
+            new: Any = tuple(int(v * s) for v in r)
+        elif isinstance(r, float):
+            new = max(r * s, 1 / 256)
+        else:
+            new = int(r * s)
+        merges = any(new) if isinstance(new, tuple) else new > 0
+        if merges and config.replace(r=new) not in out:
+            out.append(config.replace(r=new))
+    return out
+
+
+@torch.no_grad()
+def quality_guard(
+    model: nn.Module,
+    images: torch.Tensor,
+    dense_logits: torch.Tensor,
+    config: DSMConfig,
+    min_agreement: float,
+    *,
+    batch_size: int = 32,
+    reduce: Optional[Any] = None,
+) -> GuardResult:
+    """Choose the most merging schedule whose top-1 agreement with the dense model stays >= ``min_agreement``.
+
+    Candidates come from :func:`guard_candidates` (what the user fixed, e.g. ``delay``, is kept); agreement falls as
+    merging grows, so a bisection over them needs about log2(len) evaluations on ``images``. The model is left
+    unpatched.
+
+    Args:
+        model: A supported ViT classifier (unpatched).
+        images: Calibration images on the model's device.
+        dense_logits: The dense model's logits for ``images``.
+        config: The schedule the user asked for (the most merging candidate).
+        min_agreement: Target in (0, 1].
+        batch_size: Batch size of the evaluation passes.
+        reduce: Optional ``fn(tensor) -> tensor`` summing over processes (DDP), so every rank chooses alike.
+    """
+    if not 0.0 < min_agreement <= 1.0:
+        raise ValueError(f"min_agreement must be in (0, 1], got {min_agreement}")
+    device = images.device
+    reference = dense_logits.argmax(-1).cpu()
+    candidates = guard_candidates(config)
+    dims = None
+    trials: List[Dict[str, Any]] = []
+    total = float(images.shape[0])
+    if reduce is not None:
+        total = float(reduce(torch.tensor(total, device=device)))
+
+    def agreement(cfg: DSMConfig) -> float:
+        nonlocal dims
+        apply_dsm(model, cfg)
+        try:
+            from .adapters import get_adapter
+
+            adapter = get_adapter(model)
+            plan = token_plan(model, img_size=tuple(images.shape[-2:]))
+            logits = _logits(model, images, batch_size, device)
+        finally:
+            remove_dsm(model)
+        hits = torch.tensor(float((logits.argmax(-1) == reference).sum()), device=device)
+        if reduce is not None:
+            hits = reduce(hits)
+        value = float(hits) / total
+        label = f"flops_target={cfg.flops_target:g}" if config.r is None else f"r={plan.r if plan.r is not None else cfg.r}"
+        trials.append({"label": label, "config": cfg.to_dict(), "flops_ratio": plan.flops_ratio(*adapter.dims(model)),
+                       "agreement": value})
+        return value
+
+    lo, hi = 0, len(candidates)  # candidates[hi:] pass (index len = dense); find the first passing index
+    scores: Dict[int, float] = {}
+    while lo < hi:
+        mid = (lo + hi) // 2
+        scores[mid] = agreement(candidates[mid])
+        if scores[mid] >= min_agreement:
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo == len(candidates):
+        return GuardResult(None, 1.0, min_agreement, int(total), trials)
+    return GuardResult(candidates[lo], scores[lo], min_agreement, int(total), trials)

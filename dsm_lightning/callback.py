@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from .adapters import UnsupportedModelError, get_adapter
+from .calibrate import GuardResult, quality_guard
 from .config import DSMConfig
 from .patch import apply_dsm, is_patched, remove_dsm, unpatched
 from .schedule import token_plan
@@ -23,6 +24,8 @@ from .schedule import token_plan
 __all__ = ["DSMCallback", "find_vit"]
 
 _STAGES = ("validate", "test", "predict")
+#: Default of ``DSMCallback(min_agreement=...)``: chosen from held-out measurements (README, "Accuracy vs speed").
+DEFAULT_MIN_AGREEMENT: Optional[float] = 0.97
 
 
 def find_vit(module: nn.Module, attr: Optional[str] = None) -> Tuple[str, nn.Module]:
@@ -84,6 +87,12 @@ class DSMCallback(Callback):
             ``fullgraph=True`` with the default inductor backend, or a dict of ``torch.compile`` keyword arguments);
             the uncompiled model is restored at stage end. Graphs are reused across batches (the batch dimension
             becomes dynamic after the first change) and there is one per input resolution.
+        min_agreement: Quality guard. The first ``guard_images`` images of each stage run dense (their outputs
+            are exact); on them the callback measures the top-1 agreement with dense of the requested schedule and
+            of schedules that merge less (keeping what you fixed, such as ``delay``), then merges with the most
+            merging one that reaches ``min_agreement`` for the rest of the stage (dense if none does), and logs
+            what it chose and measured. ``None`` switches the guard off. Needs a classifier ViT.
+        guard_images: Images (per process) the guard measures on.
     """
 
     def __init__(
@@ -102,6 +111,8 @@ class DSMCallback(Callback):
         compare_dense: bool = False,
         log_summary: bool = True,
         compile: Any = False,
+        min_agreement: Optional[float] = DEFAULT_MIN_AGREEMENT,
+        guard_images: int = 128,
     ) -> None:
         fields = dict(delay=delay, r=r, windows=windows, local_blocks=local_blocks, prop_attn=prop_attn,
                       flops_target=flops_target, schedule=schedule)
@@ -123,6 +134,17 @@ class DSMCallback(Callback):
         if compile is not False and not isinstance(compile, dict):
             raise ValueError(f"compile must be a bool or a dict of torch.compile keyword arguments, got {compile!r}")
         self.compile = compile or None
+        if min_agreement is not None and not 0.0 < float(min_agreement) <= 1.0:
+            raise ValueError(f"min_agreement must be in (0, 1] or None (guard off), got {min_agreement!r}")
+        if guard_images < 1:
+            raise ValueError(f"guard_images must be >= 1, got {guard_images}")
+        self.min_agreement = None if min_agreement is None else float(min_agreement)
+        self.guard_images = int(guard_images)
+        self.guard: Optional[GuardResult] = None
+        self._guard_inputs: list = []
+        self._guard_outputs: list = []
+        self._stage: Optional[str] = None
+        self._trainer: Optional[Trainer] = None
         self.metrics: Dict[str, float] = {}
         self._vit: Optional[nn.Module] = None
         self._vit_name: Optional[str] = None
@@ -146,10 +168,13 @@ class DSMCallback(Callback):
 
             num_classes = self._num_classes(pl_module)
             self._agree = MulticlassAccuracy(num_classes=num_classes, average="micro").to(pl_module.device)
+        if self.min_agreement is not None:
+            self._num_classes(pl_module)  # the guard compares top-1 predictions: a classifier is needed
 
     def state_dict(self) -> Dict[str, Any]:
         return {"config": self.config.to_dict(), "stages": list(self.stages), "model_attr": self.model_attr,
-                "compare_dense": self.compare_dense, "compile": self.compile}
+                "compare_dense": self.compare_dense, "compile": self.compile, "min_agreement": self.min_agreement,
+                "guard_images": self.guard_images}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self.config = DSMConfig.from_dict(state_dict["config"])
@@ -157,26 +182,61 @@ class DSMCallback(Callback):
         self.model_attr = state_dict.get("model_attr", self.model_attr)
         self.compare_dense = state_dict.get("compare_dense", self.compare_dense)
         self.compile = state_dict.get("compile", self.compile)
+        self.min_agreement = state_dict.get("min_agreement", self.min_agreement)
+        self.guard_images = state_dict.get("guard_images", self.guard_images)
 
     # ------------------------------------------------------------------ patch / restore
     def _start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage not in self.stages or self._vit is None:
             return
-        apply_dsm(self._vit, self.config)
-        if self.compile is not None:
-            # Compile forward only (an instance attribute shadowing the class method): the timing hooks stay eager.
-            self._vit.forward = torch.compile(self._vit.forward, **self.compile)
-            self._compiled = True
+        self._stage, self._trainer = stage, trainer
         self._dsm, self._dense = _Throughput(), _Throughput()
         if self._agree is not None:
             self._agree = self._agree.to(pl_module.device)
             self._agree.reset()
         self._hooks = [self._vit.register_forward_pre_hook(self._pre_hook),
                        self._vit.register_forward_hook(self._post_hook)]
+        self.guard = None
+        self._guard_inputs, self._guard_outputs = [], []
+        if self.min_agreement is None or trainer.sanity_checking:
+            self._patch(self.config)
+        # else: the first guard_images images run dense; _guard_step chooses the schedule
+
+    def _patch(self, config: DSMConfig) -> None:
+        """Apply ``config`` (and compile) to the ViT, and print its plan."""
+        assert self._vit is not None and self._trainer is not None
+        apply_dsm(self._vit, config)
+        if self.compile is not None:
+            # Compile forward only (an instance attribute shadowing the class method): the timing hooks stay eager.
+            self._vit.forward = torch.compile(self._vit.forward, **self.compile)
+            self._compiled = True
+        trainer = self._trainer
         if self.log_summary and trainer.is_global_zero and not trainer.sanity_checking:
             plan = token_plan(self._vit)
             dims = get_adapter(self._vit).dims(self._vit)
-            rank_zero_info(f"DSM on '{self._vit_name or 'model'}' for {stage} ({self.config}):\n{plan.table(*dims)}")
+            rank_zero_info(f"DSM on '{self._vit_name or 'model'}' for {self._stage} ({config}):\n{plan.table(*dims)}")
+
+    def _guard_step(self, images: torch.Tensor, output: Any) -> None:
+        """Collect dense inputs and outputs; once enough are seen, choose and apply the schedule."""
+        if self.guard is not None or not isinstance(output, torch.Tensor) or output.ndim != 2:
+            return
+        self._guard_inputs.append(images.detach())
+        self._guard_outputs.append(output.detach())
+        if sum(x.shape[0] for x in self._guard_inputs) < self.guard_images:
+            return
+        assert self._vit is not None and self._trainer is not None and self.min_agreement is not None
+        strategy = self._trainer.strategy
+
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            return strategy.reduce(t, reduce_op="sum")
+
+        images_all, dense = torch.cat(self._guard_inputs), torch.cat(self._guard_outputs)
+        self._guard_inputs, self._guard_outputs = [], []
+        self.guard = quality_guard(self._vit, images_all, dense, self.config, self.min_agreement,
+                                   batch_size=max(1, images.shape[0]), reduce=reduce)
+        rank_zero_info(self.guard.summary())
+        if self.guard.config is not None:
+            self._patch(self.guard.config)
 
     def _restore(self) -> None:
         for h in self._hooks:
@@ -236,7 +296,15 @@ class DSMCallback(Callback):
         self._t0 = time.perf_counter()
 
     def _post_hook(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
-        if self._busy or not args or not isinstance(args[0], torch.Tensor) or not is_patched(module):
+        if self._busy or not args or not isinstance(args[0], torch.Tensor):
+            return
+        if not is_patched(module):
+            if self.min_agreement is not None and self.guard is None:
+                self._busy = True
+                try:
+                    self._guard_step(args[0], output)
+                finally:
+                    self._busy = False
             return
         images = args[0]
         self._sync(images)
@@ -283,7 +351,15 @@ class DSMCallback(Callback):
         raise ValueError("compare_dense=True needs a classifier ViT (num_classes > 0)")
 
     def _collect(self) -> Dict[str, float]:
-        out: Dict[str, float] = {"dsm/images_per_sec": self._dsm.per_second}
+        out: Dict[str, float] = {}
+        if self.guard is not None:
+            chosen = [t for t in self.guard.trials if self.guard.config is not None
+                      and t["config"] == self.guard.config.to_dict()]
+            out["dsm/guard_agreement"] = self.guard.agreement
+            out["dsm/guard_flops_ratio"] = chosen[0]["flops_ratio"] if chosen else 1.0
+        if not self._dsm.images:
+            return out
+        out["dsm/images_per_sec"] = self._dsm.per_second
         if self._flops:
             merged, dense = next(iter(self._flops.values()))
             out["dsm/gflops_per_image"] = merged
@@ -297,9 +373,18 @@ class DSMCallback(Callback):
         return out
 
     def _log_epoch(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage not in self.stages or trainer.sanity_checking or not self._dsm.images:
+        if stage not in self.stages or trainer.sanity_checking:
+            return
+        if self.min_agreement is not None and self.guard is None:
+            seen = sum(x.shape[0] for x in self._guard_inputs)
+            rank_zero_info(f"DSM quality guard: the {stage} stage ended after {seen} images, fewer than "
+                           f"guard_images={self.guard_images}, so it ran dense throughout; lower guard_images or "
+                           f"pass min_agreement=None to merge without the guard")
+            self._guard_inputs, self._guard_outputs = [], []
             return
         metrics = self._collect()
+        if not metrics:
+            return
         self.metrics = {k: float(v) for k, v in metrics.items()}
         if stage == "predict":  # self.log is not available in predict: write to the loggers directly
             if trainer.is_global_zero:

@@ -14,7 +14,7 @@ def test_patched_in_validation_restored_after(tmp_path):
     data = tiny_data(make_image_folder(tmp_path))
     module = tiny_classifier()
     seen = spy_patched(module)
-    cb = DSMCallback(delay=1, r=2, local_blocks=1, compare_dense=True)
+    cb = DSMCallback(delay=1, r=2, local_blocks=1, compare_dense=True, min_agreement=None)
     out = trainer(callbacks=[cb]).validate(module, datamodule=data, verbose=False)[0]
     assert seen and all(seen), "validation runs merged"
     assert not is_patched(module.model), "restored after validation"
@@ -30,7 +30,7 @@ def test_dsm_changes_eval_but_not_the_module(tmp_path):
     data = tiny_data(make_image_folder(tmp_path))
     module = tiny_classifier()
     dense = trainer().validate(module, datamodule=data, verbose=False)[0]
-    merged = trainer(callbacks=[DSMCallback(delay=1, r=4, local_blocks=0)]).validate(
+    merged = trainer(callbacks=[DSMCallback(delay=1, r=4, local_blocks=0, min_agreement=None)]).validate(
         module, datamodule=data, verbose=False)[0]
     again = trainer().validate(module, datamodule=data, verbose=False)[0]
     assert merged["val/loss"] != dense["val/loss"]
@@ -63,7 +63,7 @@ def test_restored_on_exception(tmp_path):
 
     module.validation_step = boom
     with pytest.raises(RuntimeError, match="boom"):
-        trainer(callbacks=[DSMCallback(delay=1, r=2)]).validate(module, datamodule=data, verbose=False)
+        trainer(callbacks=[DSMCallback(delay=1, r=2, min_agreement=None)]).validate(module, datamodule=data, verbose=False)
     assert not is_patched(module.model)
 
 
@@ -84,7 +84,7 @@ def test_explicit_attr_and_stage_selection(tmp_path):
     data = tiny_data(make_image_folder(tmp_path))
     module = tiny_classifier()
     seen = spy_patched(module, "test_step")
-    trainer(callbacks=[DSMCallback(delay=1, r=2, model_attr="model", stages=["validate"])]).test(
+    trainer(callbacks=[DSMCallback(delay=1, r=2, model_attr="model", stages=["validate"], min_agreement=None)]).test(
         module, datamodule=data, verbose=False)
     assert seen and not any(seen), "test stage not selected: dense"
     with pytest.raises(AttributeError, match="has no 'backbone'"):
@@ -100,7 +100,7 @@ def test_state_dict_round_trip_and_checkpoint_clean(tmp_path):
     assert other.config == cb.config == DSMConfig(delay=3, r=(0, 0, 0, 2), windows=(1, 2))
     data = tiny_data(make_image_folder(tmp_path))
     module = tiny_classifier()
-    t = trainer(callbacks=[DSMCallback(delay=1, r=2)], max_epochs=1, enable_checkpointing=True,
+    t = trainer(callbacks=[DSMCallback(delay=1, r=2, min_agreement=None)], max_epochs=1, enable_checkpointing=True,
                 default_root_dir=str(tmp_path / "run"))
     t.fit(module, datamodule=data)
     ckpt_path = tmp_path / "m.ckpt"
@@ -125,7 +125,7 @@ def test_callback_on_torchvision_vit(tmp_path):
     module = ImageClassifier("torchvision:VisionTransformer", num_classes=3, top_k=2, model_kwargs=dict(
         image_size=32, patch_size=8, num_layers=4, num_heads=2, hidden_dim=32, mlp_dim=64))
     seen = spy_patched(module)
-    out = trainer(callbacks=[DSMCallback(delay=1, r=2, compare_dense=True)]).validate(
+    out = trainer(callbacks=[DSMCallback(delay=1, r=2, compare_dense=True, min_agreement=None)]).validate(
         module, datamodule=data, verbose=False)[0]
     assert seen and all(seen) and not is_patched(module.model)
     assert out["dsm/flops_reduction"] > 1.0 and 0.0 <= out["dsm/agreement_top1"] <= 1.0

@@ -72,7 +72,7 @@ def test_callback_compile_switch(tmp_path):
     module.validation_step = spy
 
     def run(compile_opt):
-        callback = DSMCallback(delay=1, r=2, compare_dense=True, compile=compile_opt)
+        callback = DSMCallback(delay=1, r=2, compare_dense=True, compile=compile_opt, min_agreement=None)
         return trainer(callbacks=[callback]).validate(module, datamodule=data, verbose=False)[0]
 
     eager = run(False)

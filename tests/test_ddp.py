@@ -20,10 +20,11 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _validate(data_root, devices, strategy):
+def _validate(data_root, devices, strategy, **guard):
+    guard = guard or {"min_agreement": None}
     trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
                       enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=[DSMCallback(delay=1, r=2, compare_dense=True)])
+                      callbacks=[DSMCallback(delay=1, r=2, compare_dense=True, **guard)])
     return trainer.validate(tiny_classifier(), datamodule=tiny_data(data_root), verbose=False)[0]
 
 
@@ -35,11 +36,19 @@ def test_ddp_spawn_accuracy_equals_single_process(tmp_path):
         assert multi[key] == pytest.approx(single[key], abs=1e-6), key
 
 
+def test_ddp_spawn_quality_guard_decides_on_all_ranks(tmp_path):
+    """Agreement is summed over ranks, so every rank takes the same decision and the stage finishes merged."""
+    data_root = make_image_folder(tmp_path / "imgs", classes=3, per_class=8)  # 24 images: 3 batches per rank
+    out = _validate(data_root, 2, "ddp_spawn", min_agreement=0.01, guard_images=4)
+    assert out["dsm/guard_agreement"] >= 0.01 and out["dsm/guard_flops_ratio"] < 1.0
+    assert out["dsm/flops_reduction"] > 1.0
+
+
 def test_ddp_spawn_predictions_written_once(tmp_path):
     data_root = make_image_folder(tmp_path / "imgs", classes=3, per_class=3)  # 9 images: padded sampler
     out = tmp_path / "preds.csv"
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
-                      enable_progress_bar=False, callbacks=[DSMCallback(delay=1, r=2), PredictionWriter(str(out))])
+                      enable_progress_bar=False, callbacks=[DSMCallback(delay=1, r=2, min_agreement=None), PredictionWriter(str(out))])
     trainer.predict(tiny_classifier(), datamodule=tiny_data(data_root), return_predictions=False)
     paths = [row["path"] for row in csv.DictReader(open(out))]
     assert sorted(paths) == sorted(str(p) for p in data_root.rglob("*.png"))

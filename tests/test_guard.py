@@ -1,0 +1,119 @@
+"""Quality guard: the most merging schedule whose agreement with dense meets the target, chosen on dense batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsm_lightning import DSMCallback, DSMConfig, apply_dsm, is_patched, remove_dsm, token_plan
+from dsm_lightning.calibrate import guard_candidates, quality_guard
+from tests.conftest import images, tiny_vit
+from tests.lightning_helpers import make_image_folder, spy_patched, tiny_classifier, tiny_data, trainer
+
+
+def _agreement(model, cfg, x, dense):
+    apply_dsm(model, cfg)
+    try:
+        with torch.no_grad():
+            return float((model(x).argmax(-1) == dense.argmax(-1)).float().mean())
+    finally:
+        remove_dsm(model)
+
+
+def test_candidates_keep_fixed_fields_and_merge_less_in_order():
+    model = tiny_vit()
+    base = DSMConfig(delay=2, local_blocks=1, metric="tokens", protect=0.1, flops_target=0.5)
+    cands = guard_candidates(base)
+    assert cands[0] == base
+    assert all(c.delay == 2 and c.local_blocks == 1 and c.metric == "tokens" and c.protect == 0.1 for c in cands)
+    ratios = [token_plan(model, c).flops_ratio(32, 128) for c in cands]
+    assert ratios == sorted(ratios), "most merging first"
+    fixed_r = guard_candidates(DSMConfig(delay=1, r=8))
+    assert [c.r for c in fixed_r] == [8, 6, 4, 2]
+    assert [c.r for c in guard_candidates(DSMConfig(delay=1, r=(0, 4, 4, 2, 2, 0)))][-1] == (0, 1, 1, 0, 0, 0)
+
+
+@pytest.mark.parametrize("target", [0.01, 0.75, 1.0])
+def test_choice_meets_target_and_the_next_more_merging_trial_did_not(target):
+    model = tiny_vit(depth=6)
+    x = images(batch=24, seed=3)
+    with torch.no_grad():
+        dense = model(x)
+    base = DSMConfig(delay=0, local_blocks=0, flops_target=0.4)
+    result = quality_guard(model, x, dense, base, target, batch_size=8)
+    assert not is_patched(model), "the guard leaves the model as it found it"
+    cands = guard_candidates(base)
+    if result.config is None:
+        assert result.agreement == 1.0
+        # bisection: the least merging candidate was tried and failed
+        assert any(t["config"] == cands[-1].to_dict() and t["agreement"] < target for t in result.trials)
+    else:
+        assert result.agreement >= target
+        assert _agreement(model, result.config, x, dense) == pytest.approx(result.agreement)
+        i = cands.index(result.config)
+        if i > 0:  # the bisection saw the more merging neighbour fail
+            assert any(t["config"] == cands[i - 1].to_dict() and t["agreement"] < target for t in result.trials)
+    if target == 0.01:
+        assert result.config == base, "a trivial target keeps the requested schedule"
+    assert len(result.trials) <= 3, "bisection over 7 candidates needs at most 3 evaluations"
+
+
+def test_callback_guard_runs_dense_first_then_merges_and_logs(tmp_path):
+    data = tiny_data(make_image_folder(tmp_path, per_class=8))  # 24 images, batches of 4
+    module = tiny_classifier()
+    seen = spy_patched(module)
+    cb = DSMCallback(delay=1, r=2, min_agreement=0.01, guard_images=8)
+    out = trainer(callbacks=[cb]).validate(module, datamodule=data, verbose=False)[0]
+    assert seen == [False, False, True, True, True, True], "two dense batches measure, the rest merge"
+    assert cb.guard is not None and cb.guard.config == cb.config
+    assert out["dsm/guard_agreement"] >= 0.01 and out["dsm/guard_flops_ratio"] < 1.0
+    assert not is_patched(module.model)
+
+
+def test_callback_guard_too_few_images_stays_dense_and_says_so(tmp_path, caplog):
+    data = tiny_data(make_image_folder(tmp_path))  # 12 images
+    module = tiny_classifier()
+    seen = spy_patched(module)
+    with caplog.at_level("INFO"):
+        trainer(callbacks=[DSMCallback(delay=1, r=2)]).validate(module, datamodule=data, verbose=False)
+    assert seen and not any(seen)
+    assert "fewer than guard_images=128" in caplog.text
+
+
+def test_guard_returns_dense_when_no_schedule_agrees():
+    model = tiny_vit()
+    x = images(batch=16, seed=5)
+    with torch.no_grad():
+        unreachable = -model(x)  # "dense" predictions no forward pass makes: every candidate fails
+    result = quality_guard(model, x, unreachable, DSMConfig(delay=1), 0.5)
+    assert result.config is None and result.agreement == 1.0
+    assert all(t["agreement"] < 0.5 for t in result.trials)
+    assert "running dense" in result.summary()
+
+
+def test_callback_guard_dense_fallback_runs_dense_and_logs_it(tmp_path, monkeypatch):
+    from dsm_lightning import callback as callback_module
+    from dsm_lightning.calibrate import GuardResult
+
+    def no_schedule(model, images, dense, config, target, **kwargs):
+        return GuardResult(None, 1.0, target, images.shape[0], [])
+
+    monkeypatch.setattr(callback_module, "quality_guard", no_schedule)
+    data = tiny_data(make_image_folder(tmp_path, per_class=8))
+    module = tiny_classifier()
+    seen = spy_patched(module)
+    cb = DSMCallback(delay=1, r=2, min_agreement=0.99, guard_images=8)
+    out = trainer(callbacks=[cb]).validate(module, datamodule=data, verbose=False)[0]
+    assert seen and not any(seen), "nothing met the target: the whole stage runs dense"
+    assert out["dsm/guard_flops_ratio"] == 1.0 and "dsm/images_per_sec" not in out
+
+
+def test_guard_settings_validated_and_saved():
+    with pytest.raises(ValueError, match="min_agreement"):
+        DSMCallback(min_agreement=1.5)
+    with pytest.raises(ValueError, match="guard_images"):
+        DSMCallback(guard_images=0)
+    cb = DSMCallback(delay=3, min_agreement=0.9, guard_images=64)
+    other = DSMCallback(min_agreement=None)
+    other.load_state_dict(cb.state_dict())
+    assert other.min_agreement == 0.9 and other.guard_images == 64 and other.config == cb.config
