@@ -1,10 +1,14 @@
-"""calibrate(): pick the DSM schedule that keeps the most accuracy (or agreement with dense) under a FLOP budget.
+"""calibrate(): choose the DSM schedule that stays closest to the dense model under a FLOP budget; and the quality
+guard (:func:`quality_guard`) that backs off merging until agreement with dense meets a target.
 
-The search runs on a few calibration batches, training-free: every candidate schedule (delay x local phase) gets the
-smallest constant ``r`` that meets the budget, so all candidates cost the same planned FLOPs and only the quality
-differs. ToMe's schedule (``delay=0, local_blocks=0``) is always a candidate, so the result is never worse than ToMe
-at the same budget on the calibration data. Successive halving keeps it fast: every candidate is scored on the first
-quarter of the images, the best few on all of them.
+Calibration is training-free. Every candidate (delay x local phase x schedule family x merge options) gets the ``r``
+that meets the budget, so candidates cost the same planned FLOPs and differ only in quality. Quality is *fidelity to
+the dense model* (mean KL divergence of the predictions by default), never accuracy on images a head was fitted on.
+The calibration images are split in two interleaved halves: candidates are ranked on the *search* half (successive
+halving keeps it fast), and the finalists, ToMe always among them, are re-scored on the *check* half, which played
+no part in the ranking. The result is the search winner unless ToMe does better on the check half, so calibration
+never returns a schedule that is worse than ToMe on data it did not choose on; ``stable`` says whether the check
+half ranks the same winner first.
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ from .config import DSMConfig
 from .patch import apply_dsm, get_config, is_patched, remove_dsm
 from .schedule import token_plan
 
-__all__ = ["calibrate", "CalibrationResult", "default_search_space", "quality_guard", "GuardResult", "guard_candidates"]
+__all__ = ["calibrate", "CalibrationResult", "default_search_space", "quality_guard", "GuardResult",
+           "guard_candidates", "collect_batches"]
+
+#: Merge options every schedule family is tried with: ToMe's keys, and token features with protected tokens.
+MERGE_OPTIONS: Tuple[Dict[str, Any], ...] = ({"metric": "keys", "protect": 0.0}, {"metric": "tokens", "protect": 0.1})
+_TOME = {"delay": 0, "local_blocks": 0, "schedule": "constant", "metric": "keys", "protect": 0.0}
 
 
 @dataclass
@@ -28,13 +37,18 @@ class CalibrationResult:
     """Outcome of :func:`calibrate`.
 
     Attributes:
-        config: The best schedule, with the explicit ``r`` chosen at the calibration input size.
-        score: Its score (accuracy or agreement with the dense model) on all calibration images.
+        config: The chosen schedule, with the explicit ``r`` chosen at the calibration input size.
+        score: Its top-1 agreement with dense (accuracy with ``metric="accuracy"``) on the check half, images
+            that played no part in the ranking.
         flops_ratio: Its planned block FLOPs relative to dense.
-        metric: ``"accuracy"`` or ``"agreement"``.
+        metric: ``"kl"``, ``"agreement"`` or ``"accuracy"``: what candidates were ranked by.
         seconds: Wall time of the whole search, dense pass included.
-        images: Calibration images used.
-        candidates: One dict per candidate (config, r, flops_ratio, score on the images it saw, images).
+        images: Calibration images used (both halves).
+        candidates: One dict per candidate: config fields, ``r``, ``flops_ratio``; search-half ``kl``,
+            ``agreement``, ``score`` and ``images``; for finalists also ``check_kl``, ``check_agreement``,
+            ``check_score``.
+        stable: Whether the check half ranks the search winner first among the finalists as well.
+        fell_back_to_tome: True when ToMe beat the search winner on the check half and was returned instead.
     """
 
     config: DSMConfig
@@ -44,27 +58,34 @@ class CalibrationResult:
     seconds: float
     images: int
     candidates: List[Dict[str, Any]] = field(default_factory=list)
+    stable: bool = True
+    fell_back_to_tome: bool = False
 
     def table(self) -> str:
-        """Printable ranking of the candidates."""
-        lines = [f"{'delay':>5} {'local':>5} {'schedule':>12} {'r':>7} {'FLOPs':>6} {self.metric:>9} {'KL':>7} "
-                 f"{'images':>6}"]
-        for c in sorted(self.candidates, key=lambda c: (-c["images"], -c["score"], c["kl"])):
-            lines.append(f"{c['delay']:>5} {c['local_blocks']:>5} {c['schedule']:>12} {c['r']:>7.4g} "
-                         f"{c['flops_ratio']:>6.3f} {c['score']:>9.4f} {c['kl']:>7.4f} {c['images']:>6}")
+        """Printable ranking of the candidates (``->`` marks the chosen one; check-half columns for finalists)."""
+        lines = [f"   {'delay':>5} {'local':>5} {'schedule':>12} {'metric':>6} {'prot':>4} {'r':>7} {'FLOPs':>6} "
+                 f"{'KL':>7} {'agree':>6} {'images':>6} {'check KL':>8} {'check agree':>11}"]
+        chosen = self.config.replace(r=None).to_dict()
+        for c in sorted(self.candidates, key=lambda c: (-c["images"], c["kl"])):
+            mark = "->" if c["config"] == chosen else "  "
+            check = (f"{c['check_kl']:>8.4f} {c['check_agreement']:>11.4f}" if "check_kl" in c else "")
+            lines.append(f"{mark} {c['delay']:>5} {c['local_blocks']:>5} {c['schedule']:>12} {c['metric']:>6} "
+                         f"{c['protect']:>4.2f} {c['r']:>7.4g} {c['flops_ratio']:>6.3f} {c['kl']:>7.4f} "
+                         f"{c['agreement']:>6.4f} {c['images']:>6} {check}")
+        lines.append(f"chosen on the search half, checked on {self.images // 2} other images: "
+                     f"{'stable' if self.stable else 'UNSTABLE (the check half ranks another finalist first)'}"
+                     f"{'; ToMe won the check half and was returned' if self.fell_back_to_tome else ''}")
         return "\n".join(lines)
 
 
 def default_search_space(depth: int) -> List[Dict[str, Any]]:
-    """Delays 0..depth/4 x local phase {none, 2 blocks of 2x2 windows} x schedule {constant, proportional}.
-
-    ``delay=0, local_blocks=0, schedule="constant"`` is ToMe.
-    """
-    space = []
+    """Delays 0..depth/4 x local phase {none, 2 blocks of 2x2 windows} x :data:`MERGE_OPTIONS`, proportional r,
+    plus ToMe (delay 0, no local phase, constant r, keys)."""
+    space = [dict(_TOME)]
     for delay in range(0, max(1, depth // 4) + 1):
         for local_blocks in (0, 2):
-            for schedule in ("constant", "proportional"):
-                space.append({"delay": delay, "local_blocks": local_blocks, "windows": 4, "schedule": schedule})
+            for options in MERGE_OPTIONS:
+                space.append({"delay": delay, "local_blocks": local_blocks, "schedule": "proportional", **options})
     return space
 
 
@@ -108,65 +129,59 @@ def calibrate(
     dataloader: Iterable,
     target: float = 0.55,
     *,
-    metric: str = "auto",
+    metric: str = "kl",
     max_images: int = 256,
     batch_size: int = 32,
     search_space: Optional[Sequence[Dict[str, Any]]] = None,
     keep: int = 3,
     prop_attn: bool = True,
-    verbose: bool = False,
+    verbose: bool = True,
 ) -> CalibrationResult:
-    """Choose delay / local phase / schedule / r for ``model`` under a FLOP budget, from a few calibration batches.
-
-    Candidates are ranked by the metric, ties broken by the mean KL divergence from the dense model's predictions
-    (so a saturated metric, e.g. accuracy on the head's own training images, still separates them). Successive
-    halving: all candidates see the first eighth of the images, the best ``keep`` (and ToMe) all of them.
+    """Choose delay / local phase / schedule / merge options / r for ``model`` under a FLOP budget.
 
     Args:
         model: A supported ViT classifier (patched or not; it is left as it was).
-        dataloader: Yields images, ``(images, labels)`` or dicts with ``image``/``target``.
+        dataloader: Yields images, ``(images, labels)`` or dicts with ``image``/``target``. Labels are only used
+            with ``metric="accuracy"``.
         target: Budget as a fraction of the dense model's block FLOPs (0.55 = 1.8x fewer).
-        metric: ``"accuracy"`` (needs labels), ``"agreement"`` (top-1 agreement with the dense model), or
-            ``"auto"`` (accuracy when labels exist).
-        max_images: Calibration images to use.
+        metric: ``"kl"`` (mean KL divergence of the merged predictions from the dense ones, lower is better),
+            ``"agreement"`` (top-1 agreement with dense; ties broken by KL) or ``"accuracy"`` (needs labels; only
+            meaningful on images nothing was fitted on).
+        max_images: Calibration images to use (split into a search and a check half).
         batch_size: Batch size of the search's forward passes.
         search_space: Dicts of :class:`DSMConfig` fields (without ``r``); default :func:`default_search_space`.
-        keep: Candidates kept for the full-set round of successive halving.
+            ToMe is added when missing.
+        keep: Candidates kept after the first quarter of the search half.
         prop_attn: Proportional attention in every candidate.
-        verbose: Print progress.
+        verbose: Progress bar (tqdm) over candidate evaluations.
 
     Returns:
         A :class:`CalibrationResult`; ``result.config`` goes straight into ``apply_dsm`` or ``DSMCallback``.
     """
     start = time.perf_counter()
+    if metric not in ("kl", "agreement", "accuracy"):
+        raise ValueError(f"metric must be 'kl', 'agreement' or 'accuracy', got {metric!r}")
     was = get_config(model)
     if is_patched(model):
         remove_dsm(model)
     device = next(model.parameters()).device
     images, labels = collect_batches(dataloader, max_images)
-    if metric == "auto":
-        metric = "accuracy" if labels is not None else "agreement"
     if metric == "accuracy" and labels is None:
-        raise ValueError("metric='accuracy' needs labels from the dataloader; use metric='agreement'")
-    if metric not in ("accuracy", "agreement"):
-        raise ValueError(f"metric must be 'auto', 'accuracy' or 'agreement', got {metric!r}")
+        raise ValueError("metric='accuracy' needs labels from the dataloader; use metric='kl' (no labels needed)")
+    if images.shape[0] < 2:
+        raise ValueError(f"calibrate needs at least 2 images (a search and a check half), got {images.shape[0]}")
     model.eval()
     try:
         dense_logits = _logits(model, images, batch_size, device)
         dense_logp = dense_logits.log_softmax(-1)
-        reference = labels if metric == "accuracy" else dense_logits.argmax(-1)
+        reference = labels if metric == "accuracy" and labels is not None else dense_logits.argmax(-1)
         from .adapters import get_adapter
 
         adapter = get_adapter(model)
-        depth = adapter.depth(model)
         img_size = tuple(images.shape[-2:])
-        space = list(search_space) if search_space is not None else default_search_space(depth)
-        def is_tome(c: Dict[str, Any]) -> bool:
-            return c.get("delay", 0) == 0 and c.get("local_blocks", 0) == 0 and \
-                c.get("schedule", DSMConfig.schedule) == "constant"
-
-        if not any(is_tome(c) for c in space):
-            space.append({"delay": 0, "local_blocks": 0, "windows": 4, "schedule": "constant"})  # ToMe competes
+        space = list(search_space) if search_space is not None else default_search_space(adapter.depth(model))
+        if not any(_is_tome(c) for c in space):
+            space.append(dict(_TOME))
         candidates = []
         for fields in space:
             try:
@@ -174,54 +189,80 @@ def calibrate(
                 plan = token_plan(model, cfg, img_size=img_size)
             except ValueError:
                 continue
-            fixed = cfg.replace(r=plan.r)
-            candidates.append({"config": fixed, "delay": fixed.delay, "local_blocks": fixed.local_blocks,
-                               "windows": fixed.windows, "schedule": fixed.schedule, "r": plan.r,
-                               "flops_ratio": plan.flops_ratio(*adapter.dims(model)), "score": float("nan"),
-                               "kl": float("nan"), "images": 0, "_hits": 0.0, "_kl": 0.0})
+            candidates.append({**{k: getattr(cfg, k) for k in ("delay", "local_blocks", "windows", "schedule",
+                                                                "metric", "protect")},
+                               "config": cfg.to_dict(), "_fixed": cfg.replace(r=plan.r), "r": plan.r,
+                               "flops_ratio": plan.flops_ratio(*adapter.dims(model)), "images": 0})
         if not candidates:
             raise ValueError("no candidate schedule fits this model and input size; widen the search space")
 
-        def score(cand: Dict[str, Any], start: int, stop: int) -> None:
-            """Add images[start:stop] to the candidate's running score (metric, then KL to dense as tie-break)."""
-            apply_dsm(model, cand["config"])
+        def evaluate(cand: Dict[str, Any], idx: torch.Tensor) -> Tuple[float, float, float]:
+            """(sum of hits vs the metric's reference, sum of top-1 agreement, sum of KL) on images[idx]."""
+            apply_dsm(model, cand["_fixed"])
             try:
-                logits = _logits(model, images[start:stop], batch_size, device)
+                logits = _logits(model, images[idx], batch_size, device)
             finally:
                 remove_dsm(model)
-            cand["_hits"] += float((logits.argmax(-1) == reference[start:stop]).sum())
-            cand["_kl"] += float(torch.nn.functional.kl_div(logits.log_softmax(-1), dense_logp[start:stop],
-                                                            log_target=True, reduction="sum"))
-            cand["images"] = stop
-            cand["score"] = cand["_hits"] / stop
-            cand["kl"] = cand["_kl"] / stop
-            if verbose:
-                print(f"  delay={cand['delay']} local={cand['local_blocks']} {cand['schedule']} r={cand['r']}: "
-                      f"{metric}={cand['score']:.4f} kl={cand['kl']:.4f} on {stop} images", flush=True)
+            top1 = logits.argmax(-1)
+            kl = torch.nn.functional.kl_div(logits.log_softmax(-1), dense_logp[idx], log_target=True,
+                                            reduction="sum")
+            return (float((top1 == reference[idx]).sum()), float((top1 == dense_logits.argmax(-1)[idx]).sum()),
+                    float(kl))
 
-        def rank(c: Dict[str, Any]) -> Tuple[float, float]:
-            return (c["score"], -c["kl"])
+        def record(cand: Dict[str, Any], idx: torch.Tensor, prefix: str = "") -> None:
+            hits, agree, kl = evaluate(cand, idx)
+            n = int(idx.numel())
+            if prefix:  # check half: one shot
+                cand["check_score"], cand["check_agreement"], cand["check_kl"] = hits / n, agree / n, kl / n
+                return
+            cand["_sums"] = [a + b for a, b in zip(cand.get("_sums", (0.0, 0.0, 0.0)), (hits, agree, kl))]
+            cand["images"] += n
+            cand["score"], cand["agreement"], cand["kl"] = (v / cand["images"] for v in cand["_sums"])
 
-        total = images.shape[0]
-        first = max(1, total // 8)
+        def rank(c: Dict[str, Any], prefix: str = "") -> Tuple[float, float]:
+            kl = c[f"{prefix}kl"]
+            return (kl, 0.0) if metric == "kl" else (-c[f"{prefix}score"], kl)
+
+        order = torch.arange(images.shape[0])
+        search, check = order[0::2], order[1::2]
+        quick = search[:max(1, search.numel() // 4)]
+        rest = search[quick.numel():]
+        tome = next(c for c in candidates if _is_tome(c))
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(candidates) + 2 * len(candidates[:keep + 1]), desc="calibrate", unit="candidate",
+                   disable=not verbose)
+        progress = bar.update
         for cand in candidates:
-            score(cand, 0, first)
-        finalists = sorted(candidates, key=rank, reverse=True)[:keep]
-        tome = next((c for c in candidates if c["delay"] == 0 and c["local_blocks"] == 0
-                     and c["schedule"] == "constant"), None)
-        if tome is not None and tome not in finalists:
+            record(cand, quick)
+            progress()
+        finalists = sorted(candidates, key=rank)[:keep]
+        if tome not in finalists:
             finalists.append(tome)
-        if total > first:
+        if rest.numel():
             for cand in finalists:
-                score(cand, first, total)
-        best = max(finalists, key=rank)
+                record(cand, rest)
+                progress()
+        finalists.sort(key=rank)
+        for cand in finalists:
+            record(cand, check, "check_")
+            progress()
+        winner = finalists[0]
+        stable = min(finalists, key=lambda c: rank(c, "check_")) is winner
+        fell_back = winner is not tome and rank(tome, "check_") < rank(winner, "check_")
+        best = tome if fell_back else winner
+        bar.close()
     finally:
         if was is not None:
             apply_dsm(model, was)
-    return CalibrationResult(best["config"], best["score"], best["flops_ratio"], metric,
-                             time.perf_counter() - start, int(images.shape[0]),
-                             [{k: v for k, v in c.items() if k != "config" and not k.startswith("_")}
-                              for c in candidates])
+    return CalibrationResult(best["_fixed"], best["check_score"] if metric != "kl" else best["check_agreement"],
+                             best["flops_ratio"], metric, time.perf_counter() - start, int(images.shape[0]),
+                             [{k: v for k, v in c.items() if not k.startswith("_")} for c in candidates],
+                             stable, fell_back)
+
+
+def _is_tome(c: Dict[str, Any]) -> bool:
+    return all(c.get(k, getattr(DSMConfig, k)) == v for k, v in _TOME.items())
 
 
 # ---------------------------------------------------------------------------------------------- quality guard
