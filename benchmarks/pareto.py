@@ -1,31 +1,36 @@
-"""Accuracy vs speed: dense, ToMe-equivalent and DSM schedules (plus a calibrated one) on a labelled image folder.
+"""Accuracy vs speed on held-out data: dense, ToMe-equivalent and DSM schedules, at matched FLOP budgets.
 
-    python benchmarks/pareto.py --reference ../shared/reference/dinov2_s14_fmnist.json \
-        --val-dir ../shared/fashion_mnist/val --calib-dir ../shared/fashion_mnist/train --limit 256
+    python benchmarks/pareto.py --reference ../shared/reference/dinov2_s14_fmnist.json --pool eval \\
+        --pool-size 2000 --calib-pool 256 --photos ../shared/natural_photos
 
-or with any local checkpoint: ``--model-name vit_small_patch16_224 --checkpoint w.safetensors --num-classes 10``,
-and with any LightningDataModule instead of a folder: ``--datamodule pkg.MyDataModule --datamodule-args '{...}'``
-(its ``val_dataloader()`` must yield ``(images, labels)`` or dicts with ``image`` / ``target``).
+Images: ``--pool eval`` draws held-out Fashion-MNIST images from the 60k training file (Debian's
+``dataset-fashion-mnist``), excluding the reference head's images and the shared validation images; calibration uses
+the disjoint ``dev`` pool (``--calib-pool N``), so nothing reported was chosen on (``benchmarks/fmnist_pool.py``).
+Or ``--val-dir`` (ImageFolder layout) / ``--datamodule`` for your own data, ``--calib-dir`` for calibration images.
+Any local checkpoint works too: ``--model-name vit_small_patch16_224 --checkpoint w.safetensors --num-classes 10``.
 
-Per schedule: top-1, top-5, top-1 agreement with dense, GFLOPs (``torch.utils.flop_counter``) and images/s (one
-interleaved timing phase over all schedules at the end of the run, so throughput is compared within one run).
-Resumable: rows already in ``<out>.json`` keep their accuracy and are not re-evaluated; the timing phase is re-run
-for all rows. Writes ``<out>.csv``, ``<out>.json`` and ``<out>.png`` (accuracy vs GFLOPs and vs images/s).
+Per schedule and budget: top-1 (and its paired difference from dense with standard error), top-1 agreement with
+dense (and its paired difference from ToMe at the same budget), KL to dense, GFLOPs (``torch.utils.flop_counter``),
+and on ``--photos`` (unlabelled real photos) the cosine between merged and dense pre-logit features. Throughput comes
+from one interleaved timing phase over all rows at the end of the run. Resumable: rows already in ``<out>.json``
+(with their per-image predictions) are not re-evaluated. Writes ``<out>.csv``, ``<out>.json``, ``<out>.png`` and
+``<out>.md`` (one table per budget).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, forward_fn, markdown_table, median, time_interleaved, write_rows  # noqa: E402
+from common import environment, forward_fn, median, time_interleaved, write_rows  # noqa: E402
 
 from dsm_lightning import DSMConfig, apply_dsm, calibrate, remove_dsm, token_plan  # noqa: E402
 from dsm_lightning.calibrate import collect_batches  # noqa: E402
@@ -33,22 +38,23 @@ from dsm_lightning.data import ImageFiles, transform_from_config  # noqa: E402
 from dsm_lightning.flops import count_flops  # noqa: E402
 from dsm_lightning.module import ImageClassifier  # noqa: E402
 
-TARGETS = (0.65, 0.55, 0.45)
-FAMILIES = {
-    "tome": dict(delay=0, local_blocks=0),
-    "tome-prop": dict(delay=0, local_blocks=0, schedule="proportional"),
-    "dsm-d2": dict(delay=2, local_blocks=2),
-    "dsm-d2-prop": dict(delay=2, local_blocks=2, schedule="proportional"),
-    "dsm-d4": dict(delay=4, local_blocks=2),
-    "dsm-d4-prop": dict(delay=4, local_blocks=2, schedule="proportional"),
+TARGETS = (0.65, 0.55, 0.4)
+#: Schedule families compared at every budget. ``default`` is whatever ``DSMConfig()`` is today.
+FAMILIES: Dict[str, Dict[str, Any]] = {
+    "tome": dict(delay=0, local_blocks=0, schedule="constant", metric="keys", protect=0.0),
+    "tome-prop": dict(delay=0, local_blocks=0, schedule="proportional", metric="keys", protect=0.0),
+    "dsm-d2-keys": dict(delay=2, local_blocks=2, schedule="proportional", metric="keys", protect=0.0),
+    "dsm-d4-keys": dict(delay=4, local_blocks=2, schedule="proportional", metric="keys", protect=0.0),
+    "default": {},
+    "default-d4": dict(delay=4),
 }
 
 
-def schedules(targets) -> Dict[str, Any]:
-    out: Dict[str, Any] = {"dense": None}
+def schedules(targets, families) -> Dict[str, Optional[DSMConfig]]:
+    out: Dict[str, Optional[DSMConfig]] = {"dense": None}
     for target in targets:
-        for family, fields in FAMILIES.items():
-            out[f"{family}@{target:.2f}"] = DSMConfig(**fields, flops_target=target)
+        for family in families:
+            out[f"{family}@{target:.2f}"] = DSMConfig(**FAMILIES[family], flops_target=target)
     return out
 
 
@@ -71,13 +77,16 @@ def load(args) -> tuple:
     return module.eval(), transform_from_config(data_cfg)
 
 
-def stack(folder: str, transform, limit: int) -> tuple:
-    files = ImageFiles(folder, transform, labelled=True)
-    # a class-balanced, deterministic subset: interleave classes
-    by_class: Dict[int, List[int]] = {}
-    for i, (_, target) in enumerate(files.samples):
-        by_class.setdefault(target, []).append(i)
-    order = [idx for group in zip(*by_class.values()) for idx in group][:limit]
+def stack(folder: str, transform, limit: int, labelled: bool = True) -> tuple:
+    """A deterministic subset of a folder: class-interleaved when labelled."""
+    files = ImageFiles(folder, transform, labelled=labelled)
+    if labelled:
+        by_class: Dict[int, List[int]] = {}
+        for i, (_, target) in enumerate(files.samples):
+            by_class.setdefault(target, []).append(i)
+        order = [idx for group in zip(*by_class.values()) for idx in group][:limit]
+    else:
+        order = list(range(min(limit, len(files))))
     items = [files[i] for i in order]
     return torch.stack([it["image"] for it in items]), torch.tensor([it["target"] for it in items])
 
@@ -96,13 +105,20 @@ def from_datamodule(class_path: str, init_args: Dict[str, Any], limit: int) -> t
 
 
 @torch.no_grad()
-def logits_of(model, images, batch) -> torch.Tensor:
+def run(model, images, batch, pre_logits: bool = False) -> torch.Tensor:
     from tqdm import tqdm
 
     out = []
     for i in tqdm(range(0, len(images), batch), leave=False, desc="eval"):
-        out.append(model(images[i:i + batch]))
+        x = images[i:i + batch]
+        out.append(model.forward_head(model.forward_features(x), pre_logits=True) if pre_logits else model(x))
     return torch.cat(out)
+
+
+def paired_se(diff: torch.Tensor) -> float:
+    """Standard error of the mean of per-image differences."""
+    n = diff.numel()
+    return float(diff.float().std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
 
 
 def plot(rows: List[dict], path: Path, title: str) -> None:
@@ -112,25 +128,44 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"dense": ("k", "*"), "tome": ("tab:blue", "o"), "tome-prop": ("tab:cyan", "o"),
-              "dsm-d2": ("tab:orange", "s"), "dsm-d2-prop": ("tab:brown", "s"), "dsm-d4": ("tab:green", "^"), "dsm-d4-prop": ("tab:olive", "^"),
-              "calibrated": ("tab:red", "D")}
-    for family, (color, marker) in styles.items():
+    families = ["dense", *FAMILIES, "calibrated"]
+    for i, family in enumerate(families):
         sel = sorted((r for r in rows if r["family"] == family), key=lambda r: r["gflops"])
         if not sel:
             continue
-        for ax, key in zip(axes, ("gflops", "img_per_s")):
-            ax.plot([r[key] for r in sel], [100 * r["top1"] for r in sel], marker=marker, color=color,
-                    label=family, linestyle="-" if len(sel) > 1 else "none", markersize=8 if family != "tome" else 6)
-    axes[0].set_xlabel("GFLOPs per image")
-    axes[1].set_xlabel("images / s (same run)")
+        style = dict(marker="*" if family == "dense" else "os^vDP<>"[i % 8], color="k" if family == "dense" else
+                     f"C{i}", linestyle="-" if len(sel) > 1 else "none", label=family)
+        axes[0].plot([r["gflops"] for r in sel], [100 * r["agreement"] for r in sel], **style)
+        axes[1].plot([r["gflops"] for r in sel], [100 * r["top1"] for r in sel], **style)
+    axes[0].set_ylabel("top-1 agreement with dense (%)")
+    axes[1].set_ylabel("top-1 (%)")
     for ax in axes:
-        ax.set_ylabel("top-1 (%)")
+        ax.set_xlabel("GFLOPs per image")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def tables(rows: List[dict], dense: dict) -> str:
+    """One markdown table per budget, every family side by side."""
+    out = []
+    for target in sorted({r["target"] for r in rows if r["family"] != "dense"}, reverse=True):
+        sel = [r for r in rows if r["target"] == target]
+        out.append(f"\n**Budget `flops_target={target}`**\n")
+        out.append("| schedule | GFLOPs | FLOP reduction | speedup | top-1 (vs dense) | agreement | agreement vs ToMe "
+                   "| KL x100 | photos cos mean / worst |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for r in [dense] + sel:
+            vs_tome = (f"{100 * r['agree_vs_tome']:+.1f} ± {100 * r['agree_vs_tome_se']:.1f}"
+                       if r.get("agree_vs_tome") is not None else "")
+            d_top1 = f" ({100 * r['top1_vs_dense']:+.1f} ± {100 * r['top1_vs_dense_se']:.1f})" if r is not dense else ""
+            photos = f"{r['photo_cos_mean']:.4f} / {r['photo_cos_min']:.4f}" if "photo_cos_mean" in r else ""
+            out.append(f"| {r['schedule'].split('@')[0]} | {r['gflops']:.2f} | {r.get('flops_reduction', 1):.2f}x | "
+                       f"{r.get('speedup', float('nan')):.2f}x | {100 * r['top1']:.1f}%{d_top1} | "
+                       f"{100 * r['agreement']:.1f}% | {vs_tome} | {100 * r['kl']:.2f} | {photos} |")
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -141,13 +176,21 @@ def main(argv=None) -> int:
     parser.add_argument("--num-classes", type=int)
     parser.add_argument("--model-kwargs", default="{}")
     parser.add_argument("--crop-pct", type=float, default=1.0)
+    parser.add_argument("--pool", choices=["eval"], help="held-out Fashion-MNIST pool from the 60k training file")
+    parser.add_argument("--pool-size", type=int, default=2000)
+    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared",
+                        help="folder holding fashion_mnist/{train,val} (excluded from the pools)")
+    parser.add_argument("--idx-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     parser.add_argument("--val-dir", help="labelled image folder (ImageFolder layout)")
     parser.add_argument("--datamodule", help="class path of a LightningDataModule to take validation images from")
     parser.add_argument("--datamodule-args", default="{}", help="JSON init arguments of --datamodule")
-    parser.add_argument("--calib-dir", help="labelled folder for calibrate() (kept apart from --val-dir)")
+    parser.add_argument("--calib-pool", type=int, default=0, help="calibrate() on this many dev-pool images")
+    parser.add_argument("--calib-dir", help="labelled folder for calibrate() (kept apart from the evaluation images)")
     parser.add_argument("--calib-images", type=int, default=256)
-    parser.add_argument("--limit", type=int, default=256, help="validation images (class-balanced subset)")
+    parser.add_argument("--photos", help="folder of unlabelled photos for feature cosine to dense")
+    parser.add_argument("--limit", type=int, default=256, help="images from --val-dir / --datamodule")
     parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds (one batch of 16 per schedule)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pareto")
@@ -155,34 +198,49 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     module, transform = load(args)
     model = module.model
-    if args.datamodule:
+    if args.pool:
+        from fmnist_pool import load_pool
+
+        images, labels, _ = load_pool(args.pool, args.pool_size, transform, args.shared, args.idx_dir)
+        source = f"Fashion-MNIST 60k-train pool '{args.pool}' ({args.pool_size} images, head/val images excluded)"
+    elif args.datamodule:
         images, labels = from_datamodule(args.datamodule, json.loads(args.datamodule_args), args.limit)
+        source = f"{args.datamodule}({args.datamodule_args})"
     elif args.val_dir:
         images, labels = stack(args.val_dir, transform, args.limit)
+        source = args.val_dir
     else:
-        parser.error("pass --val-dir or --datamodule")
+        parser.error("pass --pool, --val-dir or --datamodule")
+    photos = stack(args.photos, transform, 10_000, labelled=False)[0] if args.photos else None
     done: Dict[str, dict] = {}
     if args.out.with_suffix(".json").exists():
         done = {r["schedule"]: r for r in json.loads(args.out.with_suffix(".json").read_text())["rows"]}
         print(f"resuming: {len(done)} rows already evaluated")
-    meta: Dict[str, Any] = {"env": environment("cpu"), "images": len(images),
-                            "data": args.val_dir or f"{args.datamodule}({args.datamodule_args})"}
-    if done.get("dense", {}).get("calibration"):
-        meta["calibration"] = done["dense"]["calibration"]
-    plan_rows = schedules(args.targets)
-    if args.calib_dir and "calibrated@0.55" not in done:
-        cal_images, cal_labels = stack(args.calib_dir, transform, args.calib_images)
-        loader = [(cal_images[i:i + args.batch], cal_labels[i:i + args.batch])
-                  for i in range(0, len(cal_images), args.batch)]
-        result = calibrate(model, loader, target=0.55, verbose=True)
+    meta: Dict[str, Any] = {"env": environment("cpu"), "images": len(images), "data": source,
+                            "photos": args.photos, "photos_n": 0 if photos is None else len(photos)}
+    plan_rows = schedules(args.targets, args.families)
+    calib = done.get("calibrated@0.55")
+    if calib is not None:
+        plan_rows["calibrated@0.55"] = DSMConfig.from_dict(calib["config"])
+        meta["calibration"] = calib.get("calibration")
+    elif args.calib_pool or args.calib_dir:
+        if args.calib_pool:
+            from fmnist_pool import load_pool
+
+            cal_images = load_pool("dev", args.calib_pool, transform, args.shared, args.idx_dir)[0]
+        else:
+            cal_images = stack(args.calib_dir, transform, args.calib_images)[0]
+        loader = [cal_images[i:i + args.batch] for i in range(0, len(cal_images), args.batch)]
+        result = calibrate(model, loader, target=0.55)
         print(result.table())
         print(f"calibration: {result.seconds:.1f} s on {result.images} images -> {result.config}")
-        meta["calibration"] = {"seconds": result.seconds, "images": result.images,
-                               "config": result.config.to_dict(), "candidates": result.candidates}
+        meta["calibration"] = {"seconds": result.seconds, "images": result.images, "stable": result.stable,
+                               "fell_back_to_tome": result.fell_back_to_tome, "config": result.config.to_dict(),
+                               "candidates": result.candidates}
         plan_rows["calibrated@0.55"] = result.config
-    elif "calibrated@0.55" in done:
-        plan_rows["calibrated@0.55"] = DSMConfig.from_dict(done["calibrated@0.55"]["config"])
-    dense_logits = logits_of(model, images, args.batch)
+    dense_logits = run(model, images, args.batch)
+    dense_feats = run(model, photos, args.batch, pre_logits=True) if photos is not None else None
+    dense_logp = dense_logits.log_softmax(-1)
     rows: List[dict] = []
     for name, cfg in plan_rows.items():
         if name in done:
@@ -195,25 +253,39 @@ def main(argv=None) -> int:
                 print(f"{name}: skipped ({err})")
                 continue
         t0 = time.perf_counter()
-        logits = dense_logits if cfg is None else logits_of(model, images, args.batch)
-        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        row = {
+        logits = dense_logits if cfg is None else run(model, images, args.batch)
+        row: Dict[str, Any] = {
             "schedule": name, "family": name.split("@")[0], "target": cfg.flops_target if cfg else 1.0,
-            "r": token_plan(model).r if cfg else 0, "delay": cfg.delay if cfg else None,
-            "local_blocks": cfg.local_blocks if cfg else None, "schedule_kind": cfg.schedule if cfg else None,
-            "config": cfg.to_dict() if cfg else None,
-            "top1": float((logits.argmax(-1) == labels).float().mean()),
-            "top5": float((top5 == labels[:, None]).any(-1).float().mean()),
-            "agreement": float((logits.argmax(-1) == dense_logits.argmax(-1)).float().mean()),
+            "r": token_plan(model).r if cfg else 0, "config": cfg.to_dict() if cfg else None,
+            "pred": logits.argmax(-1).tolist(),
+            "kl": float(torch.nn.functional.kl_div(logits.log_softmax(-1), dense_logp, log_target=True,
+                                                   reduction="batchmean")),
             "gflops": count_flops(model, images[:1]) / 1e9,
-            "eval_s": time.perf_counter() - t0,
         }
-        if name == "calibrated@0.55":
-            row["calibration"] = meta.get("calibration")
+        if photos is not None:
+            feats = dense_feats if cfg is None else run(model, photos, args.batch, pre_logits=True)
+            cos = torch.nn.functional.cosine_similarity(feats, dense_feats, dim=-1)
+            row.update(photo_cos_mean=float(cos.mean()), photo_cos_min=float(cos.min()),
+                       photo_cos=[round(float(c), 6) for c in cos])
+        row["eval_s"] = time.perf_counter() - t0
         remove_dsm(model)
         rows.append(row)
-        print(f"{name:18s} top1 {row['top1']:.3f} agree {row['agreement']:.3f} {row['gflops']:.2f} GFLOPs", flush=True)
+        print(f"{name:22s} agree {(logits.argmax(-1) == dense_logits.argmax(-1)).float().mean():.4f} "
+              f"top1 {(logits.argmax(-1) == labels).float().mean():.4f} {row['gflops']:.2f} GFLOPs", flush=True)
         write_rows(rows + [r for k, r in done.items() if k not in {x["schedule"] for x in rows}], args.out, meta)
+    # statistics from the stored per-image predictions (paired, same images)
+    by_name = {r["schedule"]: r for r in rows}
+    dense_pred = torch.tensor(by_name["dense"]["pred"])
+    dense_hit = (dense_pred == labels).float()
+    for row in rows:
+        pred = torch.tensor(row["pred"])
+        hit, agree = (pred == labels).float(), (pred == dense_pred).float()
+        row.update(top1=float(hit.mean()), agreement=float(agree.mean()), agreement_se=paired_se(agree),
+                   top1_vs_dense=float((hit - dense_hit).mean()), top1_vs_dense_se=paired_se(hit - dense_hit))
+        tome = by_name.get(f"tome@{row['target']:.2f}")
+        if tome is not None and row["family"] != "dense":
+            d = agree - (torch.tensor(tome["pred"]) == dense_pred).float()
+            row.update(agree_vs_tome=float(d.mean()), agree_vs_tome_se=paired_se(d))
     # one interleaved timing phase for every row
     import copy
 
@@ -224,18 +296,18 @@ def main(argv=None) -> int:
         if row["config"] is not None:
             apply_dsm(m, DSMConfig.from_dict(row["config"]))
         variants[row["schedule"]] = m
-
     times = time_interleaved({k: forward_fn(m, batch) for k, m in variants.items()}, args.repeats, 1, "cpu")
     dense_ips = 16 / median(times["dense"])
     for row in rows:
         row["img_per_s"] = 16 / median(times[row["schedule"]])
         row["speedup"] = row["img_per_s"] / dense_ips
-        row["flops_reduction"] = rows[0]["gflops"] / row["gflops"] if rows[0]["schedule"] == "dense" else None
+        row["flops_reduction"] = by_name["dense"]["gflops"] / row["gflops"]
     write_rows(rows, args.out, meta)
-    plot(rows, args.out.with_suffix(".png"), f"{len(images)} images from {meta['data']}")
-    cols = ["schedule", "r", "gflops", "flops_reduction", "img_per_s", "speedup", "top1", "top5", "agreement"]
-    print(markdown_table(rows, cols))
-    print(f"wrote {args.out}.csv/.json/.png")
+    plot(rows, args.out.with_suffix(".png"), f"{len(images)} images: {source}")
+    text = tables(rows, by_name["dense"])
+    args.out.with_suffix(".md").write_text(text + "\n")
+    print(text)
+    print(f"wrote {args.out}.csv/.json/.png/.md")
     return 0
 
 

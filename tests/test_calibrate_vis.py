@@ -84,17 +84,23 @@ def test_pareto_harness_runs_and_resumes(tmp_path):
     import pareto
 
     data = make_image_folder(tmp_path / "imgs", classes=3, per_class=4)
+    calib = make_image_folder(tmp_path / "calib", classes=3, per_class=3, seed=1)
+    photos = make_image_folder(tmp_path / "photos", classes=1, per_class=3, seed=2, labelled=False)
     out = tmp_path / "p"
     argv = ["--model-name", "vit_tiny_patch16_224", "--num-classes", "3", "--model-kwargs", json.dumps(TINY_KW),
-            "--val-dir", str(data), "--calib-dir", str(data), "--calib-images", "8", "--limit", "12",
+            "--val-dir", str(data), "--calib-dir", str(calib), "--calib-images", "8", "--limit", "12",
+            "--photos", str(photos),
             "--targets", "0.7", "--batch", "4", "--repeats", "1", "--out", str(out)]
     assert pareto.main(argv) == 0
     first = json.loads(out.with_suffix(".json").read_text())["rows"]
     names = {r["schedule"] for r in first}
-    assert {"dense", "tome@0.70", "dsm-d2@0.70", "calibrated@0.55"} <= names
+    assert {"dense", "tome@0.70", "default@0.70", "dsm-d2-keys@0.70", "calibrated@0.55"} <= names
     assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".csv").exists()
     dense = next(r for r in first if r["schedule"] == "dense")
     assert dense["agreement"] == 1.0 and all(r["img_per_s"] > 0 for r in first)
+    assert dense["photo_cos_min"] == pytest.approx(1.0) and all(-1 <= r["photo_cos_min"] <= 1 for r in first)
+    tome = next(r for r in first if r["schedule"] == "tome@0.70")
+    assert tome["agree_vs_tome"] == 0.0 and "Budget `flops_target=0.7`" in out.with_suffix(".md").read_text()
     assert pareto.main(argv) == 0
     second = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert {r["schedule"]: r["eval_s"] for r in second} == {r["schedule"]: r["eval_s"] for r in first}
@@ -116,3 +122,37 @@ def test_pareto_harness_with_a_datamodule(tmp_path):
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert {r["schedule"] for r in rows} >= {"dense", "tome@0.70"}
     assert all(0.0 <= r["top1"] <= 1.0 for r in rows)
+
+
+def test_fmnist_pools_are_disjoint_and_exclude_shared_images(tmp_path):
+    import gzip
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from fmnist_pool import excluded_indices, load_pool, pool_indices
+
+    n = 1300
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, n, dtype=np.uint8)
+    idx_dir = tmp_path / "idx"
+    idx_dir.mkdir()
+    header = (2051).to_bytes(4, "big") + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    (idx_dir / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + pixels.tobytes()))
+    (idx_dir / "train-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress((2049).to_bytes(4, "big") + n.to_bytes(4, "big") + labels.tobytes()))
+    shared = tmp_path / "shared"
+    for split, ids in (("train", range(0, 200, 2)), ("val", range(1, 100, 2))):
+        folder = shared / "fashion_mnist" / split / "0-t-shirt"
+        folder.mkdir(parents=True)
+        for i in ids:
+            (folder / f"{i:05d}.png").write_bytes(b"")
+    exclude = excluded_indices([shared / "fashion_mnist" / "train", shared / "fashion_mnist" / "val"])
+    assert len(exclude) == 150
+    dev, ev = pool_indices("dev", 1000, exclude, n), pool_indices("eval", 150, exclude, n)
+    assert not set(dev) & set(ev) and not (set(dev) | set(ev)) & exclude
+    assert pool_indices("eval", 100, exclude, n) == ev[:100], "a smaller pool is a prefix of a larger one"
+    with pytest.raises(ValueError, match="holds"):
+        pool_indices("eval", 500, exclude, n)
+    x, y, idx = load_pool("eval", 5, lambda im: torch.tensor(np.asarray(im)), shared, idx_dir)
+    assert idx == ev[:5] and x.shape == (5, 28, 28, 3)
+    assert torch.equal(x[0, ..., 0], torch.as_tensor(pixels[idx[0]])) and y.tolist() == labels[idx].tolist()
