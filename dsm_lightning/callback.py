@@ -52,13 +52,18 @@ def find_vit(module: nn.Module, attr: Optional[str] = None) -> Tuple[str, nn.Mod
 
 
 class _Throughput:
-    """Forward-time accounting of one model variant (seconds and images)."""
+    """Forward-time accounting of one model variant (seconds and images); the first ``warmup`` calls are not timed
+    (allocator, kernel selection and lazy initialisation make a cold first batch several times slower)."""
 
-    def __init__(self) -> None:
+    def __init__(self, warmup: int = 1) -> None:
         self.seconds = 0.0
         self.images = 0
+        self.warmup = warmup
 
     def add(self, seconds: float, images: int) -> None:
+        if self.warmup > 0:
+            self.warmup -= 1
+            return
         self.seconds += seconds
         self.images += images
 
@@ -357,17 +362,17 @@ class DSMCallback(Callback):
                       and t["config"] == self.guard.config.to_dict()]
             out["dsm/guard_agreement"] = self.guard.agreement
             out["dsm/guard_flops_ratio"] = chosen[0]["flops_ratio"] if chosen else 1.0
-        if not self._dsm.images:
-            return out
-        out["dsm/images_per_sec"] = self._dsm.per_second
+        if self._dsm.images:
+            out["dsm/images_per_sec"] = self._dsm.per_second
         if self._flops:
             merged, dense = next(iter(self._flops.values()))
             out["dsm/gflops_per_image"] = merged
             out["dsm/dense_gflops_per_image"] = dense
             out["dsm/flops_reduction"] = dense / merged
-        if self.compare_dense:
+        if self.compare_dense and self._dsm.images and self._dense.images:
             out["dsm/dense_images_per_sec"] = self._dense.per_second
             out["dsm/speedup"] = self._dsm.per_second / self._dense.per_second
+        if self.compare_dense:
             if self._agree is not None and self._agree.update_count:
                 out["dsm/agreement_top1"] = float(self._agree.compute())
         return out
@@ -385,6 +390,9 @@ class DSMCallback(Callback):
         metrics = self._collect()
         if not metrics:
             return
+        if "dsm/gflops_per_image" in metrics and "dsm/images_per_sec" not in metrics:
+            rank_zero_info("DSM: images/s and speedup are not logged: the only merged batch was the untimed warm-up "
+                           "(timing needs 2 or more merged batches)")
         self.metrics = {k: float(v) for k, v in metrics.items()}
         if stage == "predict":  # self.log is not available in predict: write to the loggers directly
             if trainer.is_global_zero:
