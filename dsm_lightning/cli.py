@@ -1,22 +1,33 @@
-"""``python -m dsm_lightning {fit,validate,test,predict} --config ...`` (LightningCLI)."""
+"""``python -m dsm_lightning {fit,validate,test,predict} ...`` (LightningCLI) with DSM always attached.
+
+``DSMCallback`` is part of the command line (``--dsm.delay=4``, ``--dsm.min_agreement=0.99``, ``--dsm.r=12`` ...;
+a ``dsm:`` section in YAML) and so is ``PredictionWriter`` (``--writer.output=preds.jsonl``), so a bare
+``python -m dsm_lightning predict --model.model_name=... --data.predict_dir=imgs`` merges tokens and writes
+predictions. ``--print_config`` shows every DSM setting with its default.
+"""
 
 from __future__ import annotations
 
 from typing import List, Optional
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from .callback import DSMCallback
 from .data import ImageFolderDataModule
 from .module import ImageClassifier
+from .writer import PredictionWriter
 
 __all__ = ["DSMLightningCLI", "main"]
 
 
 class DSMLightningCLI(LightningCLI):
-    """LightningCLI for :class:`ImageClassifier` + :class:`ImageFolderDataModule`.
+    """LightningCLI for :class:`ImageClassifier` + :class:`ImageFolderDataModule`, with :class:`DSMCallback` under
+    ``dsm`` and :class:`PredictionWriter` under ``writer`` always attached to the trainer."""
 
-    ``DSMCallback`` and ``PredictionWriter`` go in ``trainer.callbacks`` of the YAML (see ``configs/``).
-    """
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(DSMCallback, "dsm")
+        parser.add_lightning_class_args(PredictionWriter, "writer")
+        parser.set_defaults({"writer.output": "outputs/predictions.csv"})
 
 
 def main(args: Optional[List[str]] = None) -> None:

@@ -19,9 +19,7 @@ def cli_args(tmp_path: Path, data_dir: Path, output: Path, *extra: str):
     return [
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.logger=false",
         "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks+=dsm_lightning.callback.DSMCallback", "--trainer.callbacks.delay=1",
-        "--trainer.callbacks.r=2",
-        "--trainer.callbacks+=dsm_lightning.writer.PredictionWriter", f"--trainer.callbacks.output={output}",
+        "--dsm.delay=1", "--dsm.r=2", "--dsm.min_agreement=null", f"--writer.output={output}",
         "--model.model_name=vit_tiny_patch16_224", "--model.num_classes=3", "--model.top_k=2",
         f"--model.model_kwargs={json.dumps(TINY_KW)}",
         f"--data.predict_dir={data_dir}", "--data.batch_size=5", "--data.crop_pct=1.0",
