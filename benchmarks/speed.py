@@ -23,12 +23,14 @@ from dsm_lightning import apply_dsm, get_adapter, token_plan  # noqa: E402
 from dsm_lightning.flops import count_flops  # noqa: E402
 
 # name -> DSMConfig overrides; flops_target picks r so ToMe and DSM are compared at matched planned FLOPs.
+TOME = dict(delay=0, local_blocks=0, schedule="constant", metric="keys", protect=0.0)
 SCHEDULES = {
     "dense": None,
-    "tome (delay 0, global, constant r)": dict(delay=0, local_blocks=0, schedule="constant", flops_target=0.55),
-    "dsm delay=2 (default, proportional)": dict(delay=2, flops_target=0.55),
-    "dsm delay=2, constant r": dict(delay=2, schedule="constant", flops_target=0.55),
-    "dsm delay=4 (proportional)": dict(delay=4, flops_target=0.55),
+    "tome (delay 0, global, constant r, keys)": dict(TOME, flops_target=0.55),
+    "tome, proportional r": dict(TOME, schedule="proportional", flops_target=0.55),
+    "default (proportional, tokens, protect 0.2)": dict(flops_target=0.55),
+    "dsm delay=2, 2 local blocks, keys": dict(delay=2, local_blocks=2, metric="keys", protect=0.0, flops_target=0.55),
+    "default with delay=4": dict(delay=4, flops_target=0.55),
 }
 
 

@@ -8,7 +8,7 @@ model's weights or checkpoints.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -80,9 +80,10 @@ class DSMCallback(Callback):
     merging.
 
     Args:
-        delay, r, windows, local_blocks, prop_attn, flops_target, schedule: See :class:`~dsm_lightning.DSMConfig`
-            (unset fields keep its defaults).
-        config: A full :class:`~dsm_lightning.DSMConfig` instead of the fields above (they must then be left unset).
+        delay, r, windows, local_blocks, prop_attn, flops_target, schedule, metric, protect: See
+            :class:`~dsm_lightning.DSMConfig` (same defaults).
+        config: A full :class:`~dsm_lightning.DSMConfig` instead of the fields above (they must then keep their
+            defaults).
         stages: Which of ``"validate"`` (includes validation during fit and the sanity check), ``"test"``,
             ``"predict"`` merge.
         model_attr: Dotted attribute of the ViT inside the LightningModule; default: the first supported ViT found.
@@ -102,13 +103,15 @@ class DSMCallback(Callback):
 
     def __init__(
         self,
-        delay: Optional[int] = None,
-        r: Any = None,
-        windows: Any = None,
-        local_blocks: Optional[int] = None,
-        prop_attn: Optional[bool] = None,
-        flops_target: Optional[float] = None,
-        schedule: Optional[str] = None,
+        delay: int = DSMConfig.delay,
+        r: Union[int, float, List[int], None] = None,
+        windows: Union[int, Tuple[int, int]] = DSMConfig.windows,
+        local_blocks: int = DSMConfig.local_blocks,
+        prop_attn: bool = DSMConfig.prop_attn,
+        flops_target: float = DSMConfig.flops_target,
+        schedule: str = DSMConfig.schedule,
+        metric: str = DSMConfig.metric,
+        protect: float = DSMConfig.protect,
         *,
         config: Optional[DSMConfig] = None,
         stages: Sequence[str] = _STAGES,
@@ -119,14 +122,13 @@ class DSMCallback(Callback):
         min_agreement: Optional[float] = DEFAULT_MIN_AGREEMENT,
         guard_images: int = 128,
     ) -> None:
-        fields = dict(delay=delay, r=r, windows=windows, local_blocks=local_blocks, prop_attn=prop_attn,
-                      flops_target=flops_target, schedule=schedule)
-        given = {k: v for k, v in fields.items() if v is not None}
-        if config is not None and given:
-            raise ValueError(f"pass either config= or the fields {sorted(given)}, not both")
-        if isinstance(given.get("r"), list):
-            given["r"] = tuple(given["r"])
-        self.config = config if config is not None else DSMConfig(**given)
+        fields = dict(delay=delay, r=tuple(r) if isinstance(r, list) else r, windows=windows,
+                      local_blocks=local_blocks, prop_attn=prop_attn, flops_target=flops_target, schedule=schedule,
+                      metric=metric, protect=protect)
+        changed = sorted(k for k, v in fields.items() if v != getattr(DSMConfig, k))
+        if config is not None and changed:
+            raise ValueError(f"pass either config= or the fields {changed}, not both")
+        self.config = config if config is not None else DSMConfig(**fields)
         bad = set(stages) - set(_STAGES)
         if bad:
             raise ValueError(f"stages must be a subset of {_STAGES}, got {sorted(bad)}")

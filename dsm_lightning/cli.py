@@ -8,7 +8,7 @@ predictions. ``--print_config`` shows every DSM setting with its default.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -19,10 +19,21 @@ from .writer import PredictionWriter
 
 __all__ = ["DSMLightningCLI", "main"]
 
+DESCRIPTION = ("dsm-lightning: evaluate and predict with a pretrained ViT faster by merging redundant tokens (Delayed "
+               "Spatial Merging / ToMe), never touching training. DSM settings: --dsm.* (see --print_config); "
+               "predictions: --writer.output.")
+
 
 class DSMLightningCLI(LightningCLI):
     """LightningCLI for :class:`ImageClassifier` + :class:`ImageFolderDataModule`, with :class:`DSMCallback` under
     ``dsm`` and :class:`PredictionWriter` under ``writer`` always attached to the trainer."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        from . import __version__
+
+        parser.add_argument("--version", action="version", version=f"dsm-lightning {__version__}")
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(DSMCallback, "dsm")
@@ -33,7 +44,7 @@ class DSMLightningCLI(LightningCLI):
 def main(args: Optional[List[str]] = None) -> None:
     """Console entry point (``dsm-lightning``)."""
     DSMLightningCLI(ImageClassifier, ImageFolderDataModule, args=args, save_config_kwargs={"overwrite": True},
-                    auto_configure_optimizers=False)
+                    auto_configure_optimizers=False, parser_kwargs={"description": DESCRIPTION})
 
 
 if __name__ == "__main__":

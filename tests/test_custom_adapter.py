@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsm_lightning import Adapter, apply_dsm, get_adapter, register_adapter, remove_dsm, token_plan, trace_tokens
-from dsm_lightning.merge import unmerge
+from dsm_lightning.merge import class_attention, unmerge
 
 
 class Attn(nn.Module):
@@ -19,7 +19,9 @@ class Attn(nn.Module):
         b, t, c = x.shape
         q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         y = self.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b, t, c))
-        return (y, k.mean(1)) if return_keys else y
+        if not return_keys:
+            return y
+        return y, k.mean(1), class_attention(q, k, q.shape[-1] ** -0.5, bias, num_prefix=1)
 
 
 class Blk(nn.Module):
@@ -90,8 +92,8 @@ class MyViTAdapter(Adapter):
         return blk(x, bias)
 
     def merge_block(self, blk, x, bias, step):
-        y, keys = blk.attn(blk.norm1(x), bias, return_keys=True)
-        x, state = step(x + y, keys)
+        y, keys, cls_attn = blk.attn(blk.norm1(x), bias, return_keys=True)  # cls_attn: for DSMConfig.protect
+        x, state = step(x + y, keys, cls_attn)
         return x + blk.mlp(blk.norm2(x)), state
 
     def overrides(self):

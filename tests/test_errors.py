@@ -52,9 +52,9 @@ def test_per_block_r_checked_at_every_block():
 
 def test_too_many_windows_for_grid():
     with pytest.raises(ValueError, match="needs a patch grid of at least 9x9"):
-        apply_dsm(tiny_vit(), windows=81, r=2)
+        apply_dsm(tiny_vit(), windows=81, r=2, local_blocks=2)
     with pytest.raises(ValueError, match="single patch"):
-        token_plan(depth=4, grid=(2, 2), num_prefix_tokens=1, windows=4, r=1, delay=0)
+        token_plan(depth=4, grid=(2, 2), num_prefix_tokens=1, windows=4, r=1, delay=0, local_blocks=2)
 
 
 def test_local_blocks_past_depth():
