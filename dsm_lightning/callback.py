@@ -75,9 +75,10 @@ class _Throughput:
 class DSMCallback(Callback):
     """Apply Delayed Spatial Merging to the ViT inside a LightningModule for evaluation stages.
 
-    ``DSMCallback(delay=4)`` alone merges with a proportional ``r`` chosen per input size to reach
-    ``flops_target=0.55`` of the dense block FLOPs (about 1.8x fewer), a 2x2 local phase of 2 blocks, then global
-    merging.
+    ``DSMCallback()`` merges with :class:`~dsm_lightning.DSMConfig`'s defaults (a proportional ``r`` chosen per
+    input size for ``flops_target=0.55`` of the dense block FLOPs, about 1.8x fewer; token-feature matching with the
+    most class-attended tokens protected). ``DSMCallback(delay=4)`` keeps the first 4 blocks dense. Either way the
+    quality guard (``min_agreement``) first checks agreement with the dense model and merges less if needed.
 
     Args:
         delay, r, windows, local_blocks, prop_attn, flops_target, schedule, metric, protect: See
@@ -173,10 +174,11 @@ class DSMCallback(Callback):
         if self.compare_dense:
             from torchmetrics.classification import MulticlassAccuracy
 
-            num_classes = self._num_classes(pl_module)
+            num_classes = self._num_classes(pl_module, "compare_dense=True measures top-1 agreement")
             self._agree = MulticlassAccuracy(num_classes=num_classes, average="micro").to(pl_module.device)
         if self.min_agreement is not None:
-            self._num_classes(pl_module)  # the guard compares top-1 predictions: a classifier is needed
+            self._num_classes(pl_module, "the quality guard (min_agreement) compares top-1 predictions; pass "
+                                         "min_agreement=None to merge a backbone without it")
 
     def state_dict(self) -> Dict[str, Any]:
         return {"config": self.config.to_dict(), "stages": list(self.stages), "model_attr": self.model_attr,
@@ -347,7 +349,7 @@ class DSMCallback(Callback):
                 dense = count_flops(eager, image) / 1e9
         return merged, dense
 
-    def _num_classes(self, pl_module: LightningModule) -> int:
+    def _num_classes(self, pl_module: LightningModule, why: str) -> int:
         vit = self._vit
         for attr in ("num_classes",):
             if isinstance(getattr(vit, attr, None), int) and getattr(vit, attr) > 0:
@@ -355,7 +357,7 @@ class DSMCallback(Callback):
         head = getattr(vit, "head", None) or getattr(getattr(vit, "heads", None), "head", None)
         if isinstance(head, nn.Linear):
             return head.out_features
-        raise ValueError("compare_dense=True needs a classifier ViT (num_classes > 0)")
+        raise ValueError(f"{why}, which needs a classifier ViT (num_classes > 0) but this one has no head")
 
     def _collect(self) -> Dict[str, float]:
         out: Dict[str, float] = {}

@@ -117,3 +117,19 @@ def test_guard_settings_validated_and_saved():
     other = DSMCallback(min_agreement=None)
     other.load_state_dict(cb.state_dict())
     assert other.min_agreement == 0.9 and other.guard_images == 64 and other.config == cb.config
+
+
+def test_guard_on_a_backbone_names_the_fix(tmp_path):
+    from lightning.pytorch import LightningModule
+
+    class Backbone(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.vit = tiny_vit(num_classes=0)
+
+        def validation_step(self, batch, batch_idx):
+            return self.vit(batch["image"]).sum()
+
+    data = tiny_data(make_image_folder(tmp_path))
+    with pytest.raises(ValueError, match="min_agreement=None"):
+        trainer(callbacks=[DSMCallback()]).validate(Backbone(), datamodule=data, verbose=False)
