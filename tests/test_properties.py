@@ -150,3 +150,22 @@ def test_every_adapter_conserves_sizes_and_follows_plan(cfg, name):
 
     with torch.no_grad():
         trace_tokens(model, images(), hook=hook)
+
+
+@given(token_batches(), st.integers(0, 2**16))
+def test_protected_tokens_neither_merge_nor_receive(data, seed):
+    x, size, metric, r = data
+    batch, n, _ = x.shape
+    g = torch.Generator().manual_seed(seed)
+    protected = torch.rand(batch, n, generator=g) < 0.3
+    m = bipartite_soft_matching(metric, r, protected)
+    x2, size2 = merge_wavg(m.merge, x, size)
+    torch.testing.assert_close(size2.sum(1), size.sum(1))
+    torch.testing.assert_close((x2 * size2).sum(1), (x * size).sum(1))
+    for b in range(batch):
+        # unprotected a tokens with an unprotected b to go to; protection is only promised while r fits in them
+        free_a = int((~protected[b, ::2]).sum()) if bool((~protected[b, 1::2]).any()) else 0
+        counts = torch.bincount(m.new_index[b], minlength=n - r)
+        if r <= free_a:
+            for i in protected[b].nonzero().flatten().tolist():
+                assert counts[m.new_index[b, i]] == 1, f"protected token {i} shares its output token (r={r})"
