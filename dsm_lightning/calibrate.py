@@ -233,7 +233,7 @@ def calibrate(
         rest = search[quick.numel():]
         tome = next(c for c in candidates if _is_tome(c))
         default = DSMConfig().to_dict()
-        incumbent = next((c for c in candidates if all(c[k] == default[k] for k in _TOME)), None)
+        incumbent = next((c for c in candidates if _matches(c, {k: default[k] for k in _TOME})), None)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(candidates) + 2 * min(len(candidates), keep + 2), desc="calibrate", unit="candidate",
@@ -283,8 +283,13 @@ def _beats(loss_a: torch.Tensor, loss_b: torch.Tensor, z: float = 2.0) -> bool:
     return bool(diff.mean() > z * diff.std(unbiased=True) / diff.numel() ** 0.5)
 
 
+def _matches(c: Dict[str, Any], fields: Dict[str, Any]) -> bool:
+    """Whether candidate fields ``c`` (missing ones at DSMConfig's defaults) equal ``fields``."""
+    return all(c.get(k, getattr(DSMConfig, k)) == v for k, v in fields.items())
+
+
 def _is_tome(c: Dict[str, Any]) -> bool:
-    return all(c.get(k, getattr(DSMConfig, k)) == v for k, v in _TOME.items())
+    return _matches(c, _TOME)
 
 
 # ---------------------------------------------------------------------------------------------- quality guard
@@ -310,12 +315,25 @@ class GuardResult:
     images: int
     trials: List[Dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def chosen(self) -> Optional[Dict[str, Any]]:
+        """The trial of the chosen schedule (None when running dense)."""
+        if self.config is None:
+            return None
+        return next(t for t in self.trials if t["config"] == self.config.to_dict())
+
+    @property
+    def flops_ratio(self) -> float:
+        """Planned block FLOPs of the choice relative to dense (1.0 when running dense)."""
+        chosen = self.chosen
+        return 1.0 if chosen is None else float(chosen["flops_ratio"])
+
     def summary(self) -> str:
         """One line per evaluated candidate, the chosen one marked."""
-        chosen = self.config.to_dict() if self.config is not None else None
+        chosen = self.chosen
         lines = [f"DSM quality guard: top-1 agreement with dense >= {self.min_agreement:.3f} on {self.images} images"]
         for t in self.trials:
-            mark = "->" if t["config"] == chosen else "  "
+            mark = "->" if t is chosen else "  "
             lines.append(f"{mark} {t['label']:<22} block FLOPs {t['flops_ratio']:.3f}x dense  agreement "
                          f"{t['agreement']:.4f}")
         if self.config is None:
@@ -377,21 +395,20 @@ def quality_guard(
         raise ValueError(f"min_agreement must be in (0, 1], got {min_agreement}")
     device = images.device
     reference = dense_logits.argmax(-1).cpu()
+    from .adapters import get_adapter
+
+    dims = get_adapter(model).dims(model)
+    img_size = tuple(images.shape[-2:])
     candidates = guard_candidates(config)
-    dims = None
     trials: List[Dict[str, Any]] = []
     total = float(images.shape[0])
     if reduce is not None:
         total = float(reduce(torch.tensor(total, device=device)))
 
     def agreement(cfg: DSMConfig) -> float:
-        nonlocal dims
+        plan = token_plan(model, cfg, img_size=img_size)
         apply_dsm(model, cfg)
         try:
-            from .adapters import get_adapter
-
-            adapter = get_adapter(model)
-            plan = token_plan(model, img_size=tuple(images.shape[-2:]))
             logits = _logits(model, images, batch_size, device)
         finally:
             remove_dsm(model)
@@ -400,7 +417,7 @@ def quality_guard(
             hits = reduce(hits)
         value = float(hits) / total
         label = f"flops_target={cfg.flops_target:g}" if config.r is None else f"r={plan.r if plan.r is not None else cfg.r}"
-        trials.append({"label": label, "config": cfg.to_dict(), "flops_ratio": plan.flops_ratio(*adapter.dims(model)),
+        trials.append({"label": label, "config": cfg.to_dict(), "flops_ratio": plan.flops_ratio(*dims),
                        "agreement": value})
         return value
 

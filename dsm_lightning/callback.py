@@ -362,10 +362,8 @@ class DSMCallback(Callback):
     def _collect(self) -> Dict[str, float]:
         out: Dict[str, float] = {}
         if self.guard is not None:
-            chosen = [t for t in self.guard.trials if self.guard.config is not None
-                      and t["config"] == self.guard.config.to_dict()]
             out["dsm/guard_agreement"] = self.guard.agreement
-            out["dsm/guard_flops_ratio"] = chosen[0]["flops_ratio"] if chosen else 1.0
+            out["dsm/guard_flops_ratio"] = self.guard.flops_ratio
         if self._dsm.images:
             out["dsm/images_per_sec"] = self._dsm.per_second
         if self._flops:
