@@ -12,7 +12,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from .adapters import UnsupportedModelError, get_adapter
@@ -223,7 +222,7 @@ class DSMCallback(Callback):
         if self.log_summary and trainer.is_global_zero and not trainer.sanity_checking:
             plan = token_plan(self._vit)
             dims = get_adapter(self._vit).dims(self._vit)
-            rank_zero_info(f"DSM on '{self._vit_name or 'model'}' for {self._stage} ({config}):\n{plan.table(*dims)}")
+            self._say(f"DSM on '{self._vit_name or 'model'}' for {self._stage} ({config}):\n{plan.table(*dims)}")
 
     def _guard_step(self, images: torch.Tensor, output: Any) -> None:
         """Collect dense inputs and outputs; once enough are seen, choose and apply the schedule."""
@@ -243,7 +242,7 @@ class DSMCallback(Callback):
         self._guard_inputs, self._guard_outputs = [], []
         self.guard = quality_guard(self._vit, images_all, dense, self.config, self.min_agreement,
                                    batch_size=max(1, images.shape[0]), reduce=reduce)
-        rank_zero_info(self.guard.summary())
+        self._say(self.guard.summary())
         if self.guard.config is not None:
             self._patch(self.guard.config)
 
@@ -290,6 +289,14 @@ class DSMCallback(Callback):
 
     def teardown(self, trainer, pl_module, stage):
         self._restore()
+
+    def _say(self, message: str) -> None:
+        """Print on rank zero through the progress bar (so the line is not glued to the end of a live bar)."""
+        trainer = self._trainer
+        if trainer is None or not trainer.is_global_zero:
+            return
+        bar = trainer.progress_bar_callback
+        bar.print(message) if bar is not None else print(message)
 
     # ------------------------------------------------------------------ measurement
     @staticmethod
@@ -384,7 +391,7 @@ class DSMCallback(Callback):
             return
         if self.min_agreement is not None and self.guard is None:
             seen = sum(x.shape[0] for x in self._guard_inputs)
-            rank_zero_info(f"DSM quality guard: the {stage} stage ended after {seen} images, fewer than "
+            self._say(f"DSM quality guard: the {stage} stage ended after {seen} images, fewer than "
                            f"guard_images={self.guard_images}, so it ran dense throughout; lower guard_images or "
                            f"pass min_agreement=None to merge without the guard")
             self._guard_inputs, self._guard_outputs = [], []
@@ -393,7 +400,7 @@ class DSMCallback(Callback):
         if not metrics:
             return
         if "dsm/gflops_per_image" in metrics and "dsm/images_per_sec" not in metrics:
-            rank_zero_info("DSM: images/s and speedup are not logged: the only merged batch was the untimed warm-up "
+            self._say("DSM: images/s and speedup are not logged: the only merged batch was the untimed warm-up "
                            "(timing needs 2 or more merged batches)")
         self.metrics = {k: float(v) for k, v in metrics.items()}
         if stage == "predict":  # self.log is not available in predict: write to the loggers directly
@@ -401,7 +408,7 @@ class DSMCallback(Callback):
                 for logger in trainer.loggers:
                     logger.log_metrics(self.metrics, step=trainer.global_step)
                     logger.save()
-            rank_zero_info("DSM predict: " + ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items()))
+            self._say("DSM predict: " + ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items()))
             return
         for key, value in metrics.items():
             pl_module.log(key, value, sync_dist=not key.startswith("dsm/agreement"), on_epoch=True)

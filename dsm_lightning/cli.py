@@ -4,20 +4,34 @@
 a ``dsm:`` section in YAML) and so is ``PredictionWriter`` (``--writer.output=preds.jsonl``), so a bare
 ``python -m dsm_lightning predict --model.model_name=... --data.predict_dir=imgs`` merges tokens and writes
 predictions. ``--print_config`` shows every DSM setting with its default.
+
+Input paths written in a config file (``data.*_dir``, ``model.checkpoint_path``) resolve relative to that file's
+folder, so a config runs from any working directory; outputs (``writer.output``, logger folders) go under the working
+directory. User errors (a missing folder, a bad value) end the command with one line naming the fix and exit status
+1; set ``DSM_LIGHTNING_TRACEBACK=1`` to see the full traceback.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, List, Optional
 
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .callback import DSMCallback
+from .console import run_console
 from .data import ImageFolderDataModule
 from .module import ImageClassifier
 from .writer import PredictionWriter
 
-__all__ = ["DSMLightningCLI", "main"]
+__all__ = ["DSMLightningCLI", "cli", "config_relative_paths", "main"]
+
+#: Input paths that resolve relative to the config file that sets them.
+CONFIG_RELATIVE_KEYS = ("data.train_dir", "data.val_dir", "data.test_dir", "data.predict_dir",
+                        "model.checkpoint_path")
+
 
 DESCRIPTION = ("dsm-lightning: evaluate and predict with a pretrained ViT faster by merging redundant tokens (Delayed "
                "Spatial Merging / ToMe), never touching training. DSM settings: --dsm.* (see --print_config); "
@@ -40,12 +54,47 @@ class DSMLightningCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "writer")
         parser.set_defaults({"writer.output": "outputs/predictions.csv"})
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        for key, value in config_relative_paths(config).items():
+            config[key] = value
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def config_relative_paths(config: Any) -> dict:
+    """``{key: absolute path}`` for the :data:`CONFIG_RELATIVE_KEYS` whose value was set, as a relative path, by a
+    ``--config`` file and not overridden afterwards (a command-line value stays relative to the working
+    directory)."""
+    found = {}
+    for file in config.get("config") or []:
+        path = Path(str(getattr(file, "absolute", file)))
+        try:
+            tree = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        for key in CONFIG_RELATIVE_KEYS:
+            value = _lookup(tree, key)
+            if isinstance(value, str):
+                found[key] = (value, value if os.path.isabs(value) else str((path.parent / value).resolve()))
+    return {key: resolved for key, (raw, resolved) in found.items() if config.get(key) == raw}
+
+
+def cli(args: Optional[List[str]] = None) -> DSMLightningCLI:
+    """Run the command line with ``args`` (``sys.argv`` when None), raising errors as they are (for Python callers
+    and tests; the console command is :func:`main`)."""
+    return DSMLightningCLI(ImageClassifier, ImageFolderDataModule, args=args,
+                           save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                           parser_kwargs={"description": DESCRIPTION})
+
 
 def main(args: Optional[List[str]] = None) -> None:
-    """Console entry point (``dsm-lightning``)."""
-    DSMLightningCLI(ImageClassifier, ImageFolderDataModule, args=args, save_config_kwargs={"overwrite": True},
-                    auto_configure_optimizers=False, parser_kwargs={"description": DESCRIPTION})
-
-
-if __name__ == "__main__":
-    main()
+    """Console entry point (``dsm-lightning``, ``python -m dsm_lightning``): a user error prints one line (the
+    message and its fix) and exits with status 1; ``DSM_LIGHTNING_TRACEBACK=1`` shows the traceback instead."""
+    run_console(lambda: cli(args), "dsm-lightning")

@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
+import torch
 from lightning.pytorch import LightningDataModule
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-__all__ = ["ImageFolderDataModule", "ImageFiles", "IMG_EXTENSIONS", "transform_from_config"]
+__all__ = ["ImageFolderDataModule", "ImageFiles", "IMG_EXTENSIONS", "collate_skipping", "transform_from_config"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+BadImages = Literal["auto", "skip", "stop"]
+
+
+def collate_skipping(items: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Collate :class:`ImageFiles` items, leaving out unreadable ones (``{"skipped": ...}`` items from
+    ``ImageFiles(skip_bad=True)``); their ``(path, reason)`` pairs travel in ``batch["skipped"]``. A batch of only
+    unreadable files has zero images (``batch["image"].shape[0] == 0``)."""
+    good = [item for item in items if "skipped" not in item]
+    skipped = [item["skipped"] for item in items if "skipped" in item]
+    if good:
+        batch = default_collate(good)
+    else:
+        batch = {"image": torch.empty(0), "target": torch.empty(0, dtype=torch.long), "path": [],
+                 "index": torch.empty(0, dtype=torch.long)}
+    batch["skipped"] = skipped
+    return batch
 
 
 def transform_from_config(cfg: Dict[str, Any], training: bool = False) -> Callable:
@@ -22,12 +40,39 @@ def transform_from_config(cfg: Dict[str, Any], training: bool = False) -> Callab
     return create_transform(**{k: cfg[k] for k in keys if k in cfg}, is_training=training)
 
 
+def image_files(root: Path) -> List[str]:
+    """Image files under ``root``, sorted, following symbolic links safely: a directory reached twice (a link
+    loop such as ``up -> ..``, or two links to one place) is walked once, and each file is listed once."""
+    seen_dirs, seen_files, found = set(), set(), []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames.sort()
+        for name in sorted(filenames):
+            file = os.path.join(dirpath, name)
+            if Path(name).suffix.lower() not in IMG_EXTENSIONS or not os.path.isfile(file):
+                continue
+            key = os.path.realpath(file)
+            if key not in seen_files:
+                seen_files.add(key)
+                found.append(file)
+    return sorted(found)
+
+
 class ImageFiles(Dataset):
     """Images from a folder: ``ImageFolder`` layout (``<root>/<class>/<img>``) when labelled, else every image file
-    under ``root`` (label -1). Items are dicts ``{image, target, path, index}``."""
+    under ``root`` (label -1). Items are dicts ``{image, target, path, index}``.
+
+    An unreadable file raises a ``RuntimeError`` naming it, or with ``skip_bad=True`` gives the item
+    ``{"skipped": (path, reason), "index": i}``, which :func:`collate_skipping` leaves out of the batch.
+    """
 
     def __init__(self, root: str, transform: Optional[Callable] = None, labelled: Optional[bool] = None,
-                 classes: Optional[Sequence[str]] = None) -> None:
+                 classes: Optional[Sequence[str]] = None, skip_bad: bool = False) -> None:
+        self.skip_bad = skip_bad
         path = Path(root)
         if not path.is_dir():
             raise FileNotFoundError(f"image folder {root!r} does not exist; point the data module at a folder of "
@@ -37,18 +82,15 @@ class ImageFiles(Dataset):
             labelled = bool(subdirs)
         self.transform = transform
         if labelled:
-            from torchvision.datasets import ImageFolder
-
             if not subdirs:
                 raise FileNotFoundError(f"{root!r} has no class sub-folders; validate/test need the ImageFolder "
                                         f"layout <root>/<class>/<image>")
-            folder = ImageFolder(str(path), allow_empty=True)
-            self.classes: List[str] = list(classes) if classes else folder.classes
-            self.samples: List[Tuple[str, int]] = folder.samples
+            self.classes: List[str] = list(classes) if classes else subdirs
+            self.samples: List[Tuple[str, int]] = [(f, label) for label, name in enumerate(subdirs)
+                                                   for f in image_files(path / name)]
         else:
             self.classes = list(classes) if classes else []
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
-            self.samples = [(str(p), -1) for p in files]
+            self.samples = [(f, -1) for f in image_files(path)]
         if not self.samples:
             raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root!r}")
 
@@ -61,7 +103,10 @@ class ImageFiles(Dataset):
             with open(path, "rb") as fh:
                 image = Image.open(fh).convert("RGB")
         except Exception as err:  # PIL raises several types for broken files
-            raise RuntimeError(f"cannot read image {path!r} ({err}); remove or replace the file") from err
+            if self.skip_bad:
+                return {"skipped": (path, f"{type(err).__name__}: {err}"), "index": index}
+            raise RuntimeError(f"cannot read image {path!r} ({err}); remove or replace the file, or pass "
+                               f"data.bad_images=skip to leave unreadable files out") from err
         if self.transform is not None:
             image = self.transform(image)
         return {"image": image, "target": target, "path": path, "index": index}
@@ -81,6 +126,11 @@ class ImageFolderDataModule(LightningDataModule):
         interpolation: ``bilinear``, ``bicubic``, ...
         crop_pct: Centre-crop fraction (1.0 = resize only).
         mean, std: Normalisation.
+        bad_images: What an unreadable image file does: ``"stop"`` the run with an error naming the file, or
+            ``"skip"`` it (a warning per file; the prediction writer lists skipped files next to its output).
+            ``"auto"`` (default) skips in predict, where every image stands alone and one bad file among thousands
+            must not throw the run away, and stops in fit / validate / test, where leaving images out would quietly
+            change the data that a loss or an accuracy is computed on.
     """
 
     def __init__(
@@ -96,8 +146,11 @@ class ImageFolderDataModule(LightningDataModule):
         crop_pct: Optional[float] = None,
         mean: Optional[Tuple[float, float, float]] = None,
         std: Optional[Tuple[float, float, float]] = None,
+        bad_images: BadImages = "auto",
     ) -> None:
         super().__init__()
+        if bad_images not in ("auto", "skip", "stop"):
+            raise ValueError(f"bad_images={bad_images!r}: use 'auto', 'skip' or 'stop'")
         self.save_hyperparameters()
         self.datasets: Dict[str, ImageFiles] = {}
         self._check_dirs()
@@ -140,7 +193,9 @@ class ImageFolderDataModule(LightningDataModule):
                 if split == "val" and stage == "fit":
                     continue
                 raise ValueError(f"stage {stage!r} needs data.{split}_dir (a folder of images)")
-            self.datasets[split] = ImageFiles(folder, self.transform(training=split == "train"), labelled)
+            skip = h.bad_images == "skip" or (h.bad_images == "auto" and stage == "predict")
+            self.datasets[split] = ImageFiles(folder, self.transform(training=split == "train"), labelled,
+                                              skip_bad=skip)
 
     @property
     def classes(self) -> List[str]:
@@ -151,7 +206,8 @@ class ImageFolderDataModule(LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
+                          collate_fn=collate_skipping)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -11,7 +12,39 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
-__all__ = ["ImageClassifier", "build_model", "load_checkpoint"]
+__all__ = ["ImageClassifier", "build_model", "load_checkpoint", "read_sidecar"]
+
+#: Model of :class:`ImageClassifier` when neither ``model_name`` nor a checkpoint side-car names one.
+DEFAULT_MODEL = "vit_small_patch16_224"
+
+
+def read_sidecar(checkpoint_path: str) -> Dict[str, Any]:
+    """The JSON file next to a checkpoint (same name, ``.json``), or ``{}`` when there is none.
+
+    Keys read: ``timm_name`` (model name), ``create_kwargs`` (constructor arguments, e.g. ``img_size``,
+    ``num_classes``, ``global_pool``) and ``classes`` (class names, one per output). Other keys are ignored.
+
+    Raises:
+        ValueError: If the file is not valid JSON or a key has the wrong type (the message names the file).
+    """
+    meta = Path(checkpoint_path).with_suffix(".json")
+    if not meta.is_file():
+        return {}
+    try:
+        data = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta} is not valid JSON ({err}); fix or remove the side-car file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{meta} holds a JSON {type(data).__name__}; a side-car file is a JSON object such as "
+                         f'{{"timm_name": ..., "create_kwargs": {{...}}, "classes": [...]}}')
+    checks = {"timm_name": (str, "a model name string"), "create_kwargs": (dict, "an object of constructor "
+              "arguments"), "classes": (list, "a list of class-name strings")}
+    for key, (kind, what) in checks.items():
+        if key in data and not isinstance(data[key], kind):
+            raise ValueError(f"{meta}: {key!r} must be {what}, got {data[key]!r}")
+    if "classes" in data and not all(isinstance(c, str) for c in data["classes"]):
+        raise ValueError(f"{meta}: 'classes' must be a list of class-name strings")
+    return data
 
 
 def build_model(model_name: str, num_classes: Optional[int] = None, pretrained: bool = False,
@@ -84,20 +117,21 @@ class ImageClassifier(LightningModule):
 
     Args:
         model_name: timm model name (``pretrained=False`` by default: no hub access is needed) or
-            ``torchvision:<name>``.
-        num_classes: Classes of the head (default: the model's default).
+            ``torchvision:<name>``. Default: the ``timm_name`` of the checkpoint's side-car JSON (with its
+            ``create_kwargs`` under ``model_kwargs``), else ``vit_small_patch16_224``.
+        num_classes: Classes of the head (default: the side-car's, else the model's default).
         checkpoint_path: Local weights (``.safetensors``, ``.pt``/``.pth``, Lightning ``.ckpt``), loaded strictly.
         pretrained: Let timm download weights (needs network access).
         model_kwargs: Extra keyword arguments for the model constructor (e.g. ``img_size``, ``global_pool``).
-        class_names: Names of the classes (used by the prediction writer); a JSON file with a ``classes`` list
-            next to the checkpoint is read when this is None.
+        class_names: Names of the classes (used by the prediction writer); the side-car JSON's ``classes`` list
+            (:func:`read_sidecar`) is used when this is None.
         top_k: k of the top-k accuracy and of predictions.
         lr: Learning rate of AdamW (fit only).
     """
 
     def __init__(
         self,
-        model_name: str = "vit_small_patch16_224",
+        model_name: Optional[str] = None,
         num_classes: Optional[int] = None,
         checkpoint_path: Optional[str] = None,
         pretrained: bool = False,
@@ -108,13 +142,19 @@ class ImageClassifier(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_model(model_name, num_classes, pretrained, **(model_kwargs or {}))
+        meta = read_sidecar(checkpoint_path) if checkpoint_path else {}
+        kwargs = dict(model_kwargs or {})
+        if model_name is None and "timm_name" in meta:
+            kwargs = {**meta.get("create_kwargs", {}), **kwargs}
+            if num_classes is None:
+                num_classes = kwargs.pop("num_classes", None)
+            kwargs.pop("num_classes", None)
+        self.model_name: str = model_name or meta.get("timm_name") or DEFAULT_MODEL
+        self.model = build_model(self.model_name, num_classes, pretrained, **kwargs)
         if checkpoint_path:
             load_checkpoint(self.model, checkpoint_path)
-            if class_names is None:
-                meta = Path(checkpoint_path).with_suffix(".json")
-                if meta.is_file():
-                    class_names = json.loads(meta.read_text()).get("classes")
+        if class_names is None:
+            class_names = meta.get("classes")
         self.num_classes = self._infer_num_classes()
         self.class_names = list(class_names) if class_names else None
         if self.class_names is not None and len(self.class_names) != self.num_classes:
@@ -135,13 +175,13 @@ class ImageClassifier(LightningModule):
         n = getattr(self.model, "num_classes", None)
         if isinstance(n, int) and n > 0:
             return n
-        raise ValueError(f"{self.hparams.model_name} has no classifier head (num_classes=0); set num_classes")
+        raise ValueError(f"{self.model_name} has no classifier head (num_classes=0); set num_classes")
 
     def data_config(self) -> Dict[str, Any]:
         """Preprocessing of the model (timm's ``resolve_data_config``), used by the DataModule."""
         from timm.data import resolve_data_config
 
-        if self.hparams.model_name.startswith("torchvision:"):
+        if self.model_name.startswith("torchvision:"):
             size = self.model.image_size
             return {"input_size": (3, size, size), "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
                     "std": (0.229, 0.224, 0.225), "crop_pct": 224 / 256, "crop_mode": "center"}
@@ -159,7 +199,14 @@ class ImageClassifier(LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["target"].shape[0])
         return loss
 
+    def _warn_skipped(self, batch: Dict[str, Any]) -> None:
+        for path, reason in batch.get("skipped", ()):
+            warnings.warn(f"skipped unreadable image {path!r} ({reason})", stacklevel=2)
+
     def _eval_step(self, batch: Dict[str, Any], metrics) -> None:
+        self._warn_skipped(batch)
+        if batch["image"].shape[0] == 0:
+            return
         logits = self(batch["image"])
         target = batch["target"]
         if (target < 0).any():
@@ -176,10 +223,15 @@ class ImageClassifier(LightningModule):
         self._eval_step(batch, self.test_metrics)
 
     def predict_step(self, batch: Dict[str, Any], batch_idx: int) -> Dict[str, Any]:
-        probs = self(batch["image"]).softmax(dim=-1)
-        scores, classes = probs.topk(self.top_k, dim=-1)
+        """Top-k classes and probabilities per image, plus ``skipped`` (unreadable files left out of the batch)."""
+        self._warn_skipped(batch)
+        if batch["image"].shape[0] == 0:  # every file of this batch was unreadable
+            empty = torch.empty(0, self.top_k, device=self.device)
+            scores, classes = empty, empty.long()
+        else:
+            scores, classes = self(batch["image"]).softmax(dim=-1).topk(self.top_k, dim=-1)
         return {"path": batch["path"], "index": batch["index"], "classes": classes, "scores": scores,
-                "target": batch["target"]}
+                "target": batch["target"], "skipped": list(batch.get("skipped", ()))}
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)

@@ -17,6 +17,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from .config import DSMConfig, RType
+from .console import run_console
+from .module import DEFAULT_MODEL
 from .patch import apply_dsm, is_patched, trace_tokens
 
 __all__ = ["token_maps", "render_tokens", "merge_figure"]
@@ -93,19 +96,51 @@ def merge_figure(model: nn.Module, image: torch.Tensor, mean: Sequence[float], s
     return figure
 
 
+def parse_r(text: str) -> RType:
+    """``r`` as on the command line: ``none``, an int (``12``), a fraction (``0.1``) or one int per block
+    (``0,0,8,8``), the same forms as :attr:`DSMConfig.r`."""
+    text = text.strip().lower()
+    try:
+        if text in ("", "none", "null"):
+            return None
+        if "," in text:
+            return [int(v) for v in text.split(",")]
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"r={text!r}: pass none, an int (12), a fraction (0.1) or one int per "
+                                         f"block (0,0,8,8)") from None
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``python -m dsm_lightning.vis``: write one merge picture per image."""
+    parser = argparse.ArgumentParser(prog="python -m dsm_lightning.vis", description=__doc__,
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    parser.add_argument("--out", default="outputs/vis")
-    parser.add_argument("--model-name", default="vit_small_patch16_224")
-    parser.add_argument("--checkpoint", default=None, help="local weights (.safetensors / .pt)")
-    parser.add_argument("--num-classes", type=int, default=None)
-    parser.add_argument("--img-size", type=int, default=None)
-    parser.add_argument("--delay", type=int, default=2)
-    parser.add_argument("--r", type=int, default=None)
-    parser.add_argument("--local-blocks", type=int, default=2)
-    parser.add_argument("--limit", type=int, default=16)
+    parser.add_argument("--out", default="outputs/vis", help="folder for the PNG pictures")
+    parser.add_argument("--checkpoint", default=None,
+                        help="local weights (.safetensors / .pt); its side-car JSON names the model")
+    parser.add_argument("--model-name", default=None,
+                        help=f"timm name; None: the checkpoint side-car's, else {DEFAULT_MODEL}")
+    parser.add_argument("--num-classes", type=int, default=None, help="None: the side-car's, else the model's")
+    parser.add_argument("--img-size", type=int, default=None, help="input size; None: the side-car's, else the model's")
+    parser.add_argument("--delay", type=int, default=2, help="dense leading blocks")
+    parser.add_argument("--local-blocks", type=int, default=2, help="merging blocks inside windows (shown as a "
+                        "middle panel)")
+    parser.add_argument("--windows", type=int, default=DSMConfig.windows, help="windows of the local phase")
+    parser.add_argument("--r", type=parse_r, default=None,
+                        help="tokens merged per block: none (from --flops-target), 12, 0.1 or 0,0,8,8")
+    parser.add_argument("--flops-target", type=float, default=DSMConfig.flops_target,
+                        help="fraction of the dense FLOPs when --r is none")
+    parser.add_argument("--limit", type=int, default=16, help="at most this many images")
     args = parser.parse_args(argv)
+    run_console(lambda: _write_pictures(args), parser.prog)
+
+
+def _write_pictures(args: argparse.Namespace) -> None:
     from .data import ImageFiles, transform_from_config
     from .module import ImageClassifier
 
@@ -116,7 +151,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     cfg["crop_pct"] = 1.0
     transform = transform_from_config(cfg)
     files = ImageFiles(args.images, transform, labelled=False)
-    apply_dsm(module.model, delay=args.delay, r=args.r, local_blocks=args.local_blocks)
+    apply_dsm(module.model, DSMConfig(delay=args.delay, r=args.r, local_blocks=args.local_blocks,
+                                      windows=args.windows, flops_target=args.flops_target))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i in range(min(args.limit, len(files))):

@@ -2,7 +2,9 @@
 
 Every rank appends its rows to its own part file as batches finish. At the end of predict, rank zero merges the
 parts (one row per image, in dataset order, duplicates from padded samplers dropped) into a temporary file and
-renames it into place, so the output is never half-written; on an exception the parts are removed.
+renames it into place, so the output is never half-written; on an exception the parts are removed. Images the data
+module skipped as unreadable (``data.bad_images``) are listed, with the reason, in ``<output stem>.skipped.tsv``
+next to the output.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -39,9 +41,17 @@ class PredictionWriter(BasePredictionWriter):
     def _part(self, rank: int) -> Path:
         return self.output.with_name(f".{self.output.name}.rank{rank}.part")
 
+    @property
+    def skipped_path(self) -> Path:
+        """Where unreadable images left out of the predictions are listed (tab-separated path and reason)."""
+        return self.output.with_name(self.output.stem + ".skipped.tsv")
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "predict":
             return
+        if self.output.is_dir():
+            raise IsADirectoryError(f"writer.output={str(self.output)!r} is a directory; pass a file name such as "
+                                    f"{str(self.output / 'predictions.csv')!r}")
         if self.output.exists() and not self.overwrite:
             raise FileExistsError(f"{self.output} exists; delete it or set overwrite=True")
         self.output.parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +68,8 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Dict[str, Any],
                            batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
                            dataloader_idx: int) -> None:
+        for path, reason in prediction.get("skipped", ()):
+            self._fh.write(json.dumps({"skipped": path, "reason": reason}) + "\n")
         classes = prediction["classes"].tolist()
         scores = prediction["scores"].tolist()
         for i, path in enumerate(prediction["path"]):
@@ -77,17 +89,26 @@ class PredictionWriter(BasePredictionWriter):
             self._fh = None
         trainer.strategy.barrier("dsm_prediction_writer_parts")
         if trainer.is_global_zero:
-            self._merge(trainer.world_size)
+            written, skipped = self._merge(trainer.world_size)
+            message = f"PredictionWriter: {written} predictions written to {self.output}"
+            if skipped:
+                message += f"; {skipped} unreadable images skipped (listed in {self.skipped_path})"
+            bar = trainer.progress_bar_callback
+            bar.print(message) if bar is not None else print(message)
         trainer.strategy.barrier("dsm_prediction_writer_done")
 
-    def _merge(self, world_size: int) -> None:
+    def _merge(self, world_size: int) -> Tuple[int, int]:
         rows: Dict[int, Dict[str, Any]] = {}
+        skipped: Dict[str, str] = {}
         for rank in range(world_size):
             part = self._part(rank)
             with open(part) as fh:
                 for line in fh:
                     row = json.loads(line)
-                    rows.setdefault(row["index"], row)
+                    if "skipped" in row:
+                        skipped.setdefault(row["skipped"], row["reason"])
+                    else:
+                        rows.setdefault(row["index"], row)
         ordered = [rows[k] for k in sorted(rows)]
         tmp = self.output.with_name(f".{self.output.name}.tmp")
         with open(tmp, "w", newline="") as fh:
@@ -113,8 +134,15 @@ class PredictionWriter(BasePredictionWriter):
                             flat[f"top{j + 1}_name"] = row["names"][j]
                     writer.writerow(flat)
         os.replace(tmp, self.output)
+        if skipped:
+            tmp = self.skipped_path.with_name(f".{self.skipped_path.name}.tmp")
+            tmp.write_text("".join(f"{path}\t{' '.join(reason.split())}\n" for path, reason in sorted(skipped.items())))
+            os.replace(tmp, self.skipped_path)
+        else:
+            self.skipped_path.unlink(missing_ok=True)  # a list from an earlier run would mislead
         for rank in range(world_size):
             self._part(rank).unlink(missing_ok=True)
+        return len(ordered), len(skipped)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if self._fh is not None:

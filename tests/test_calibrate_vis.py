@@ -156,3 +156,63 @@ def test_fmnist_pools_are_disjoint_and_exclude_shared_images(tmp_path):
     x, y, idx = load_pool("eval", 5, lambda im: torch.tensor(np.asarray(im)), shared, idx_dir)
     assert idx == ev[:5] and x.shape == (5, 28, 28, 3)
     assert torch.equal(x[0, ..., 0], torch.as_tensor(pixels[idx[0]])) and y.tolist() == labels[idx].tolist()
+
+
+def write_checkpoint_with_sidecar(folder: Path, classes=("a", "b", "c")) -> Path:
+    """A tiny timm ViT saved as safetensors with a side-car JSON that names the model (like the reference's)."""
+    from safetensors.torch import save_file
+
+    from dsm_lightning.module import build_model
+    from tests.lightning_helpers import TINY_KW
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = build_model("vit_tiny_patch16_224", num_classes=len(classes), **TINY_KW)
+    path = folder / "tiny.safetensors"
+    save_file(model.state_dict(), str(path))
+    path.with_suffix(".json").write_text(json.dumps({
+        "timm_name": "vit_tiny_patch16_224", "create_kwargs": {**TINY_KW, "num_classes": len(classes)},
+        "classes": list(classes)}))
+    return path
+
+
+def test_vis_command_takes_the_model_from_the_checkpoint_sidecar(tmp_path, capsys):
+    from dsm_lightning.vis import main
+    from tests.lightning_helpers import make_image_folder
+
+    checkpoint = write_checkpoint_with_sidecar(tmp_path / "ckpt")
+    imgs = make_image_folder(tmp_path / "imgs", labelled=False, per_class=1)
+    main(["--images", str(imgs), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "vis"), "--delay", "1",
+          "--local-blocks", "1", "--r", "0,2,2,2"])
+    written = sorted((tmp_path / "vis").glob("*_dsm.png"))
+    assert len(written) == 3 and capsys.readouterr().out.count("_dsm.png") == 3
+
+
+def test_vis_user_errors_are_one_line(tmp_path, capsys):
+    from dsm_lightning.vis import main, parse_r
+
+    assert parse_r("12") == 12 and parse_r("0.1") == 0.1 and parse_r("0,0,8,8") == [0, 0, 8, 8]
+    assert parse_r("none") is None
+    from tests.lightning_helpers import make_image_folder
+
+    checkpoint = write_checkpoint_with_sidecar(tmp_path / "ckpt")
+    imgs = make_image_folder(tmp_path / "imgs", labelled=False, per_class=1)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--images", str(imgs), "--checkpoint", str(checkpoint), "--r", "1,2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "error: ValueError: a per-block r needs one entry per block" in err
+    assert "Traceback" not in err
+
+
+def test_classifier_reads_model_and_classes_from_sidecar_and_validates_it(tmp_path):
+    from dsm_lightning.module import ImageClassifier
+
+    checkpoint = write_checkpoint_with_sidecar(tmp_path / "ok")
+    module = ImageClassifier(checkpoint_path=str(checkpoint))
+    assert module.model_name == "vit_tiny_patch16_224" and module.num_classes == 3
+    assert module.class_names == ["a", "b", "c"]
+    sidecar = checkpoint.with_suffix(".json")
+    for text, match in [('{"classes": "abc"}', "'classes' must be a list"), ('["a", "b"]', "holds a JSON list"),
+                        ('{"timm_name": 3}', "'timm_name' must be a model name"), ("{not json", "not valid JSON")]:
+        sidecar.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            ImageClassifier(checkpoint_path=str(checkpoint))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsm_lightning.cli import main
+from dsm_lightning.cli import cli as main
 from dsm_lightning.data import ImageFiles
 from dsm_lightning.module import ImageClassifier
 from tests.lightning_helpers import TINY_KW, make_image_folder
@@ -51,13 +51,67 @@ def test_cli_validate_with_dsm(tmp_path):
     main(["validate", *args])
 
 
-def test_unreadable_image_leaves_no_output(tmp_path):
+def test_unreadable_image_stops_on_request_and_leaves_no_output(tmp_path):
     data = make_image_folder(tmp_path / "imgs", labelled=False)
     (data / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "preds.csv"
-    with pytest.raises(RuntimeError, match="cannot read image .*broken.png.*remove or replace"):
-        main(["predict", *cli_args(tmp_path, data, out)])
+    with pytest.raises(RuntimeError, match="cannot read image .*broken.png.*remove or replace.*bad_images=skip"):
+        main(["predict", *cli_args(tmp_path, data, out, "--data.bad_images=stop")])
     assert not out.exists()
+
+
+def test_predict_skips_unreadable_images_by_default_and_lists_them(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "imgs", labelled=False)  # 12 images, batches of 5
+    for name in ("a_broken.png", "b_broken.jpg", "c_truncated.png"):
+        (data / name).write_bytes(b"not an image")
+    good = next(iter(sorted(data.glob("*.png"))))
+    (data / "d_truncated.png").write_bytes(good.read_bytes()[:40])  # a real header, cut short
+    out = tmp_path / "preds.csv"
+    with pytest.warns(UserWarning, match="skipped unreadable image"):
+        main(["predict", *cli_args(tmp_path, data, out)])
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 12 and not any("broken" in r["path"] or "truncated" in r["path"] for r in rows)
+    listed = (tmp_path / "preds.skipped.tsv").read_text().splitlines()
+    assert sorted(Path(line.split("\t")[0]).name for line in listed) == [
+        "a_broken.png", "b_broken.jpg", "c_truncated.png", "d_truncated.png"]
+    assert all(len(line.split("\t")) == 2 and line.split("\t")[1] for line in listed), "each with its reason"
+    assert "4 unreadable images skipped" in capsys.readouterr().out
+
+
+def test_batch_of_only_unreadable_images_is_skipped_whole(tmp_path):
+    data = make_image_folder(tmp_path / "imgs", labelled=False, per_class=1)  # 3 images
+    for i in range(6):
+        (data / f"0{i}_bad.png").write_bytes(b"")  # sorted first: the first batch of 5 is all bad
+    out = tmp_path / "preds.jsonl"
+    with pytest.warns(UserWarning):
+        main(["predict", *cli_args(tmp_path, data, out)])
+    assert len(out.read_text().splitlines()) == 3
+    assert len((tmp_path / "preds.skipped.tsv").read_text().splitlines()) == 6
+
+
+def test_validate_stops_on_unreadable_image_by_default(tmp_path):
+    data = make_image_folder(tmp_path / "imgs")
+    (data / "class0" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(RuntimeError, match="broken.png.*bad_images=skip"):
+        main(["validate", *cli_args(tmp_path, data, tmp_path / "p.csv", f"--data.val_dir={data}")])
+
+
+def test_symlink_loops_list_each_image_once_without_hanging(tmp_path):
+    data = make_image_folder(tmp_path / "imgs", labelled=False, per_class=1)
+    (data / "sub").mkdir()
+    (data / "sub" / "up").symlink_to(data, target_is_directory=True)
+    (data / "loop1").symlink_to(data, target_is_directory=True)
+    (data / "sub" / "loop2").symlink_to(data / "sub", target_is_directory=True)
+    files = ImageFiles(str(data), labelled=False)
+    assert len(files) == 3
+
+
+def test_output_that_is_a_directory_is_refused_before_inference(tmp_path):
+    data = make_image_folder(tmp_path / "imgs", labelled=False)
+    (tmp_path / "out.csv").mkdir()  # a directory named like a file
+    with pytest.raises(IsADirectoryError, match="is a directory; pass a file name"):
+        main(["predict", *cli_args(tmp_path, data, tmp_path / "out.csv")])
+
     assert not list(tmp_path.glob(".preds*"))
 
 
@@ -100,3 +154,40 @@ def test_non_vit_model_in_cli(tmp_path):
     with pytest.raises(UnsupportedModelError, match="no supported ViT"):
         main(["predict", *args, "--model.model_name=resnet18"])
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_config_paths_resolve_against_the_config_and_flags_against_the_cwd(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "project" / "imgs", labelled=False, per_class=1)
+    make_image_folder(tmp_path / "elsewhere" / "other", labelled=False, per_class=2)
+    config = tmp_path / "project" / "conf" / "run.yaml"
+    config.parent.mkdir()
+    config.write_text("data:\n  predict_dir: ../imgs\n")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    base = [a for a in cli_args(tmp_path, Path("unused"), tmp_path / "a.csv") if "predict_dir" not in a]
+    main(["predict", "--config", str(config), *base])
+    assert len(list(csv.DictReader(open(tmp_path / "a.csv")))) == 3
+    main(["predict", "--config", str(config), *base, "--data.predict_dir=other", f"--writer.output={tmp_path}/b.csv"])
+    assert len(list(csv.DictReader(open(tmp_path / "b.csv")))) == 6, "a flag after the config is cwd-relative"
+
+
+def run_console(*args: str, env_extra=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "dsm_lightning", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_console_user_error_is_one_line_with_the_fix_and_exit_1(tmp_path):
+    proc = run_console("predict", "--data.predict_dir", str(tmp_path / "missing"))
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dsm-lightning: error:")]
+    assert len(lines) == 1 and "FileNotFoundError: data.predict_dir=" in lines[0]
+    assert "pass an existing image folder" in lines[0] and "Traceback" not in proc.stderr
+    assert "DSM_LIGHTNING_TRACEBACK=1" in proc.stderr.splitlines()[-1]
+    verbose = run_console("predict", "--data.predict_dir", str(tmp_path / "missing"),
+                          env_extra={"DSM_LIGHTNING_TRACEBACK": "1"})
+    assert verbose.returncode != 0 and "Traceback (most recent call last)" in verbose.stderr

@@ -1,0 +1,38 @@
+"""Console commands end a user error with one line (the message and its fix) instead of a traceback.
+
+``DSM_LIGHTNING_TRACEBACK=1`` in the environment shows the full traceback instead, for debugging.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, TypeVar
+
+__all__ = ["TRACEBACK_ENV", "USER_ERRORS", "one_line", "run_console"]
+
+#: Environment variable that turns full tracebacks back on.
+TRACEBACK_ENV = "DSM_LIGHTNING_TRACEBACK"
+#: Exceptions that mean "the input is wrong": the package raises these with the fix in the message.
+USER_ERRORS = (ValueError, TypeError, OSError, KeyError, RuntimeError)
+
+T = TypeVar("T")
+
+
+def one_line(err: BaseException) -> str:
+    """``"<Type>: <message>"`` on one line (a DataLoader worker's re-raised error keeps only its last line)."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and len(err.args) == 1 else str(err)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1]
+    return f"{type(err).__name__}: {' '.join(text.split())}"
+
+
+def run_console(fn: Callable[[], T], prog: str) -> T:
+    """Call ``fn()``; a :data:`USER_ERRORS` exception prints ``<prog>: error: ...`` and exits with status 1."""
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        return fn()
+    try:
+        return fn()
+    except USER_ERRORS as err:
+        print(f"{prog}: error: {one_line(err)}\n(set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None

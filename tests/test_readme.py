@@ -1,0 +1,47 @@
+"""The README's Python snippets run verbatim, with the names they leave to the reader bound to tiny stand-ins."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import images, tiny_vit
+from dsm_lightning.module import ImageClassifier
+from tests.lightning_helpers import TINY_KW, make_image_folder, tiny_data
+
+ROOT = Path(__file__).resolve().parents[1]
+SNIPPETS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def bindings(tmp_path: Path) -> dict:
+    """What the README leaves to the reader: a LightningModule and DataModule (``model``, ``dm``), a ViT with its
+    calibration images (``model``, ``calib_loader``) or input images (``images``)."""
+    return {
+        "lightning": {"model": ImageClassifier("vit_tiny_patch16_224", num_classes=3,
+                                               model_kwargs={**TINY_KW, "depth": 6}),  # delay=4 needs depth > 4
+                      "dm": tiny_data(make_image_folder(tmp_path / "imgs"))},
+        "calibrate": {"model": tiny_vit(), "calib_loader": [images(batch=8, seed=s) for s in range(4)]},
+        "plain": {"images": torch.randn(2, 3, 224, 224)},
+    }
+
+
+def kind(snippet: str) -> str:
+    if "calibrate(" in snippet:
+        return "calibrate"
+    if "datamodule=dm" in snippet:
+        return "lightning"
+    return "plain"
+
+
+@pytest.mark.parametrize("index", range(len(SNIPPETS)))
+def test_readme_snippet_runs(index, tmp_path, monkeypatch):
+    snippet = SNIPPETS[index]
+    from dsm_lightning import adapters
+
+    monkeypatch.chdir(tmp_path)  # snippets may write files (dsm.yaml, lightning_logs)
+    monkeypatch.setattr(adapters, "_REGISTRY", list(adapters._REGISTRY))  # a registered example adapter goes away
+    namespace = dict(bindings(tmp_path)[kind(snippet)])
+    exec(compile(snippet, f"README.md snippet {index + 1}", "exec"), namespace)
