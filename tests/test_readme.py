@@ -42,6 +42,9 @@ def test_readme_snippet_runs(index, tmp_path, monkeypatch):
     from dsm_lightning import adapters
 
     monkeypatch.chdir(tmp_path)  # snippets may write files (dsm.yaml, lightning_logs)
-    monkeypatch.setattr(adapters, "_REGISTRY", list(adapters._REGISTRY))  # a registered example adapter goes away
     namespace = dict(bindings(tmp_path)[kind(snippet)])
-    exec(compile(snippet, f"README.md snippet {index + 1}", "exec"), namespace)
+    registered = adapters.registered_adapters()  # built-ins loaded first, so restoring keeps them
+    try:
+        exec(compile(snippet, f"README.md snippet {index + 1}", "exec"), namespace)
+    finally:
+        adapters._REGISTRY[:] = registered  # an example adapter the snippet registers goes away
