@@ -163,6 +163,9 @@ def calibrate(
     start = time.perf_counter()
     if metric not in ("kl", "agreement", "accuracy"):
         raise ValueError(f"metric must be 'kl', 'agreement' or 'accuracy', got {metric!r}")
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
+        raise ValueError(f"target={target!r}: the budget is a fraction of the dense block FLOPs in (0, 1], e.g. 0.55 "
+                         f"for 1.8x fewer FLOPs")
     was = get_config(model)
     if is_patched(model):
         remove_dsm(model)
@@ -175,6 +178,14 @@ def calibrate(
     model.eval()
     try:
         dense_logits = _logits(model, images, batch_size, device)
+        bad = (~torch.isfinite(dense_logits).all(dim=-1)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"the dense model gives non-finite outputs (nan/inf) for calibration image(s) {bad[:10]} "
+                             f"(0-based, in loader order); check those inputs")
+        if metric == "accuracy" and labels is not None and (labels.min() < 0 or labels.max() >= dense_logits.shape[-1]):
+            raise ValueError(f"labels must be class indices in [0, {dense_logits.shape[-1]}) for this model's "
+                             f"{dense_logits.shape[-1]} outputs, got values from {int(labels.min())} to "
+                             f"{int(labels.max())}")
         dense_logp = dense_logits.log_softmax(-1)
         reference = labels if metric == "accuracy" and labels is not None else dense_logits.argmax(-1)
         from .adapters import get_adapter

@@ -17,7 +17,7 @@ from torch import nn
 from .adapters import UnsupportedModelError, get_adapter
 from .calibrate import GuardResult, quality_guard
 from .config import DSMConfig
-from .patch import apply_dsm, is_patched, remove_dsm, unpatched
+from .patch import apply_dsm, get_config, is_patched, remove_dsm, unpatched
 from .schedule import token_plan
 
 __all__ = ["DSMCallback", "find_vit"]
@@ -85,7 +85,7 @@ class DSMCallback(Callback):
         config: A full :class:`~dsm_lightning.DSMConfig` instead of the fields above (they must then keep their
             defaults).
         stages: Which of ``"validate"`` (includes validation during fit and the sanity check), ``"test"``,
-            ``"predict"`` merge.
+            ``"predict"`` merge (one name or a sequence).
         model_attr: Dotted attribute of the ViT inside the LightningModule; default: the first supported ViT found.
         compare_dense: Also run the dense model on every batch and log top-1 agreement and dense images/s.
         log_summary: Log the per-block token/FLOP table on rank zero at stage start.
@@ -129,6 +129,8 @@ class DSMCallback(Callback):
         if config is not None and changed:
             raise ValueError(f"pass either config= or the fields {changed}, not both")
         self.config = config if config is not None else DSMConfig(**fields)
+        if isinstance(stages, str):
+            stages = (stages,)
         bad = set(stages) - set(_STAGES)
         if bad:
             raise ValueError(f"stages must be a subset of {_STAGES}, got {sorted(bad)}")
@@ -163,6 +165,8 @@ class DSMCallback(Callback):
         self._t0 = 0.0
         self._busy = False  # set while the callback itself runs the model (FLOP count, dense comparison)
         self._compiled = False
+        self._user_config: Optional[DSMConfig] = None  # the patch a user applied before the stage, put back after
+        self._applied = False  # whether the ViT carries this callback's patch now
 
     # ------------------------------------------------------------------ setup / state
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -179,19 +183,13 @@ class DSMCallback(Callback):
             self._num_classes(pl_module, "the quality guard (min_agreement) compares top-1 predictions; pass "
                                          "min_agreement=None to merge a backbone without it")
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"config": self.config.to_dict(), "stages": list(self.stages), "model_attr": self.model_attr,
-                "compare_dense": self.compare_dense, "compile": self.compile, "min_agreement": self.min_agreement,
-                "guard_images": self.guard_images}
+    @property
+    def state_key(self) -> str:
+        """One key per ``model_attr``, so a Trainer can hold a callback per ViT (e.g. a student and a teacher)."""
+        return self._generate_state_key(model_attr=self.model_attr)
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        self.config = DSMConfig.from_dict(state_dict["config"])
-        self.stages = tuple(state_dict.get("stages", self.stages))
-        self.model_attr = state_dict.get("model_attr", self.model_attr)
-        self.compare_dense = state_dict.get("compare_dense", self.compare_dense)
-        self.compile = state_dict.get("compile", self.compile)
-        self.min_agreement = state_dict.get("min_agreement", self.min_agreement)
-        self.guard_images = state_dict.get("guard_images", self.guard_images)
+    # No state_dict: the callback holds no state worth a checkpoint, and settings come from the constructor only (a
+    # checkpoint must not silently replace what the user asked for).
 
     # ------------------------------------------------------------------ patch / restore
     def _start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -199,6 +197,10 @@ class DSMCallback(Callback):
             return
         self._stage, self._trainer = stage, trainer
         self._dsm, self._dense = _Throughput(), _Throughput()
+        self._flops = {}  # FLOPs per input shape, counted afresh each stage (the model may have changed)
+        # A model the user patched runs dense for the guard and the comparison; _restore puts their patch back.
+        self._user_config = get_config(self._vit)
+        remove_dsm(self._vit)
         if self._agree is not None:
             self._agree = self._agree.to(pl_module.device)
             self._agree.reset()
@@ -214,6 +216,7 @@ class DSMCallback(Callback):
         """Apply ``config`` (and compile) to the ViT, and print its plan."""
         assert self._vit is not None and self._trainer is not None
         apply_dsm(self._vit, config)
+        self._applied = True
         if self.compile is not None:
             # Compile forward only (an instance attribute shadowing the class method): the timing hooks stay eager.
             self._vit.forward = torch.compile(self._vit.forward, **self.compile)
@@ -254,8 +257,12 @@ class DSMCallback(Callback):
             if self._compiled:
                 self._vit.__dict__.pop("forward", None)  # drop the compiled forward
                 self._compiled = False
-            if is_patched(self._vit):
+            if self._applied:
                 remove_dsm(self._vit)
+                self._applied = False
+            if self._user_config is not None:
+                apply_dsm(self._vit, self._user_config)
+                self._user_config = None
 
     def _end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage not in self.stages or self._vit is None:
@@ -282,7 +289,7 @@ class DSMCallback(Callback):
         self._end(trainer, pl_module, "predict")
 
     def on_train_start(self, trainer, pl_module):
-        self._restore()  # belt and braces: training never runs merged
+        self._restore()  # belt and braces: training never runs with this callback's patch
 
     def on_exception(self, trainer, pl_module, exception):
         self._restore()

@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 __all__ = ["DSMConfig", "window_grid"]
 
+#: Forms of :attr:`DSMConfig.r`: an int, a fraction in (0, 0.5], one int per block, or None (from flops_target).
 RType = Union[int, float, Sequence[int], None]
 #: Values of :attr:`DSMConfig.metric`.
 METRICS = ("keys", "tokens")
@@ -38,10 +39,15 @@ def window_grid(windows: Union[int, Sequence[int]]) -> Tuple[int, int]:
                 f"or an explicit (rows, cols) pair such as windows=(2, 3)"
             )
         return side, side
+    if isinstance(windows, (str, bytes)):
+        raise ValueError(f"windows must be an int or a (rows, cols) pair, got the string {windows!r}")
     try:
-        rows, cols = (int(v) for v in windows)
-    except (TypeError, ValueError):
+        pair = tuple(windows)
+    except TypeError:
         raise ValueError(f"windows must be an int or a (rows, cols) pair, got {windows!r}") from None
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
+        raise ValueError(f"windows=(rows, cols) must be two ints, got {windows!r}")
+    rows, cols = pair
     if rows < 1 or cols < 1:
         raise ValueError(f"windows=(rows, cols) must both be >= 1, got {windows!r}")
     return rows, cols
@@ -126,7 +132,8 @@ class DSMConfig:
         object.__setattr__(self, "windows", (rows, cols) if not isinstance(self.windows, int) else self.windows)
         if not isinstance(self.prop_attn, bool):
             raise ValueError(f"prop_attn must be a bool, got {self.prop_attn!r}")
-        if not isinstance(self.flops_target, (int, float)) or not 0.0 < float(self.flops_target) <= 1.0:
+        if isinstance(self.flops_target, bool) or not isinstance(self.flops_target, (int, float)) \
+                or not 0.0 < float(self.flops_target) <= 1.0:
             raise ValueError(f"flops_target must be in (0, 1], got {self.flops_target!r}")
         object.__setattr__(self, "flops_target", float(self.flops_target))
         if self.schedule not in ("constant", "proportional"):

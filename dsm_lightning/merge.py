@@ -95,10 +95,15 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Optional[Tensor] 
 
 
 def merge_wavg(merge: Callable[[Tensor], Tensor], x: Tensor, size: Tensor) -> Tuple[Tensor, Tensor]:
-    """Size-weighted average merge: ``x' = merge(x * size) / merge(size)``; returns ``(x', size')``."""
+    """Size-weighted average merge: ``x' = merge(x * size) / merge(size)``; returns ``(x', size')``.
+
+    ``size`` is float32 whatever the model's dtype (a bf16 size cannot count past 256 exactly); the weighted sum is
+    taken at the wider of the two dtypes and ``x'`` comes back in ``x``'s dtype.
+    """
+    dtype = x.dtype
     x = merge(x * size)
     size = merge(size)
-    return x / size, size
+    return (x / size).to(dtype), size
 
 
 def window_order(grid: Tuple[int, int], groups: Sequence[WindowGroup], device: torch.device) -> Tensor:
@@ -151,7 +156,8 @@ class MergeState(NamedTuple):
     """What one forward pass carries next to the tokens (created per call, never stored on a module).
 
     Attributes:
-        size: ``[B, T, 1]`` tokens' sizes including prefix tokens (size 1), or None while no merge has happened.
+        size: ``[B, T, 1]`` float32 tokens' sizes including prefix tokens (size 1), or None while no merge has
+            happened.
         pos: ``[B, N0]`` index (among patch tokens) of the token holding each input patch, or None while identity.
     """
 
@@ -214,7 +220,7 @@ def merge_step(
                                "step(x, metric, cls_attn); set protect=0 or extend the adapter (README, 'Custom ViTs')")
         protected = protected_mask(cls_attn[:, num_prefix:], config.protect)
     if state.size is None:
-        size = torch.ones(batch, x.shape[1], 1, dtype=x.dtype, device=x.device)
+        size = torch.ones(batch, x.shape[1], 1, dtype=torch.float32, device=x.device)  # exact counts (bf16 is not)
     else:
         size = state.size
     size_prefix, size = size[:, :num_prefix], size[:, num_prefix:]

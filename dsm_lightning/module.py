@@ -78,8 +78,17 @@ def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises its own error type for truncated or corrupt files
+            raise ValueError(f"cannot read {path} as safetensors ({err}); the file may be truncated or not a "
+                             f"safetensors file") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors, truncated zip archives, non-weights pickles
+        raise ValueError(f"cannot load {path} with torch.load(weights_only=True) ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); pass a state_dict saved with torch.save "
+                         f"or a .safetensors file") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # a Lightning checkpoint
         prefix = "model."
@@ -87,6 +96,10 @@ def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
             obj = {k[len(prefix):]: v for k, v in obj.items()}
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state_dict")
+    odd = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise ValueError(f"{path} is not a state_dict of tensors: {odd[:5]} hold "
+                         f"{sorted({type(obj[k]).__name__ for k in odd})}")
     return obj
 
 

@@ -26,8 +26,22 @@ _CLASS_CACHE: Dict[Tuple[type, type], type] = {}
 def _patched_class(cls: type, adapter: Adapter) -> type:
     key = (cls, type(adapter))
     if key not in _CLASS_CACHE:
-        _CLASS_CACHE[key] = type(f"DSM{cls.__name__}", (cls,), {**adapter.overrides(), "_dsm_adapter": adapter})
+        attrs = {**adapter.overrides(), "_dsm_adapter": adapter, "__reduce_ex__": _reduce_patched}
+        _CLASS_CACHE[key] = type(f"DSM{cls.__name__}", (cls,), attrs)
     return _CLASS_CACHE[key]
+
+
+def _reduce_patched(model: nn.Module, protocol: int) -> Tuple[Any, ...]:
+    """Pickle a patched model as its original class plus its config (the patched class is made at run time and has
+    no importable name); unpickling re-applies the patch. Used by ``pickle``, ``torch.save`` and ``copy.deepcopy``."""
+    state = {k: v for k, v in model.__dict__.items() if k not in (_ORIGINAL, "_dsm_config")}
+    return _unpickle_patched, (model.__dict__[_ORIGINAL], state, model.__dict__["_dsm_config"])
+
+
+def _unpickle_patched(cls: type, state: Dict[str, Any], config: DSMConfig) -> nn.Module:
+    model = cls.__new__(cls)
+    model.__setstate__(state)
+    return apply_dsm(model, config)
 
 
 def is_patched(model: nn.Module) -> bool:
