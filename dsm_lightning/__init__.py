@@ -3,8 +3,8 @@
 from .calibrate import CalibrationResult, calibrate
 from .adapters import Adapter, UnsupportedModelError, get_adapter, register_adapter
 from .config import DSMConfig
-from .patch import apply_dsm, get_config, is_patched, remove_dsm, trace_tokens
-from .schedule import BlockPlan, TokenPlan, token_plan
+from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan, trace_tokens
+from .schedule import BlockPlan, TokenPlan
 
 
 def __getattr__(name):  # Lightning pieces load lazily: the core does not import lightning

@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from .config import DSMConfig
-from .patch import apply_dsm, get_config, is_patched, remove_dsm
-from .schedule import token_plan
+from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan
 
 __all__ = ["calibrate", "CalibrationResult", "default_search_space", "quality_guard", "GuardResult",
            "guard_candidates", "collect_batches"]

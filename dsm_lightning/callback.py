@@ -17,8 +17,7 @@ from torch import nn
 from .adapters import UnsupportedModelError, get_adapter
 from .calibrate import GuardResult, quality_guard
 from .config import DSMConfig
-from .patch import apply_dsm, get_config, is_patched, remove_dsm, unpatched
-from .schedule import token_plan
+from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan, unpatched
 
 __all__ = ["DSMCallback", "find_vit"]
 

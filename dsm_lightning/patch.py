@@ -15,9 +15,10 @@ from .adapters import Adapter, get_adapter
 from .config import DSMConfig, resolve_config
 from .engine import BlockHook
 from .merge import MergeState
-from .schedule import TokenPlan, plan_for_dims
+from .schedule import TokenPlan, plan_tokens
 
-__all__ = ["apply_dsm", "remove_dsm", "unpatched", "is_patched", "get_config", "trace_tokens", "TokenTrace"]
+__all__ = ["apply_dsm", "remove_dsm", "unpatched", "is_patched", "get_config", "token_plan", "trace_tokens",
+           "TokenTrace"]
 
 _ORIGINAL = "_dsm_original_class"
 _CLASS_CACHE: Dict[Tuple[type, type], type] = {}
@@ -77,7 +78,7 @@ def apply_dsm(model: nn.Module, config: Optional[DSMConfig] = None, **overrides:
     base = config if config is not None else get_config(model)
     config = resolve_config(base, **overrides)
     # Validate now, at the model's default input size, so errors surface at apply time rather than mid-epoch.
-    plan_for_dims(adapter.depth(model), adapter.grid(model), adapter.num_prefix_tokens(model), config,
+    plan_tokens(adapter.depth(model), adapter.grid(model), adapter.num_prefix_tokens(model), config,
                   adapter.dims(model))
     if not is_patched(model):
         model.__dict__[_ORIGINAL] = model.__class__
@@ -107,6 +108,54 @@ def unpatched(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.__class__ = patched
+
+
+def token_plan(
+    model: Any = None,
+    config: Optional[DSMConfig] = None,
+    *,
+    depth: Optional[int] = None,
+    grid: Optional[Tuple[int, int]] = None,
+    img_size: Optional[Tuple[int, int]] = None,
+    num_prefix_tokens: Optional[int] = None,
+    dims: Optional[Tuple[int, int]] = None,
+    **overrides: Any,
+) -> TokenPlan:
+    """Plan per block: mode (dense / local / global), r, tokens in and out.
+
+    Pure Python, no tensors. Either pass a supported model (its depth, prefix tokens, dims and default grid are
+    read by its adapter; ``img_size=(H, W)`` in pixels plans another input size), or ``depth`` + ``grid`` (patch
+    rows, cols) + ``num_prefix_tokens``.
+
+    Args:
+        model: A supported ViT (patched or not). If patched and ``config`` is None, its current config is used.
+        config: A :class:`DSMConfig`; keyword ``overrides`` are applied on top.
+        depth: Number of blocks (without a model).
+        grid: Patch grid (rows, cols) (without a model, or to override the model's).
+        img_size: Input (H, W) in pixels, turned into a grid by the model's adapter.
+        num_prefix_tokens: cls + distillation + register tokens (without a model).
+        dims: ``(embed_dim, mlp_hidden_dim)``, needed for ``r=None`` without a model.
+
+    Returns:
+        The :class:`TokenPlan`.
+
+    Raises:
+        ValueError: With the limit that was broken (delay >= depth, r too large, too many windows, ...).
+    """
+    if model is not None:
+        adapter = get_adapter(model)
+        if config is None:
+            config = get_config(model)
+        depth = adapter.depth(model)
+        num_prefix_tokens = adapter.num_prefix_tokens(model)
+        dims = adapter.dims(model)
+        if grid is None:
+            grid = adapter.grid(model, img_size)
+    config = resolve_config(config, **overrides)
+    if depth is None or grid is None or num_prefix_tokens is None:
+        raise ValueError("token_plan needs a model, or depth=, grid= and num_prefix_tokens=")
+    return plan_tokens(int(depth), (int(grid[0]), int(grid[1])), int(num_prefix_tokens), config,
+                         tuple(dims) if dims is not None else None)
 
 
 class TokenTrace(NamedTuple):

@@ -1,4 +1,7 @@
-"""token_plan(): the per-block merging schedule, computed once per input shape from Python ints only.
+"""plan_tokens(): the per-block merging schedule, computed once per input shape from Python ints only.
+
+This module knows nothing of models or tensors (:func:`dsm_lightning.token_plan` reads a model's shape through its
+adapter and calls :func:`plan_tokens`).
 
 The plan is the single source of truth for token counts: the merge engine reads its Python ints (so
 ``torch.compile`` sees constants), the FLOP estimate and the callback's summary table print it, and tests check the
@@ -12,9 +15,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-from .config import DSMConfig, resolve_config
+from .config import DSMConfig
 
-__all__ = ["BlockPlan", "TokenPlan", "WindowGroup", "split_windows", "token_plan", "plan_for_dims"]
+__all__ = ["BlockPlan", "TokenPlan", "WindowGroup", "split_windows", "plan_tokens"]
 
 Box = Tuple[int, int, int, int]  # (row0, row1, col0, col1) on the patch grid, end-exclusive
 
@@ -365,14 +368,16 @@ def _plan(
 _plan_cached = functools.lru_cache(maxsize=256)(_plan)
 
 
-def plan_for_dims(
+def plan_tokens(
     depth: int,
     grid: Tuple[int, int],
     num_prefix_tokens: int,
     config: DSMConfig,
     dims: Optional[Tuple[int, int]] = None,
 ) -> TokenPlan:
-    """The plan for a model's depth / grid / prefix tokens / dims, cached per argument set.
+    """The plan for a ViT of ``depth`` blocks on a ``grid`` of patches with ``num_prefix_tokens`` prefix tokens
+    (``dims=(embed_dim, mlp_hidden)`` for FLOP targets), cached per argument set. The one way in to planning:
+    :func:`dsm_lightning.token_plan` and the adapters call it.
 
     Under ``torch.compile`` the uncached function is traced instead: it is pure Python on ints, so Dynamo folds it
     into constants (the LRU cache wrapper itself is not traceable).
@@ -382,53 +387,3 @@ def plan_for_dims(
     if torch.compiler.is_compiling():
         return _plan(depth, grid, num_prefix_tokens, config, dims)
     return _plan_cached(depth, grid, num_prefix_tokens, config, dims)
-
-
-def token_plan(
-    model: Any = None,
-    config: Optional[DSMConfig] = None,
-    *,
-    depth: Optional[int] = None,
-    grid: Optional[Tuple[int, int]] = None,
-    img_size: Optional[Tuple[int, int]] = None,
-    num_prefix_tokens: Optional[int] = None,
-    dims: Optional[Tuple[int, int]] = None,
-    **overrides: Any,
-) -> TokenPlan:
-    """Plan per block: mode (dense / local / global), r, tokens in and out.
-
-    Pure Python, no tensors. Either pass a supported model (its depth, prefix tokens, dims and default grid are
-    read by its adapter; ``img_size=(H, W)`` in pixels plans another input size), or ``depth`` + ``grid`` (patch
-    rows, cols) + ``num_prefix_tokens``.
-
-    Args:
-        model: A supported ViT (patched or not). If patched and ``config`` is None, its current config is used.
-        config: A :class:`DSMConfig`; keyword ``overrides`` are applied on top.
-        depth: Number of blocks (without a model).
-        grid: Patch grid (rows, cols) (without a model, or to override the model's).
-        img_size: Input (H, W) in pixels, turned into a grid by the model's adapter.
-        num_prefix_tokens: cls + distillation + register tokens (without a model).
-        dims: ``(embed_dim, mlp_hidden_dim)``, needed for ``r=None`` without a model.
-
-    Returns:
-        The :class:`TokenPlan`.
-
-    Raises:
-        ValueError: With the limit that was broken (delay >= depth, r too large, too many windows, ...).
-    """
-    if model is not None:
-        from .adapters import get_adapter
-
-        adapter = get_adapter(model)
-        if config is None:
-            config = getattr(model, "_dsm_config", None)
-        depth = adapter.depth(model)
-        num_prefix_tokens = adapter.num_prefix_tokens(model)
-        dims = adapter.dims(model)
-        if grid is None:
-            grid = adapter.grid(model, img_size)
-    config = resolve_config(config, **overrides)
-    if depth is None or grid is None or num_prefix_tokens is None:
-        raise ValueError("token_plan needs a model, or depth=, grid= and num_prefix_tokens=")
-    return plan_for_dims(int(depth), (int(grid[0]), int(grid[1])), int(num_prefix_tokens), config,
-                         tuple(dims) if dims is not None else None)

@@ -39,7 +39,7 @@ def kind(snippet: str) -> str:
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_readme_snippet_runs(index, tmp_path, monkeypatch):
     snippet = SNIPPETS[index]
-    from dsm_lightning import adapters
+    from dsm_lightning.adapters import base as adapters
 
     monkeypatch.chdir(tmp_path)  # snippets may write files (dsm.yaml, lightning_logs)
     namespace = dict(bindings(tmp_path)[kind(snippet)])

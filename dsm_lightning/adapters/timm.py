@@ -12,7 +12,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import Adapter, UnsupportedModelError
+from .base import Adapter, UnsupportedModelError
 from ..engine import MergeStep
 from ..merge import MergeState, class_attention, unmerge
 
@@ -67,7 +67,7 @@ def _forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_ca
     """DSM version of ``VisionTransformer.forward_features``: tokens come back in the dense layout."""
     if attn_mask is not None or is_causal:
         raise ValueError("a DSM-patched model takes no attn_mask/is_causal; call remove_dsm(model) to use them")
-    adapter = TimmViTAdapter.instance
+    adapter: Adapter = type(self)._dsm_adapter  # set on the patched class by apply_dsm
     tokens, grid = adapter.embed(self, x)
     tokens, state = adapter.run(self, tokens, grid)
     return unmerge(self.norm(tokens), state, self.num_prefix_tokens)
@@ -78,11 +78,6 @@ class TimmViTAdapter(Adapter):
 
     name = "timm"
     supports = "timm.models.vision_transformer.VisionTransformer and subclasses with timm Block + Attention"
-    instance: "TimmViTAdapter"
-
-    def __init__(self) -> None:
-        TimmViTAdapter.instance = self
-
     def matches(self, model: nn.Module) -> bool:
         try:
             vit_cls, _, _ = _timm_types()

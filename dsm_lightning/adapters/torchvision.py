@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import Adapter, UnsupportedModelError
+from .base import Adapter, UnsupportedModelError
 from ..engine import MergeStep
 from ..merge import MergeState, class_attention, unmerge
 
@@ -39,7 +39,7 @@ def mha_with_metric(
 
 def _forward(self, x: Tensor) -> Tensor:
     """DSM version of torchvision ``VisionTransformer.forward``."""
-    adapter = TorchvisionViTAdapter.instance
+    adapter: Adapter = type(self)._dsm_adapter  # set on the patched class by apply_dsm
     tokens, grid = adapter.embed(self, x)
     tokens, state = adapter.run(self, tokens, grid)
     tokens = unmerge(self.encoder.ln(tokens), state, 1)
@@ -51,11 +51,6 @@ class TorchvisionViTAdapter(Adapter):
 
     name = "torchvision"
     supports = "torchvision.models.VisionTransformer with EncoderBlock + nn.MultiheadAttention"
-    instance: "TorchvisionViTAdapter"
-
-    def __init__(self) -> None:
-        TorchvisionViTAdapter.instance = self
-
     def matches(self, model: nn.Module) -> bool:
         try:
             from torchvision.models.vision_transformer import VisionTransformer

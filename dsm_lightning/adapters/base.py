@@ -1,0 +1,121 @@
+"""The :class:`Adapter` interface and the adapter registry (the built-in adapters register in ``__init__``)."""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from torch import Tensor, nn
+
+from ..config import DSMConfig
+from ..engine import BlockHook, MergeStep, check_tokens, run_blocks
+from ..merge import MergeState
+from ..schedule import TokenPlan, plan_tokens
+
+__all__ = ["Adapter", "register_adapter", "get_adapter", "registered_adapters", "UnsupportedModelError"]
+
+
+class UnsupportedModelError(TypeError):
+    """Raised for a model (or a block inside it) that no adapter supports."""
+
+
+class Adapter(abc.ABC):
+    """Protocol of a model family. Subclass it, implement the abstract methods, and :func:`register_adapter` it."""
+
+    #: Short family name, shown in errors and summaries.
+    name: str = "custom"
+    #: Human-readable list of the model types this adapter supports (for error messages).
+    supports: str = ""
+
+    @abc.abstractmethod
+    def matches(self, model: nn.Module) -> bool:
+        """Whether this adapter handles ``model``."""
+
+    @abc.abstractmethod
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        """The transformer blocks in execution order."""
+
+    @abc.abstractmethod
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        """Tokens before the patch tokens (cls, distillation, registers) that are never merged."""
+
+    @abc.abstractmethod
+    def grid(self, model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+        """Patch grid (rows, cols) for an input of ``img_size`` pixels (the model's default size when None)."""
+
+    @abc.abstractmethod
+    def dims(self, model: nn.Module) -> Tuple[int, int]:
+        """``(embed_dim, mlp_hidden_dim)``, for FLOP estimates."""
+
+    @abc.abstractmethod
+    def merge_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor], step: MergeStep) -> Tuple[Tensor, MergeState]:
+        """Run ``block`` on ``x`` with attention bias ``bias``, calling ``step(x, metric)`` between attention and MLP.
+
+        When ``step.needs_class_attention`` (``DSMConfig.protect > 0``), call ``step(x, metric, cls_attn)`` with the
+        class token's attention ``[B, T]`` (:func:`~dsm_lightning.merge.class_attention` computes it from q and k).
+        """
+
+    @abc.abstractmethod
+    def dense_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """Run ``block`` without merging; ``bias`` (``[B, 1, 1, T]`` log-sizes) is None while sizes are equal."""
+
+    @abc.abstractmethod
+    def overrides(self) -> Dict[str, Callable]:
+        """Methods the patched subclass overrides, e.g. ``{"forward_features": fn}``."""
+
+    def check(self, model: nn.Module) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Raise :class:`UnsupportedModelError` naming any block or attention type this adapter cannot run."""
+        return None
+
+    def depth(self, model: nn.Module) -> int:
+        """Number of blocks."""
+        return len(self.blocks(model))
+
+    def plan(self, model: nn.Module, grid: Tuple[int, int]) -> TokenPlan:
+        """The :class:`TokenPlan` of ``model``'s current config for a patch grid (cached per grid)."""
+        config: DSMConfig = model._dsm_config
+        return plan_tokens(self.depth(model), (int(grid[0]), int(grid[1])), self.num_prefix_tokens(model), config,
+                             self.dims(model))
+
+    @abc.abstractmethod
+    def embed(self, model: nn.Module, images: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        """Images ``[B, 3, H, W]`` to tokens ``[B, prefix + N, C]`` ready for the first block, and the patch grid."""
+
+    def run(self, model: nn.Module, x: Tensor, grid: Tuple[int, int],
+            hook: Optional[BlockHook] = None) -> Tuple[Tensor, MergeState]:
+        """Run the blocks of ``model`` on embedded tokens ``x`` with merging; returns merged ``(tokens, state)``."""
+        plan = self.plan(model, grid)
+        check_tokens(x, plan)
+        return run_blocks(self.blocks(model), x, plan, self.dense_block, self.merge_block, hook)
+
+
+_REGISTRY: List[Adapter] = []
+
+
+def register_adapter(adapter: Adapter, *, first: bool = True) -> Adapter:
+    """Register an adapter instance. ``first=True`` lets it take precedence over built-in ones (for subclasses)."""
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"register_adapter expects an Adapter instance, got {type(adapter).__name__}")
+    if first:
+        _REGISTRY.insert(0, adapter)
+    else:
+        _REGISTRY.append(adapter)
+    return adapter
+
+
+def registered_adapters() -> List[Adapter]:
+    """The registered adapters, in lookup order."""
+    return list(_REGISTRY)
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model``; raises :class:`UnsupportedModelError` listing what is supported."""
+    for adapter in registered_adapters():
+        if adapter.matches(model):
+            return adapter
+    supported = "; ".join(f"{a.name}: {a.supports}" for a in _REGISTRY)
+    raise UnsupportedModelError(
+        f"DSM has no adapter for {type(model).__module__}.{type(model).__qualname__}. Supported: {supported}. "
+        f"For another ViT, subclass dsm_lightning.adapters.Adapter and call register_adapter() "
+        f"(README, 'Custom ViTs')."
+    )

@@ -1,0 +1,78 @@
+"""The data path reads one way: schedule (ints) <- merge (tensors) <- engine <- adapters <- patch <- callback / CLI.
+
+The import graph of the package's modules (every import, lazy ones inside functions included; the package's own
+``__init__`` is a facade and left out) must have no cycle, and the core layers must not import the layers above.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "dsm_lightning"
+LAYERS = ["config", "schedule", "merge", "engine", "adapters", "patch", "calibrate", "callback", "cli"]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set:
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.split(".")
+            base = base[: len(base) - node.level + 1]
+            target = ".".join(base + ([node.module] if node.module else []))
+            found.add(target)
+            if not node.module:  # from . import x: x may be a module
+                found.update(f"{target}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dsm_lightning"):
+            found.add(node.module)
+    return found
+
+
+def graph() -> dict:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    edges = {}
+    for name, path in modules.items():
+        if name == "dsm_lightning":
+            continue
+        edges[name] = {m for m in imports_of(path) if m in modules and m != name and m != "dsm_lightning"}
+    return edges
+
+
+def test_no_import_cycle():
+    edges = graph()
+    state: dict = {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in edges.get(node, ()):
+            if state.get(nxt) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in edges:
+        if node not in state:
+            visit(node, [node])
+
+
+def test_core_layers_import_only_downwards():
+    edges = graph()
+
+    def layer(module: str) -> int:
+        top = module.split(".")[1] if "." in module else module
+        return LAYERS.index(top) if top in LAYERS else -1
+
+    for module, targets in edges.items():
+        if layer(module) < 0:
+            continue
+        for target in targets:
+            if layer(target) >= 0:
+                assert layer(target) <= layer(module), f"{module} imports {target}, a layer above it"
