@@ -21,15 +21,24 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import environment, forward_fn, median, time_interleaved, write_rows  # noqa: E402
+from benchmarks.common import environment, forward_fn, median, time_interleaved, write_rows
 
 
 def run_once(config: str, subcommand: str, out: Path, extra) -> float:
     from dsm_lightning.callback import DSMCallback
     from dsm_lightning.cli import cli
 
-    run = cli([subcommand, "--config", str(ROOT / "configs" / config), "--trainer.logger=false",
-               "--trainer.enable_progress_bar=false", f"--writer.output={out / 'p.csv'}", *extra])
+    run = cli(
+        [
+            subcommand,
+            "--config",
+            str(ROOT / "configs" / config),
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--writer.output={out / 'p.csv'}",
+            *extra,
+        ]
+    )
     callback = next(c for c in run.trainer.callbacks if isinstance(c, DSMCallback))
     return callback.metrics["dsm/speedup"]
 
@@ -44,8 +53,9 @@ def harness_speedup(batch: int, img: int = 224) -> float:
     merged.load_state_dict(dense.state_dict())
     apply_dsm(merged, DSMConfig(delay=4))
     x = torch.randn(batch, 3, img, img)
-    times = time_interleaved({"dense": forward_fn(dense, x), "dsm": forward_fn(merged, x)}, repeats=15, warmup=3,
-                             device="cpu")
+    times = time_interleaved(
+        {"dense": forward_fn(dense, x), "dsm": forward_fn(merged, x)}, repeats=15, warmup=3, device="cpu"
+    )
     return median(times["dense"]) / median(times["dsm"])
 
 
@@ -60,15 +70,25 @@ def main() -> None:
         for config, sub, batch, extra in cases:
             values = [run_once(config, sub, Path(tmp), extra) for _ in range(args.runs)]
             ref = harness_speedup(batch)
-            row = {"config": config, "batch": batch, "runs": len(values), "median": statistics.median(values),
-                   "min": min(values), "max": max(values),
-                   "spread_pct": 100 * (max(values) - min(values)) / statistics.median(values),
-                   "harness_speedup": ref, "values": values}
+            row = {
+                "config": config,
+                "batch": batch,
+                "runs": len(values),
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+                "spread_pct": 100 * (max(values) - min(values)) / statistics.median(values),
+                "harness_speedup": ref,
+                "values": values,
+            }
             rows.append(row)
-            print(f"{config} (batch {batch}): dsm/speedup over {len(values)} runs: "
-                  + ", ".join(f"{v:.2f}" for v in values)
-                  + f"; median {row['median']:.2f}, range {row['min']:.2f}-{row['max']:.2f}; "
-                  f"interleaved harness {ref:.2f}", flush=True)
+            print(
+                f"{config} (batch {batch}): dsm/speedup over {len(values)} runs: "
+                + ", ".join(f"{v:.2f}" for v in values)
+                + f"; median {row['median']:.2f}, range {row['min']:.2f}-{row['max']:.2f}; "
+                f"interleaved harness {ref:.2f}",
+                flush=True,
+            )
     write_rows(rows, Path(args.out), {"env": environment("cpu"), "runs": args.runs})
 
 

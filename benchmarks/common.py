@@ -20,13 +20,17 @@ def sync(device: str) -> None:
 
 def forward_fn(model: Callable, images: torch.Tensor) -> Callable[[], object]:
     """A no-argument callable running ``model(images)`` under ``torch.inference_mode`` (what gets timed)."""
+
     def fn():
         with torch.inference_mode():
             return model(images)
+
     return fn
 
 
-def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int, device: str) -> Dict[str, List[float]]:
+def time_interleaved(
+    fns: Dict[str, Callable[[], object]], repeats: int, warmup: int, device: str
+) -> Dict[str, List[float]]:
     """Run every fn ``warmup`` times, then ``repeats`` rounds where each round calls every fn once (interleaved,
     so drift in machine speed hits all variants alike). Returns seconds per call, per variant."""
     for _ in range(warmup):
@@ -49,8 +53,13 @@ def median(values: Sequence[float]) -> float:
 
 
 def environment(device: str) -> dict:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-           "threads": torch.get_num_threads(), "device": device}
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "device": device,
+    }
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
     else:

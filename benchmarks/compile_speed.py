@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, forward_fn, markdown_table, median, time_interleaved, write_rows  # noqa: E402
+from common import environment, forward_fn, markdown_table, median, time_interleaved, write_rows
+from speed import build
 
-from dsm_lightning import apply_dsm  # noqa: E402
-from dsm_lightning.flops import count_flops  # noqa: E402
-from speed import build  # noqa: E402
+from dsm_lightning import apply_dsm
+from dsm_lightning.flops import count_flops
 
 
 def main(argv=None) -> int:
@@ -56,20 +56,45 @@ def main(argv=None) -> int:
         flop_ratio = flops["dense"] / flops["dsm"]
         for name in variants:
             kind = name.split()[1]
-            row = {"model": model_name, "variant": name, "gflops": flops[kind] / 1e9, "img_per_s": ips[name],
-                   "vs_eager_dense": ips[name] / ips["eager dense"],
-                   "vs_compiled_dense": ips[name] / ips["compiled dense"],
-                   "compile_s": compile_s.get(name, 0.0)}
+            row = {
+                "model": model_name,
+                "variant": name,
+                "gflops": flops[kind] / 1e9,
+                "img_per_s": ips[name],
+                "vs_eager_dense": ips[name] / ips["eager dense"],
+                "vs_compiled_dense": ips[name] / ips["compiled dense"],
+                "compile_s": compile_s.get(name, 0.0),
+            }
             rows.append(row)
         target = ips["compiled dense"] * flop_ratio
         rows[-1]["target_ratio"] = ips["compiled dsm"] / target
-        print(f"{model_name}: compiled DSM {ips['compiled dsm']:.1f} img/s = {ips['compiled dsm'] / target:.2f} x "
-              f"(compiled dense {ips['compiled dense']:.1f} x FLOP reduction {flop_ratio:.2f})", flush=True)
-    cols = ["model", "variant", "gflops", "img_per_s", "vs_eager_dense", "vs_compiled_dense", "compile_s",
-            "target_ratio"]
+        print(
+            f"{model_name}: compiled DSM {ips['compiled dsm']:.1f} img/s = {ips['compiled dsm'] / target:.2f} x "
+            f"(compiled dense {ips['compiled dense']:.1f} x FLOP reduction {flop_ratio:.2f})",
+            flush=True,
+        )
+    cols = [
+        "model",
+        "variant",
+        "gflops",
+        "img_per_s",
+        "vs_eager_dense",
+        "vs_compiled_dense",
+        "compile_s",
+        "target_ratio",
+    ]
     print(markdown_table(rows, cols))
-    write_rows(rows, args.out, {"env": environment(args.device), "batch": args.batch, "repeats": args.repeats,
-                                "delay": args.delay, "flops_target": args.flops_target})
+    write_rows(
+        rows,
+        args.out,
+        {
+            "env": environment(args.device),
+            "batch": args.batch,
+            "repeats": args.repeats,
+            "delay": args.delay,
+            "flops_target": args.flops_target,
+        },
+    )
     return 0
 
 

@@ -37,9 +37,9 @@ def pool_indices(name: str, size: int, exclude: set, n_total: int = 60000) -> Li
     """``size`` indices of pool ``name`` (``"dev"`` or ``"eval"``): a fixed permutation minus ``exclude``."""
     rest = [int(i) for i in np.random.default_rng(SEED).permutation(n_total) if int(i) not in exclude]
     if name == "dev":
-        chosen = rest[:min(size, DEV_SIZE)]
+        chosen = rest[: min(size, DEV_SIZE)]
     elif name == "eval":
-        chosen = rest[DEV_SIZE:DEV_SIZE + size]
+        chosen = rest[DEV_SIZE : DEV_SIZE + size]
     else:
         raise ValueError(f"pool must be 'dev' or 'eval', got {name!r}")
     if len(chosen) < size:
@@ -47,8 +47,9 @@ def pool_indices(name: str, size: int, exclude: set, n_total: int = 60000) -> Li
     return chosen
 
 
-def load_pool(name: str, size: int, transform: Callable, shared: Path, idx_dir: Path = IDX_DIR
-              ) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+def load_pool(
+    name: str, size: int, transform: Callable, shared: Path, idx_dir: Path = IDX_DIR
+) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
     """Images (transformed, as the model expects), labels and 60k-file indices of a pool."""
     from PIL import Image
 
@@ -56,8 +57,10 @@ def load_pool(name: str, size: int, transform: Callable, shared: Path, idx_dir: 
 
     images_file, labels_file = idx_dir / "train-images-idx3-ubyte.gz", idx_dir / "train-labels-idx1-ubyte.gz"
     if not images_file.exists():
-        raise FileNotFoundError(f"{images_file} not found: install Debian's dataset-fashion-mnist "
-                                f"(apt-get install dataset-fashion-mnist) or pass --idx-dir")
+        raise FileNotFoundError(
+            f"{images_file} not found: install Debian's dataset-fashion-mnist "
+            f"(apt-get install dataset-fashion-mnist) or pass --idx-dir"
+        )
     raw, labels = read_idx(images_file, labels_file)
     exclude = excluded_indices([shared / "fashion_mnist" / "train", shared / "fashion_mnist" / "val"])
     idx = pool_indices(name, size, exclude, len(raw))

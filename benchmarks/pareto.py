@@ -30,13 +30,13 @@ from typing import Any, Dict, List, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, forward_fn, median, time_interleaved, write_rows  # noqa: E402
+from common import environment, forward_fn, median, time_interleaved, write_rows
 
-from dsm_lightning import DSMConfig, apply_dsm, calibrate, remove_dsm, token_plan  # noqa: E402
-from dsm_lightning.calibrate import collect_batches  # noqa: E402
-from dsm_lightning.data import ImageFiles, transform_from_config  # noqa: E402
-from dsm_lightning.flops import count_flops  # noqa: E402
-from dsm_lightning.module import ImageClassifier  # noqa: E402
+from dsm_lightning import DSMConfig, apply_dsm, calibrate, remove_dsm, token_plan
+from dsm_lightning.calibrate import collect_batches
+from dsm_lightning.data import ImageFiles, transform_from_config
+from dsm_lightning.flops import count_flops
+from dsm_lightning.module import ImageClassifier
 
 TARGETS = (0.65, 0.55, 0.4)
 #: Schedule families compared at every budget. ``default`` is whatever ``DSMConfig()`` is today.
@@ -62,16 +62,28 @@ def load(args) -> tuple:
     if args.reference:
         meta = json.loads(Path(args.reference).read_text())
         ckpt = str(Path(args.reference).with_suffix(".safetensors"))
-        module = ImageClassifier(meta["timm_name"], num_classes=meta["create_kwargs"]["num_classes"],
-                                 checkpoint_path=ckpt, model_kwargs={k: v for k, v in meta["create_kwargs"].items()
-                                                                     if k != "num_classes"},
-                                 class_names=meta["classes"])
+        module = ImageClassifier(
+            meta["timm_name"],
+            num_classes=meta["create_kwargs"]["num_classes"],
+            checkpoint_path=ckpt,
+            model_kwargs={k: v for k, v in meta["create_kwargs"].items() if k != "num_classes"},
+            class_names=meta["classes"],
+        )
         size = meta["create_kwargs"]["img_size"]
-        data_cfg = {"input_size": (3, size, size), "interpolation": "bilinear", "crop_pct": 1.0,
-                    "mean": tuple(meta["mean"]), "std": tuple(meta["std"])}
+        data_cfg = {
+            "input_size": (3, size, size),
+            "interpolation": "bilinear",
+            "crop_pct": 1.0,
+            "mean": tuple(meta["mean"]),
+            "std": tuple(meta["std"]),
+        }
     else:
-        module = ImageClassifier(args.model_name, num_classes=args.num_classes, checkpoint_path=args.checkpoint,
-                                 model_kwargs=json.loads(args.model_kwargs))
+        module = ImageClassifier(
+            args.model_name,
+            num_classes=args.num_classes,
+            checkpoint_path=args.checkpoint,
+            model_kwargs=json.loads(args.model_kwargs),
+        )
         data_cfg = module.data_config()
         data_cfg["crop_pct"] = args.crop_pct
     return module.eval(), transform_from_config(data_cfg)
@@ -110,7 +122,7 @@ def run(model, images, batch, pre_logits: bool = False) -> torch.Tensor:
 
     out = []
     for i in tqdm(range(0, len(images), batch), leave=False, desc="eval"):
-        x = images[i:i + batch]
+        x = images[i : i + batch]
         out.append(model.forward_head(model.forward_features(x), pre_logits=True) if pre_logits else model(x))
     return torch.cat(out)
 
@@ -133,8 +145,12 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
         sel = sorted((r for r in rows if r["family"] == family), key=lambda r: r["gflops"])
         if not sel:
             continue
-        style = dict(marker="*" if family == "dense" else "os^vDP<>"[i % 8], color="k" if family == "dense" else
-                     f"C{i}", linestyle="-" if len(sel) > 1 else "none", label=family)
+        style = dict(
+            marker="*" if family == "dense" else "os^vDP<>"[i % 8],
+            color="k" if family == "dense" else f"C{i}",
+            linestyle="-" if len(sel) > 1 else "none",
+            label=family,
+        )
         axes[0].plot([r["gflops"] for r in sel], [100 * r["agreement"] for r in sel], **style)
         axes[1].plot([r["gflops"] for r in sel], [100 * r["top1"] for r in sel], **style)
     axes[0].set_ylabel("top-1 agreement with dense (%)")
@@ -154,17 +170,24 @@ def tables(rows: List[dict], dense: dict) -> str:
     for target in sorted({r["target"] for r in rows if r["family"] != "dense"}, reverse=True):
         sel = [r for r in rows if r["target"] == target]
         out.append(f"\n**Budget `flops_target={target}`**\n")
-        out.append("| schedule | GFLOPs | FLOP reduction | speedup | top-1 (vs dense) | agreement | agreement vs ToMe "
-                   "| KL x100 | photos cos mean / worst |")
+        out.append(
+            "| schedule | GFLOPs | FLOP reduction | speedup | top-1 (vs dense) | agreement | agreement vs ToMe "
+            "| KL x100 | photos cos mean / worst |"
+        )
         out.append("|---|---|---|---|---|---|---|---|---|")
-        for r in [dense] + sel:
-            vs_tome = (f"{100 * r['agree_vs_tome']:+.1f} ± {100 * r['agree_vs_tome_se']:.1f}"
-                       if r.get("agree_vs_tome") is not None else "")
+        for r in [dense, *sel]:
+            vs_tome = (
+                f"{100 * r['agree_vs_tome']:+.1f} ± {100 * r['agree_vs_tome_se']:.1f}"
+                if r.get("agree_vs_tome") is not None
+                else ""
+            )
             d_top1 = f" ({100 * r['top1_vs_dense']:+.1f} ± {100 * r['top1_vs_dense_se']:.1f})" if r is not dense else ""
             photos = f"{r['photo_cos_mean']:.4f} / {r['photo_cos_min']:.4f}" if "photo_cos_mean" in r else ""
-            out.append(f"| {r['schedule'].split('@')[0]} | {r['gflops']:.2f} | {r.get('flops_reduction', 1):.2f}x | "
-                       f"{r.get('speedup', float('nan')):.2f}x | {100 * r['top1']:.1f}%{d_top1} | "
-                       f"{100 * r['agreement']:.1f}% | {vs_tome} | {100 * r['kl']:.2f} | {photos} |")
+            out.append(
+                f"| {r['schedule'].split('@')[0]} | {r['gflops']:.2f} | {r.get('flops_reduction', 1):.2f}x | "
+                f"{r.get('speedup', float('nan')):.2f}x | {100 * r['top1']:.1f}%{d_top1} | "
+                f"{100 * r['agreement']:.1f}% | {vs_tome} | {100 * r['kl']:.2f} | {photos} |"
+            )
     return "\n".join(out)
 
 
@@ -178,8 +201,12 @@ def main(argv=None) -> int:
     parser.add_argument("--crop-pct", type=float, default=1.0)
     parser.add_argument("--pool", choices=["eval"], help="held-out Fashion-MNIST pool from the 60k training file")
     parser.add_argument("--pool-size", type=int, default=2000)
-    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared",
-                        help="folder holding fashion_mnist/{train,val} (excluded from the pools)")
+    parser.add_argument(
+        "--shared",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "shared",
+        help="folder holding fashion_mnist/{train,val} (excluded from the pools)",
+    )
     parser.add_argument("--idx-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     parser.add_argument("--val-dir", help="labelled image folder (ImageFolder layout)")
     parser.add_argument("--datamodule", help="class path of a LightningDataModule to take validation images from")
@@ -216,8 +243,13 @@ def main(argv=None) -> int:
     if args.out.with_suffix(".json").exists():
         done = {r["schedule"]: r for r in json.loads(args.out.with_suffix(".json").read_text())["rows"]}
         print(f"resuming: {len(done)} rows already evaluated")
-    meta: Dict[str, Any] = {"env": environment("cpu"), "images": len(images), "data": source,
-                            "photos": args.photos, "photos_n": 0 if photos is None else len(photos)}
+    meta: Dict[str, Any] = {
+        "env": environment("cpu"),
+        "images": len(images),
+        "data": source,
+        "photos": args.photos,
+        "photos_n": 0 if photos is None else len(photos),
+    }
     plan_rows = schedules(args.targets, args.families)
     calib = done.get("calibrated@0.55")
     if calib is not None:
@@ -230,13 +262,18 @@ def main(argv=None) -> int:
             cal_images = load_pool("dev", args.calib_pool, transform, args.shared, args.idx_dir)[0]
         else:
             cal_images = stack(args.calib_dir, transform, args.calib_images)[0]
-        loader = [cal_images[i:i + args.batch] for i in range(0, len(cal_images), args.batch)]
+        loader = [cal_images[i : i + args.batch] for i in range(0, len(cal_images), args.batch)]
         result = calibrate(model, loader, target=0.55)
         print(result.table())
         print(f"calibration: {result.seconds:.1f} s on {result.images} images -> {result.config}")
-        meta["calibration"] = {"seconds": result.seconds, "images": result.images, "stable": result.stable,
-                               "fell_back_to_tome": result.fell_back_to_tome, "config": result.config.to_dict(),
-                               "candidates": result.candidates}
+        meta["calibration"] = {
+            "seconds": result.seconds,
+            "images": result.images,
+            "stable": result.stable,
+            "fell_back_to_tome": result.fell_back_to_tome,
+            "config": result.config.to_dict(),
+            "candidates": result.candidates,
+        }
         plan_rows["calibrated@0.55"] = result.config
     dense_logits = run(model, images, args.batch)
     dense_feats = run(model, photos, args.batch, pre_logits=True) if photos is not None else None
@@ -255,23 +292,33 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         logits = dense_logits if cfg is None else run(model, images, args.batch)
         row: Dict[str, Any] = {
-            "schedule": name, "family": name.split("@")[0], "target": cfg.flops_target if cfg else 1.0,
-            "r": token_plan(model).r if cfg else 0, "config": cfg.to_dict() if cfg else None,
+            "schedule": name,
+            "family": name.split("@")[0],
+            "target": cfg.flops_target if cfg else 1.0,
+            "r": token_plan(model).r if cfg else 0,
+            "config": cfg.to_dict() if cfg else None,
             "pred": logits.argmax(-1).tolist(),
-            "kl": float(torch.nn.functional.kl_div(logits.log_softmax(-1), dense_logp, log_target=True,
-                                                   reduction="batchmean")),
+            "kl": float(
+                torch.nn.functional.kl_div(logits.log_softmax(-1), dense_logp, log_target=True, reduction="batchmean")
+            ),
             "gflops": count_flops(model, images[:1]) / 1e9,
         }
         if photos is not None:
             feats = dense_feats if cfg is None else run(model, photos, args.batch, pre_logits=True)
             cos = torch.nn.functional.cosine_similarity(feats, dense_feats, dim=-1)
-            row.update(photo_cos_mean=float(cos.mean()), photo_cos_min=float(cos.min()),
-                       photo_cos=[round(float(c), 6) for c in cos])
+            row.update(
+                photo_cos_mean=float(cos.mean()),
+                photo_cos_min=float(cos.min()),
+                photo_cos=[round(float(c), 6) for c in cos],
+            )
         row["eval_s"] = time.perf_counter() - t0
         remove_dsm(model)
         rows.append(row)
-        print(f"{name:22s} agree {(logits.argmax(-1) == dense_logits.argmax(-1)).float().mean():.4f} "
-              f"top1 {(logits.argmax(-1) == labels).float().mean():.4f} {row['gflops']:.2f} GFLOPs", flush=True)
+        print(
+            f"{name:22s} agree {(logits.argmax(-1) == dense_logits.argmax(-1)).float().mean():.4f} "
+            f"top1 {(logits.argmax(-1) == labels).float().mean():.4f} {row['gflops']:.2f} GFLOPs",
+            flush=True,
+        )
         write_rows(rows + [r for k, r in done.items() if k not in {x["schedule"] for x in rows}], args.out, meta)
     # statistics from the stored per-image predictions (paired, same images)
     by_name = {r["schedule"]: r for r in rows}
@@ -280,8 +327,13 @@ def main(argv=None) -> int:
     for row in rows:
         pred = torch.tensor(row["pred"])
         hit, agree = (pred == labels).float(), (pred == dense_pred).float()
-        row.update(top1=float(hit.mean()), agreement=float(agree.mean()), agreement_se=paired_se(agree),
-                   top1_vs_dense=float((hit - dense_hit).mean()), top1_vs_dense_se=paired_se(hit - dense_hit))
+        row.update(
+            top1=float(hit.mean()),
+            agreement=float(agree.mean()),
+            agreement_se=paired_se(agree),
+            top1_vs_dense=float((hit - dense_hit).mean()),
+            top1_vs_dense_se=paired_se(hit - dense_hit),
+        )
         tome = by_name.get(f"tome@{row['target']:.2f}")
         if tome is not None and row["family"] != "dense":
             d = agree - (torch.tensor(tome["pred"]) == dense_pred).float()

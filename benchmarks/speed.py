@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, forward_fn, markdown_table, median, time_interleaved, write_rows  # noqa: E402
+from common import environment, forward_fn, markdown_table, median, time_interleaved, write_rows
 
-from dsm_lightning import apply_dsm, get_adapter, token_plan  # noqa: E402
-from dsm_lightning.flops import count_flops  # noqa: E402
+from dsm_lightning import apply_dsm, get_adapter, token_plan
+from dsm_lightning.flops import count_flops
 
 # name -> DSMConfig overrides; flops_target picks r so ToMe and DSM are compared at matched planned FLOPs.
 TOME = dict(delay=0, local_blocks=0, schedule="constant", metric="keys", protect=0.0)
@@ -46,8 +46,12 @@ def build(name: str):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"],
-                        help="timm names, or torchvision:vit_b_16")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["vit_small_patch16_224", "vit_base_patch16_224"],
+        help="timm names, or torchvision:vit_b_16",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
@@ -72,13 +76,19 @@ def main(argv=None) -> int:
             variants[sched] = model
         flops = {k: count_flops(m, images[:1]) / 1e9 for k, m in variants.items()}
 
-        times = time_interleaved({k: forward_fn(m, images) for k, m in variants.items()}, args.repeats, args.warmup, args.device)
+        times = time_interleaved(
+            {k: forward_fn(m, images) for k, m in variants.items()}, args.repeats, args.warmup, args.device
+        )
         dense_ips = args.batch / median(times["dense"])
         for sched, m in variants.items():
             ips = args.batch / median(times[sched])
             row = {
-                "model": model_name, "schedule": sched, "gflops": flops[sched],
-                "flops_ratio": flops["dense"] / flops[sched], "img_per_s": ips, "speedup": ips / dense_ips,
+                "model": model_name,
+                "schedule": sched,
+                "gflops": flops[sched],
+                "flops_ratio": flops["dense"] / flops[sched],
+                "img_per_s": ips,
+                "speedup": ips / dense_ips,
             }
             row["efficiency"] = row["speedup"] / row["flops_ratio"]
             if sched != "dense":
@@ -87,15 +97,18 @@ def main(argv=None) -> int:
                 row["tokens"] = [b["tokens_out"] for b in plan.rows()]
                 plans[f"{model_name}/{sched}"] = plan.table(*get_adapter(m).dims(m))
             rows.append(row)
-            print(f"{model_name:28s} {sched:36s} {flops[sched]:7.2f} GFLOPs  {ips:8.1f} img/s  x{row['speedup']:.2f}",
-                  flush=True)
+            print(
+                f"{model_name:28s} {sched:36s} {flops[sched]:7.2f} GFLOPs  {ips:8.1f} img/s  x{row['speedup']:.2f}",
+                flush=True,
+            )
     cols = ["model", "schedule", "r", "gflops", "flops_ratio", "img_per_s", "speedup", "efficiency"]
     print()
     print(markdown_table(rows, cols))
     for key, table in plans.items():
         print(f"\n{key}\n{table}")
-    write_rows(rows, args.out, {"env": environment(args.device), "batch": args.batch, "repeats": args.repeats,
-                                "plans": plans})
+    write_rows(
+        rows, args.out, {"env": environment(args.device), "batch": args.batch, "repeats": args.repeats, "plans": plans}
+    )
     print(f"\nwrote {args.out.with_suffix('.csv')} and {args.out.with_suffix('.json')}")
     return 0
 

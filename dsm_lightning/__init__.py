@@ -1,7 +1,7 @@
 """dsm-lightning: training-free ViT acceleration with Delayed Spatial Merging, as a PyTorch Lightning plugin."""
 
-from .calibrate import CalibrationResult, calibrate
 from .adapters import Adapter, UnsupportedModelError, get_adapter, register_adapter
+from .calibrate import CalibrationResult, calibrate
 from .config import DSMConfig
 from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan, trace_tokens
 from .schedule import BlockPlan, TokenPlan

@@ -24,8 +24,15 @@ from torch import nn
 from .config import DSMConfig
 from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan
 
-__all__ = ["calibrate", "CalibrationResult", "default_search_space", "quality_guard", "GuardResult",
-           "guard_candidates", "collect_batches"]
+__all__ = [
+    "calibrate",
+    "CalibrationResult",
+    "default_search_space",
+    "quality_guard",
+    "GuardResult",
+    "guard_candidates",
+    "collect_batches",
+]
 
 #: Merge options every schedule family is tried with: ToMe's keys, and token features with protected tokens.
 MERGE_OPTIONS: Tuple[Dict[str, Any], ...] = ({"metric": "keys", "protect": 0.0}, {"metric": "tokens", "protect": 0.2})
@@ -64,18 +71,24 @@ class CalibrationResult:
 
     def table(self) -> str:
         """Printable ranking of the candidates (``->`` marks the chosen one; check-half columns for finalists)."""
-        lines = [f"   {'delay':>5} {'local':>5} {'schedule':>12} {'metric':>6} {'prot':>4} {'r':>7} {'FLOPs':>6} "
-                 f"{'KL':>7} {'agree':>6} {'images':>6} {'check KL':>8} {'check agree':>11}"]
+        lines = [
+            f"   {'delay':>5} {'local':>5} {'schedule':>12} {'metric':>6} {'prot':>4} {'r':>7} {'FLOPs':>6} "
+            f"{'KL':>7} {'agree':>6} {'images':>6} {'check KL':>8} {'check agree':>11}"
+        ]
         chosen = self.config.replace(r=None).to_dict()
         for c in sorted(self.candidates, key=lambda c: (-c["images"], c["kl"])):
             mark = "->" if c["config"] == chosen else "  "
-            check = (f"{c['check_kl']:>8.4f} {c['check_agreement']:>11.4f}" if "check_kl" in c else "")
-            lines.append(f"{mark} {c['delay']:>5} {c['local_blocks']:>5} {c['schedule']:>12} {c['metric']:>6} "
-                         f"{c['protect']:>4.2f} {c['r']:>7.4g} {c['flops_ratio']:>6.3f} {c['kl']:>7.4f} "
-                         f"{c['agreement']:>6.4f} {c['images']:>6} {check}")
-        lines.append(f"ranked on the search half, checked on {self.images // 2} other images: "
-                     f"{'stable' if self.stable else 'unstable (the check half ranks another finalist first)'}"
-                     f"{'; ToMe beat the choice there by > 2 paired SE and was returned' if self.fell_back_to_tome else ''}")
+            check = f"{c['check_kl']:>8.4f} {c['check_agreement']:>11.4f}" if "check_kl" in c else ""
+            lines.append(
+                f"{mark} {c['delay']:>5} {c['local_blocks']:>5} {c['schedule']:>12} {c['metric']:>6} "
+                f"{c['protect']:>4.2f} {c['r']:>7.4g} {c['flops_ratio']:>6.3f} {c['kl']:>7.4f} "
+                f"{c['agreement']:>6.4f} {c['images']:>6} {check}"
+            )
+        lines.append(
+            f"ranked on the search half, checked on {self.images // 2} other images: "
+            f"{'stable' if self.stable else 'unstable (the check half ranks another finalist first)'}"
+            f"{'; ToMe beat the choice there by > 2 paired SE and was returned' if self.fell_back_to_tome else ''}"
+        )
         return "\n".join(lines)
 
 
@@ -121,7 +134,7 @@ def collect_batches(dataloader: Iterable, max_images: int) -> Tuple[torch.Tensor
 def _logits(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     out = []
     for i in range(0, images.shape[0], batch_size):
-        out.append(model(images[i:i + batch_size].to(device)).float().cpu())
+        out.append(model(images[i : i + batch_size].to(device)).float().cpu())
     return torch.cat(out)
 
 
@@ -163,8 +176,10 @@ def calibrate(
     if metric not in ("kl", "agreement", "accuracy"):
         raise ValueError(f"metric must be 'kl', 'agreement' or 'accuracy', got {metric!r}")
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
-        raise ValueError(f"target={target!r}: the budget is a fraction of the dense block FLOPs in (0, 1], e.g. 0.55 "
-                         f"for 1.8x fewer FLOPs")
+        raise ValueError(
+            f"target={target!r}: the budget is a fraction of the dense block FLOPs in (0, 1], e.g. 0.55 "
+            f"for 1.8x fewer FLOPs"
+        )
     was = get_config(model)
     if is_patched(model):
         remove_dsm(model)
@@ -179,12 +194,16 @@ def calibrate(
         dense_logits = _logits(model, images, batch_size, device)
         bad = (~torch.isfinite(dense_logits).all(dim=-1)).nonzero().flatten().tolist()
         if bad:
-            raise ValueError(f"the dense model gives non-finite outputs (nan/inf) for calibration image(s) {bad[:10]} "
-                             f"(0-based, in loader order); check those inputs")
+            raise ValueError(
+                f"the dense model gives non-finite outputs (nan/inf) for calibration image(s) {bad[:10]} "
+                f"(0-based, in loader order); check those inputs"
+            )
         if metric == "accuracy" and labels is not None and (labels.min() < 0 or labels.max() >= dense_logits.shape[-1]):
-            raise ValueError(f"labels must be class indices in [0, {dense_logits.shape[-1]}) for this model's "
-                             f"{dense_logits.shape[-1]} outputs, got values from {int(labels.min())} to "
-                             f"{int(labels.max())}")
+            raise ValueError(
+                f"labels must be class indices in [0, {dense_logits.shape[-1]}) for this model's "
+                f"{dense_logits.shape[-1]} outputs, got values from {int(labels.min())} to "
+                f"{int(labels.max())}"
+            )
         dense_logp = dense_logits.log_softmax(-1)
         reference = labels if metric == "accuracy" and labels is not None else dense_logits.argmax(-1)
         from .adapters import get_adapter
@@ -198,13 +217,22 @@ def calibrate(
         for fields in space:
             try:
                 cfg = DSMConfig(**{**fields, "r": None, "flops_target": target, "prop_attn": prop_attn})
-                plan = token_plan(model, cfg, img_size=img_size)
+                plan = token_plan(model, cfg, img_size=(int(img_size[0]), int(img_size[1])))
             except ValueError:
                 continue
-            candidates.append({**{k: getattr(cfg, k) for k in ("delay", "local_blocks", "windows", "schedule",
-                                                                "metric", "protect")},
-                               "config": cfg.to_dict(), "_fixed": cfg.replace(r=plan.r), "r": plan.r,
-                               "flops_ratio": plan.flops_ratio(*adapter.dims(model)), "images": 0})
+            candidates.append(
+                {
+                    **{
+                        k: getattr(cfg, k)
+                        for k in ("delay", "local_blocks", "windows", "schedule", "metric", "protect")
+                    },
+                    "config": cfg.to_dict(),
+                    "_fixed": cfg.replace(r=plan.r),
+                    "r": plan.r,
+                    "flops_ratio": plan.flops_ratio(*adapter.dims(model)),
+                    "images": 0,
+                }
+            )
         if not candidates:
             raise ValueError("no candidate schedule fits this model and input size; widen the search space")
 
@@ -216,8 +244,9 @@ def calibrate(
             finally:
                 remove_dsm(model)
             top1 = logits.argmax(-1)
-            kl = torch.nn.functional.kl_div(logits.log_softmax(-1), dense_logp[idx], log_target=True,
-                                            reduction="none").sum(-1)
+            kl = torch.nn.functional.kl_div(
+                logits.log_softmax(-1), dense_logp[idx], log_target=True, reduction="none"
+            ).sum(-1)
             return ((top1 == reference[idx]).float(), (top1 == dense_logits.argmax(-1)[idx]).float(), kl)
 
         def record(cand: Dict[str, Any], idx: torch.Tensor, prefix: str = "") -> None:
@@ -226,10 +255,13 @@ def calibrate(
             if prefix:  # check half: one shot, per-image losses kept for paired comparisons
                 cand["_loss"] = kl if metric == "kl" else 1.0 - hits
                 cand["check_score"], cand["check_agreement"], cand["check_kl"] = (
-                    float(hits.mean()), float(agree.mean()), float(kl.mean()))
+                    float(hits.mean()),
+                    float(agree.mean()),
+                    float(kl.mean()),
+                )
                 return
-            hits, agree, kl = float(hits.sum()), float(agree.sum()), float(kl.sum())
-            cand["_sums"] = [a + b for a, b in zip(cand.get("_sums", (0.0, 0.0, 0.0)), (hits, agree, kl))]
+            sums = (float(hits.sum()), float(agree.sum()), float(kl.sum()))
+            cand["_sums"] = [a + b for a, b in zip(cand.get("_sums", (0.0, 0.0, 0.0)), sums)]
             cand["images"] += n
             cand["score"], cand["agreement"], cand["kl"] = (v / cand["images"] for v in cand["_sums"])
 
@@ -239,15 +271,19 @@ def calibrate(
 
         order = torch.arange(images.shape[0])
         search, check = order[0::2], order[1::2]
-        quick = search[:max(1, search.numel() // 2)]
-        rest = search[quick.numel():]
+        quick = search[: max(1, search.numel() // 2)]
+        rest = search[quick.numel() :]
         tome = next(c for c in candidates if _is_tome(c))
         default = DSMConfig().to_dict()
         incumbent = next((c for c in candidates if _matches(c, {k: default[k] for k in _TOME})), None)
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(candidates) + 2 * min(len(candidates), keep + 2), desc="calibrate", unit="candidate",
-                   disable=not verbose)
+        bar = tqdm(
+            total=len(candidates) + 2 * min(len(candidates), keep + 2),
+            desc="calibrate",
+            unit="candidate",
+            disable=not verbose,
+        )
         progress = bar.update
         for cand in candidates:
             record(cand, quick)
@@ -279,10 +315,17 @@ def calibrate(
     finally:
         if was is not None:
             apply_dsm(model, was)
-    return CalibrationResult(best["_fixed"], best["check_score"] if metric != "kl" else best["check_agreement"],
-                             best["flops_ratio"], metric, time.perf_counter() - start, int(images.shape[0]),
-                             [{k: v for k, v in c.items() if not k.startswith("_")} for c in candidates],
-                             stable, fell_back)
+    return CalibrationResult(
+        best["_fixed"],
+        best["check_score"] if metric != "kl" else best["check_agreement"],
+        best["flops_ratio"],
+        metric,
+        time.perf_counter() - start,
+        int(images.shape[0]),
+        [{k: v for k, v in c.items() if not k.startswith("_")} for c in candidates],
+        stable,
+        fell_back,
+    )
 
 
 def _beats(loss_a: torch.Tensor, loss_b: torch.Tensor, z: float = 2.0) -> bool:
@@ -344,8 +387,9 @@ class GuardResult:
         lines = [f"DSM quality guard: top-1 agreement with dense >= {self.min_agreement:.3f} on {self.images} images"]
         for t in self.trials:
             mark = "->" if t is chosen else "  "
-            lines.append(f"{mark} {t['label']:<22} block FLOPs {t['flops_ratio']:.3f}x dense  agreement "
-                         f"{t['agreement']:.4f}")
+            lines.append(
+                f"{mark} {t['label']:<22} block FLOPs {t['flops_ratio']:.3f}x dense  agreement {t['agreement']:.4f}"
+            )
         if self.config is None:
             lines.append("-> no merging schedule met the target: running dense")
         return "\n".join(lines)
@@ -367,8 +411,10 @@ def guard_candidates(config: DSMConfig) -> List[DSMConfig]:
             new: Any = tuple(int(v * s) for v in r)
         elif isinstance(r, float):
             new = max(r * s, 1 / 256)
-        else:
+        elif isinstance(r, int):
             new = int(r * s)
+        else:
+            raise TypeError(f"guard_candidates needs an int, fraction or per-block tuple r, got {r!r}")
         merges = any(new) if isinstance(new, tuple) else new > 0
         if merges and config.replace(r=new) not in out:
             out.append(config.replace(r=new))
@@ -416,7 +462,7 @@ def quality_guard(
         total = float(reduce(torch.tensor(total, device=device)))
 
     def agreement(cfg: DSMConfig) -> float:
-        plan = token_plan(model, cfg, img_size=img_size)
+        plan = token_plan(model, cfg, img_size=(int(img_size[0]), int(img_size[1])))
         apply_dsm(model, cfg)
         try:
             logits = _logits(model, images, batch_size, device)
@@ -426,9 +472,12 @@ def quality_guard(
         if reduce is not None:
             hits = reduce(hits)
         value = float(hits) / total
-        label = f"flops_target={cfg.flops_target:g}" if config.r is None else f"r={plan.r if plan.r is not None else cfg.r}"
-        trials.append({"label": label, "config": cfg.to_dict(), "flops_ratio": plan.flops_ratio(*dims),
-                       "agreement": value})
+        label = (
+            f"flops_target={cfg.flops_target:g}" if config.r is None else f"r={plan.r if plan.r is not None else cfg.r}"
+        )
+        trials.append(
+            {"label": label, "config": cfg.to_dict(), "flops_ratio": plan.flops_ratio(*dims), "agreement": value}
+        )
         return value
 
     lo, hi = 0, len(candidates)  # candidates[hi:] pass (index len = dense); find the first passing index

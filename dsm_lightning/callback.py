@@ -8,7 +8,7 @@ model's weights or checkpoints.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -18,6 +18,9 @@ from .adapters import UnsupportedModelError, get_adapter
 from .calibrate import GuardResult, quality_guard
 from .config import DSMConfig
 from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan, unpatched
+
+if TYPE_CHECKING:
+    from torchmetrics import Metric
 
 __all__ = ["DSMCallback", "find_vit"]
 
@@ -79,8 +82,16 @@ class DSMCallback(Callback):
     quality guard (``min_agreement``) first checks agreement with the dense model and merges less if needed.
 
     Args:
-        delay, r, windows, local_blocks, prop_attn, flops_target, schedule, metric, protect: See
-            :class:`~dsm_lightning.DSMConfig` (same defaults).
+        delay: Leading blocks that stay dense (:attr:`DSMConfig.delay <dsm_lightning.DSMConfig>`, as are the
+            next eight fields, with the same defaults).
+        r: Tokens merged per merging block (int, fraction, per-block list, or None for ``flops_target``).
+        windows: Local windows (a perfect square or ``(rows, cols)``).
+        local_blocks: Merging blocks that merge inside windows first.
+        prop_attn: Proportional attention.
+        flops_target: Fraction of the dense block FLOPs to aim for when ``r`` is None.
+        schedule: ``"proportional"`` or ``"constant"`` family when ``r`` is None.
+        metric: ``"tokens"`` or ``"keys"``: what pairs are matched on.
+        protect: Fraction of the most class-attended tokens that never merge.
         config: A full :class:`~dsm_lightning.DSMConfig` instead of the fields above (they must then keep their
             defaults).
         stages: Which of ``"validate"`` (includes validation during fit and the sanity check), ``"test"``,
@@ -121,13 +132,21 @@ class DSMCallback(Callback):
         min_agreement: Optional[float] = DEFAULT_MIN_AGREEMENT,
         guard_images: int = 128,
     ) -> None:
-        fields = dict(delay=delay, r=tuple(r) if isinstance(r, list) else r, windows=windows,
-                      local_blocks=local_blocks, prop_attn=prop_attn, flops_target=flops_target, schedule=schedule,
-                      metric=metric, protect=protect)
+        fields = dict(
+            delay=delay,
+            r=tuple(r) if isinstance(r, list) else r,
+            windows=windows,
+            local_blocks=local_blocks,
+            prop_attn=prop_attn,
+            flops_target=flops_target,
+            schedule=schedule,
+            metric=metric,
+            protect=protect,
+        )
         changed = sorted(k for k, v in fields.items() if v != getattr(DSMConfig, k))
         if config is not None and changed:
             raise ValueError(f"pass either config= or the fields {changed}, not both")
-        self.config = config if config is not None else DSMConfig(**fields)
+        self.config = config if config is not None else DSMConfig.from_dict(fields)
         if isinstance(stages, str):
             stages = (stages,)
         bad = set(stages) - set(_STAGES)
@@ -159,7 +178,7 @@ class DSMCallback(Callback):
         self._hooks: list = []
         self._dsm = _Throughput()
         self._dense = _Throughput()
-        self._agree = None
+        self._agree: Optional[Metric] = None
         self._flops: Dict[Tuple[int, ...], Tuple[float, float]] = {}
         self._t0 = 0.0
         self._busy = False  # set while the callback itself runs the model (FLOP count, dense comparison)
@@ -179,8 +198,11 @@ class DSMCallback(Callback):
             num_classes = self._num_classes(pl_module, "compare_dense=True measures top-1 agreement")
             self._agree = MulticlassAccuracy(num_classes=num_classes, average="micro").to(pl_module.device)
         if self.min_agreement is not None:
-            self._num_classes(pl_module, "the quality guard (min_agreement) compares top-1 predictions; pass "
-                                         "min_agreement=None to merge a backbone without it")
+            self._num_classes(
+                pl_module,
+                "the quality guard (min_agreement) compares top-1 predictions; pass "
+                "min_agreement=None to merge a backbone without it",
+            )
 
     @property
     def state_key(self) -> str:
@@ -203,8 +225,10 @@ class DSMCallback(Callback):
         if self._agree is not None:
             self._agree = self._agree.to(pl_module.device)
             self._agree.reset()
-        self._hooks = [self._vit.register_forward_pre_hook(self._pre_hook),
-                       self._vit.register_forward_hook(self._post_hook)]
+        self._hooks = [
+            self._vit.register_forward_pre_hook(self._pre_hook),
+            self._vit.register_forward_hook(self._post_hook),
+        ]
         self.guard = None
         self._guard_inputs, self._guard_outputs = [], []
         if self.min_agreement is None or trainer.sanity_checking:
@@ -242,8 +266,15 @@ class DSMCallback(Callback):
 
         images_all, dense = torch.cat(self._guard_inputs), torch.cat(self._guard_outputs)
         self._guard_inputs, self._guard_outputs = [], []
-        self.guard = quality_guard(self._vit, images_all, dense, self.config, self.min_agreement,
-                                   batch_size=max(1, images.shape[0]), reduce=reduce)
+        self.guard = quality_guard(
+            self._vit,
+            images_all,
+            dense,
+            self.config,
+            self.min_agreement,
+            batch_size=max(1, images.shape[0]),
+            reduce=reduce,
+        )
         self._say(self.guard.summary())
         if self.guard.config is not None:
             self._patch(self.guard.config)
@@ -387,9 +418,8 @@ class DSMCallback(Callback):
         if self.compare_dense and self._dsm.images and self._dense.images:
             out["dsm/dense_images_per_sec"] = self._dense.per_second
             out["dsm/speedup"] = self._dsm.per_second / self._dense.per_second
-        if self.compare_dense:
-            if self._agree is not None and self._agree.update_count:
-                out["dsm/agreement_top1"] = float(self._agree.compute())
+        if self.compare_dense and self._agree is not None and self._agree.update_count:
+            out["dsm/agreement_top1"] = float(self._agree.compute())
         return out
 
     def _log_epoch(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -397,17 +427,21 @@ class DSMCallback(Callback):
             return
         if self.min_agreement is not None and self.guard is None:
             seen = sum(x.shape[0] for x in self._guard_inputs)
-            self._say(f"DSM quality guard: the {stage} stage ended after {seen} images, fewer than "
-                           f"guard_images={self.guard_images}, so it ran dense throughout; lower guard_images or "
-                           f"pass min_agreement=None to merge without the guard")
+            self._say(
+                f"DSM quality guard: the {stage} stage ended after {seen} images, fewer than "
+                f"guard_images={self.guard_images}, so it ran dense throughout; lower guard_images or "
+                f"pass min_agreement=None to merge without the guard"
+            )
             self._guard_inputs, self._guard_outputs = [], []
             return
         metrics = self._collect()
         if not metrics:
             return
         if "dsm/gflops_per_image" in metrics and "dsm/images_per_sec" not in metrics:
-            self._say("DSM: images/s and speedup are not logged: the only merged batch was the untimed warm-up "
-                           "(timing needs 2 or more merged batches)")
+            self._say(
+                "DSM: images/s and speedup are not logged: the only merged batch was the untimed warm-up "
+                "(timing needs 2 or more merged batches)"
+            )
         self.metrics = {k: float(v) for k, v in metrics.items()}
         if stage == "predict":  # self.log is not available in predict: write to the loggers directly
             if trainer.is_global_zero:
@@ -424,4 +458,3 @@ class DSMCallback(Callback):
 
     def on_test_epoch_end(self, trainer, pl_module):
         self._log_epoch(trainer, pl_module, "test")
-

@@ -29,13 +29,14 @@ from .writer import PredictionWriter
 __all__ = ["DSMLightningCLI", "cli", "config_relative_paths", "main"]
 
 #: Input paths that resolve relative to the config file that sets them.
-CONFIG_RELATIVE_KEYS = ("data.train_dir", "data.val_dir", "data.test_dir", "data.predict_dir",
-                        "model.checkpoint_path")
+CONFIG_RELATIVE_KEYS = ("data.train_dir", "data.val_dir", "data.test_dir", "data.predict_dir", "model.checkpoint_path")
 
 
-DESCRIPTION = ("dsm-lightning: evaluate and predict with a pretrained ViT faster by merging redundant tokens (Delayed "
-               "Spatial Merging / ToMe), never touching training. DSM settings: --dsm.* (see --print_config); "
-               "predictions: --writer.output.")
+DESCRIPTION = (
+    "dsm-lightning: evaluate and predict with a pretrained ViT faster by merging redundant tokens (Delayed "
+    "Spatial Merging / ToMe), never touching training. DSM settings: --dsm.* (see --print_config); "
+    "predictions: --writer.output."
+)
 
 
 class DSMLightningCLI(LightningCLI):
@@ -89,9 +90,14 @@ def config_relative_paths(config: Any) -> dict:
 def cli(args: Optional[List[str]] = None) -> DSMLightningCLI:
     """Run the command line with ``args`` (``sys.argv`` when None), raising errors as they are (for Python callers
     and tests; the console command is :func:`main`)."""
-    return DSMLightningCLI(ImageClassifier, ImageFolderDataModule, args=args,
-                           save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-                           parser_kwargs={"description": DESCRIPTION})
+    return DSMLightningCLI(
+        ImageClassifier,
+        ImageFolderDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        parser_kwargs={"description": DESCRIPTION},
+    )
 
 
 def main(args: Optional[List[str]] = None) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 __all__ = ["DSMConfig", "window_grid"]
 
@@ -117,8 +117,10 @@ class DSMConfig:
                     raise ValueError(f"r must be >= 0, got {r}")
             elif isinstance(r, float):
                 if not 0.0 < r <= 0.5:
-                    raise ValueError(f"a fractional r must be in (0, 0.5] (bipartite matching merges at most half "
-                                     f"the tokens), got {r}")
+                    raise ValueError(
+                        f"a fractional r must be in (0, 0.5] (bipartite matching merges at most half "
+                        f"the tokens), got {r}"
+                    )
             else:
                 try:
                     r_tuple = tuple(r)
@@ -132,18 +134,25 @@ class DSMConfig:
         object.__setattr__(self, "windows", (rows, cols) if not isinstance(self.windows, int) else self.windows)
         if not isinstance(self.prop_attn, bool):
             raise ValueError(f"prop_attn must be a bool, got {self.prop_attn!r}")
-        if isinstance(self.flops_target, bool) or not isinstance(self.flops_target, (int, float)) \
-                or not 0.0 < float(self.flops_target) <= 1.0:
+        if (
+            isinstance(self.flops_target, bool)
+            or not isinstance(self.flops_target, (int, float))
+            or not 0.0 < float(self.flops_target) <= 1.0
+        ):
             raise ValueError(f"flops_target must be in (0, 1], got {self.flops_target!r}")
         object.__setattr__(self, "flops_target", float(self.flops_target))
         if self.schedule not in ("constant", "proportional"):
             raise ValueError(f"schedule must be 'constant' or 'proportional', got {self.schedule!r}")
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
-        if isinstance(self.protect, bool) or not isinstance(self.protect, (int, float)) \
-                or not 0.0 <= float(self.protect) < 0.5:
-            raise ValueError(f"protect is a fraction of the tokens in [0, 0.5), got {self.protect!r}; "
-                             f"0 protects nothing (ToMe)")
+        if (
+            isinstance(self.protect, bool)
+            or not isinstance(self.protect, (int, float))
+            or not 0.0 <= float(self.protect) < 0.5
+        ):
+            raise ValueError(
+                f"protect is a fraction of the tokens in [0, 0.5), got {self.protect!r}; 0 protects nothing (ToMe)"
+            )
         object.__setattr__(self, "protect", float(self.protect))
 
     @property
@@ -157,7 +166,7 @@ class DSMConfig:
         rows, cols = self.window_grid
         return rows * cols
 
-    def replace(self, **changes: Any) -> "DSMConfig":
+    def replace(self, **changes: Any) -> DSMConfig:
         """Return a copy with ``changes`` applied (validated again)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self) if not f.name.startswith("_")}
         if unknown:
@@ -165,13 +174,13 @@ class DSMConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def field_names(cls) -> list:
+    def field_names(cls) -> List[str]:
         """Names of the public fields."""
         return [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         """Plain-Python dict of the public fields (YAML/JSON friendly)."""
-        out = {}
+        out: Dict[str, Any] = {}
         for name in self.field_names():
             value = getattr(self, name)
             out[name] = list(value) if isinstance(value, tuple) else value
@@ -181,14 +190,14 @@ class DSMConfig:
         """The config as YAML (the same keys ``DSMCallback`` takes as ``init_args``); written to ``path`` if given."""
         import yaml
 
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        text: str = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
             with open(path, "w") as fh:
                 fh.write(text)
         return text
 
     @classmethod
-    def from_yaml(cls, path: str) -> "DSMConfig":
+    def from_yaml(cls, path: str) -> DSMConfig:
         """Load a config written by :meth:`to_yaml`."""
         import yaml
 
@@ -196,7 +205,7 @@ class DSMConfig:
             return cls.from_dict(yaml.safe_load(fh) or {})
 
     @classmethod
-    def from_dict(cls, data: dict) -> "DSMConfig":
+    def from_dict(cls, data: Dict[str, Any]) -> DSMConfig:
         """Build a config from :meth:`to_dict` output."""
         data = dict(data)
         if isinstance(data.get("windows"), list):

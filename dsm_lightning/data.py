@@ -26,8 +26,12 @@ def collate_skipping(items: List[Dict[str, Any]]) -> Dict[str, Any]:
     if good:
         batch = default_collate(good)
     else:
-        batch = {"image": torch.empty(0), "target": torch.empty(0, dtype=torch.long), "path": [],
-                 "index": torch.empty(0, dtype=torch.long)}
+        batch = {
+            "image": torch.empty(0),
+            "target": torch.empty(0, dtype=torch.long),
+            "path": [],
+            "index": torch.empty(0, dtype=torch.long),
+        }
     batch["skipped"] = skipped
     return batch
 
@@ -70,24 +74,35 @@ class ImageFiles(Dataset):
     ``{"skipped": (path, reason), "index": i}``, which :func:`collate_skipping` leaves out of the batch.
     """
 
-    def __init__(self, root: str, transform: Optional[Callable] = None, labelled: Optional[bool] = None,
-                 classes: Optional[Sequence[str]] = None, skip_bad: bool = False) -> None:
+    def __init__(
+        self,
+        root: str,
+        transform: Optional[Callable] = None,
+        labelled: Optional[bool] = None,
+        classes: Optional[Sequence[str]] = None,
+        skip_bad: bool = False,
+    ) -> None:
         self.skip_bad = skip_bad
         path = Path(root)
         if not path.is_dir():
-            raise FileNotFoundError(f"image folder {root!r} does not exist; point the data module at a folder of "
-                                    f"images (ImageFolder layout <root>/<class>/<image> for validate/test)")
+            raise FileNotFoundError(
+                f"image folder {root!r} does not exist; point the data module at a folder of "
+                f"images (ImageFolder layout <root>/<class>/<image> for validate/test)"
+            )
         subdirs = sorted(d.name for d in path.iterdir() if d.is_dir())
         if labelled is None:
             labelled = bool(subdirs)
         self.transform = transform
         if labelled:
             if not subdirs:
-                raise FileNotFoundError(f"{root!r} has no class sub-folders; validate/test need the ImageFolder "
-                                        f"layout <root>/<class>/<image>")
+                raise FileNotFoundError(
+                    f"{root!r} has no class sub-folders; validate/test need the ImageFolder "
+                    f"layout <root>/<class>/<image>"
+                )
             self.classes: List[str] = list(classes) if classes else subdirs
-            self.samples: List[Tuple[str, int]] = [(f, label) for label, name in enumerate(subdirs)
-                                                   for f in image_files(path / name)]
+            self.samples: List[Tuple[str, int]] = [
+                (f, label) for label, name in enumerate(subdirs) for f in image_files(path / name)
+            ]
         else:
             self.classes = list(classes) if classes else []
             self.samples = [(f, -1) for f in image_files(path)]
@@ -105,8 +120,10 @@ class ImageFiles(Dataset):
         except Exception as err:  # PIL raises several types for broken files
             if self.skip_bad:
                 return {"skipped": (path, f"{type(err).__name__}: {err}"), "index": index}
-            raise RuntimeError(f"cannot read image {path!r} ({err}); remove or replace the file, or pass "
-                               f"data.bad_images=skip to leave unreadable files out") from err
+            raise RuntimeError(
+                f"cannot read image {path!r} ({err}); remove or replace the file, or pass "
+                f"data.bad_images=skip to leave unreadable files out"
+            ) from err
         if self.transform is not None:
             image = self.transform(image)
         return {"image": image, "target": target, "path": path, "index": index}
@@ -119,13 +136,17 @@ class ImageFolderDataModule(LightningDataModule):
     a transform by timm's ``create_transform``; the arguments below override single fields.
 
     Args:
-        train_dir, val_dir, test_dir, predict_dir: Folders (``test_dir``/``predict_dir`` default to ``val_dir``).
+        val_dir: Labelled folder (ImageFolder layout) for validation; also the default of the next two.
+        train_dir: Labelled folder for fit.
+        test_dir: Labelled folder for test (default: ``val_dir``).
+        predict_dir: Folder of images for predict, searched recursively (default: ``val_dir``).
         batch_size: Batch size per process.
         num_workers: DataLoader workers.
         img_size: Input size (int or (H, W)) overriding the model's.
         interpolation: ``bilinear``, ``bicubic``, ...
         crop_pct: Centre-crop fraction (1.0 = resize only).
-        mean, std: Normalisation.
+        mean: Normalisation mean per channel.
+        std: Normalisation standard deviation per channel.
         bad_images: What an unreadable image file does: ``"stop"`` the run with an error naming the file, or
             ``"skip"`` it (a warning per file; the prediction writer lists skipped files next to its output).
             ``"auto"`` (default) skips in predict, where every image stands alone and one bad file among thousands
@@ -156,7 +177,7 @@ class ImageFolderDataModule(LightningDataModule):
         self._check_dirs()
 
     def _check_dirs(self) -> None:
-        h = self.hparams
+        h: Any = self.hparams  # Lightning's AttributeDict of the constructor arguments
         for name in ("train_dir", "val_dir", "test_dir", "predict_dir"):
             value = getattr(h, name)
             if value is not None and not Path(value).is_dir():
@@ -167,7 +188,7 @@ class ImageFolderDataModule(LightningDataModule):
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         if module is not None and hasattr(module, "data_config"):
             cfg.update(module.data_config())
-        h = self.hparams
+        h: Any = self.hparams  # Lightning's AttributeDict of the constructor arguments
         if h.img_size is not None:
             size = (h.img_size, h.img_size) if isinstance(h.img_size, int) else tuple(h.img_size)
             cfg["input_size"] = (3, *size)
@@ -181,21 +202,22 @@ class ImageFolderDataModule(LightningDataModule):
         return transform_from_config(self.data_config(), training)
 
     def setup(self, stage: str) -> None:
-        h = self.hparams
-        want = {
+        h: Any = self.hparams  # Lightning's AttributeDict of the constructor arguments
+        splits: Dict[str, List[Tuple[str, Optional[str], Optional[bool]]]] = {
             "fit": [("train", h.train_dir, True), ("val", h.val_dir, True)],
             "validate": [("val", h.val_dir, True)],
             "test": [("test", h.test_dir or h.val_dir, True)],
             "predict": [("predict", h.predict_dir or h.val_dir, None)],
-        }[stage]
-        for split, folder, labelled in want:
+        }
+        for split, folder, labelled in splits[stage]:
             if folder is None:
                 if split == "val" and stage == "fit":
                     continue
                 raise ValueError(f"stage {stage!r} needs data.{split}_dir (a folder of images)")
             skip = h.bad_images == "skip" or (h.bad_images == "auto" and stage == "predict")
-            self.datasets[split] = ImageFiles(folder, self.transform(training=split == "train"), labelled,
-                                              skip_bad=skip)
+            self.datasets[split] = ImageFiles(
+                folder, self.transform(training=split == "train"), labelled, skip_bad=skip
+            )
 
     @property
     def classes(self) -> List[str]:
@@ -205,9 +227,14 @@ class ImageFolderDataModule(LightningDataModule):
         return []
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
-                          collate_fn=collate_skipping)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.hparams["batch_size"],
+            shuffle=shuffle,
+            num_workers=self.hparams["num_workers"],
+            persistent_workers=self.hparams["num_workers"] > 0,
+            collate_fn=collate_skipping,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -220,4 +247,3 @@ class ImageFolderDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")
-

@@ -27,7 +27,7 @@ class MergeStep:
     token's attention ``[B, T]`` (see :func:`~dsm_lightning.merge.class_attention`), which ``protect`` ranks by.
     """
 
-    __slots__ = ("state", "block", "plan", "needs_class_attention")
+    __slots__ = ("block", "needs_class_attention", "plan", "state")
 
     def __init__(self, state: MergeState, block: BlockPlan, plan: TokenPlan) -> None:
         self.state = state
@@ -37,8 +37,9 @@ class MergeStep:
 
     def __call__(self, tokens: Tensor, metric: Tensor, cls_attn: Optional[Tensor] = None) -> Tuple[Tensor, MergeState]:
         plan = self.plan
-        return merge_step(tokens, metric, self.state, self.block, plan.grid, plan.num_prefix_tokens, plan.config,
-                          cls_attn)
+        return merge_step(
+            tokens, metric, self.state, self.block, plan.grid, plan.num_prefix_tokens, plan.config, cls_attn
+        )
 
 
 #: Type of the ``step`` argument of ``Adapter.merge_block``.
@@ -89,4 +90,3 @@ def check_tokens(x: Tensor, plan: TokenPlan) -> None:
             f"patches) after embedding but got {x.shape[1]}; token-dropping layers (patch dropout in training) "
             f"cannot be combined with merging: call model.eval() or remove_dsm(model)"
         )
-

@@ -139,8 +139,11 @@ def merge_local(
         window = (slice(None), slice(start, start + span))
         keep = None if protected is None else protected[window].reshape(batch * g.count, g.tokens_in)
         m = bipartite_soft_matching(metric[window].reshape(batch * g.count, g.tokens_in, -1), g.r, keep)
-        gx, gs = merge_wavg(m.merge, x[window].reshape(batch * g.count, g.tokens_in, -1),
-                            size[window].reshape(batch * g.count, g.tokens_in, 1))
+        gx, gs = merge_wavg(
+            m.merge,
+            x[window].reshape(batch * g.count, g.tokens_in, -1),
+            size[window].reshape(batch * g.count, g.tokens_in, 1),
+        )
         xs.append(gx.reshape(batch, g.count * g.tokens_out, -1))
         sizes.append(gs.reshape(batch, g.count * g.tokens_out, 1))
         offsets = torch.arange(g.count, device=x.device) * g.tokens_out + out_start
@@ -216,8 +219,10 @@ def merge_step(
     protected = None
     if config is not None and config.protect > 0:
         if cls_attn is None:
-            raise RuntimeError("DSMConfig.protect needs the class attention, but this model's adapter passed none to "
-                               "step(x, metric, cls_attn); set protect=0 or extend the adapter (README, 'Custom ViTs')")
+            raise RuntimeError(
+                "DSMConfig.protect needs the class attention, but this model's adapter passed none to "
+                "step(x, metric, cls_attn); set protect=0 or extend the adapter (README, 'Custom ViTs')"
+            )
         protected = protected_mask(cls_attn[:, num_prefix:], config.protect)
     if state.size is None:
         size = torch.ones(batch, x.shape[1], 1, dtype=torch.float32, device=x.device)  # exact counts (bf16 is not)

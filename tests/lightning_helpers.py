@@ -10,6 +10,14 @@ from PIL import Image
 TINY_KW = {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2}
 
 
+def read_csv(path) -> list:
+    """Rows of a CSV file as dicts."""
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def make_image_folder(root: Path, classes=3, per_class=4, size=32, seed=0, labelled=True) -> Path:
     """Write small random RGB PNGs in ImageFolder layout (or flat when not labelled)."""
     g = torch.Generator().manual_seed(seed)
@@ -26,8 +34,14 @@ def trainer(**kwargs):
     """A quiet single-process CPU Trainer; keyword arguments override the defaults."""
     from lightning.pytorch import Trainer
 
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     return Trainer(**{**defaults, **kwargs})
 
 
@@ -35,8 +49,9 @@ def tiny_classifier(**kwargs):
     from dsm_lightning.module import ImageClassifier
 
     torch.manual_seed(0)
-    module = ImageClassifier(model_name="vit_tiny_patch16_224", num_classes=3, model_kwargs=dict(TINY_KW),
-                             top_k=2, **kwargs)
+    module = ImageClassifier(
+        model_name="vit_tiny_patch16_224", num_classes=3, model_kwargs=dict(TINY_KW), top_k=2, **kwargs
+    )
     with torch.no_grad():
         module.model.head.weight.normal_(0, 0.5)
     return module

@@ -116,8 +116,9 @@ def ops_for(model):
     return TorchvisionOps if isinstance(model, TVViT) else TimmOps
 
 
-def ref_match(tokens: List[Token], metric: List[torch.Tensor], r: int,
-              protected: Sequence[bool] = ()) -> Tuple[List[Token], List[torch.Tensor]]:
+def ref_match(
+    tokens: List[Token], metric: List[torch.Tensor], r: int, protected: Sequence[bool] = ()
+) -> Tuple[List[Token], List[torch.Tensor]]:
     """Bipartite soft matching on one list of patch tokens; returns the new tokens (unmerged a's, then b's).
 
     A pair that involves a ``protected`` token scores -2 (below any cosine), so it is proposed last."""
@@ -165,19 +166,20 @@ def ref_forward_tokens(model, image: torch.Tensor, plan: TokenPlan) -> Tuple[tor
         guard = [False] * len(patches)
         if plan.config.protect and bp.merges:
             cls_attn = ref_class_attention(q, k, sizes, p)[p:]
-            top = sorted(range(len(patches)), key=lambda i: -cls_attn[i])[:int(plan.config.protect * len(patches))]
+            top = sorted(range(len(patches)), key=lambda i: -cls_attn[i])[: int(plan.config.protect * len(patches))]
             guard = [i in top for i in range(len(patches))]
         if bp.mode == "global":
             patches, _ = ref_match(patches, metric, bp.r, guard)
         elif bp.mode == "local":
             new = []
             for g in bp.groups:
-                for (r0, r1, c0, c1) in g.boxes:
+                for r0, r1, c0, c1 in g.boxes:
                     inside = {row * width + col for row in range(r0, r1) for col in range(c0, c1)}
                     idx = [i for i, t in enumerate(patches) if t[2] <= inside]
                     assert len(idx) == g.tokens_in
-                    merged, _ = ref_match([patches[i] for i in idx], [metric[i] for i in idx], g.r,
-                                          [guard[i] for i in idx])
+                    merged, _ = ref_match(
+                        [patches[i] for i in idx], [metric[i] for i in idx], g.r, [guard[i] for i in idx]
+                    )
                     new += merged
             patches = new
         seq = torch.stack(prefix + [t[0] for t in patches])

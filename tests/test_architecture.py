@@ -53,9 +53,9 @@ def test_no_import_cycle():
         state[node] = "open"
         for nxt in edges.get(node, ()):
             if state.get(nxt) == "open":
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(nxt) :], nxt]))
             if nxt not in state:
-                visit(nxt, stack + [nxt])
+                visit(nxt, [*stack, nxt])
         state[node] = "done"
 
     for node in edges:

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def loader(n=32, batch=8, labels=True):
     x = images(batch=n, seed=3)
     y = torch.arange(n) % 7
-    return [(x[i:i + batch], y[i:i + batch]) if labels else x[i:i + batch] for i in range(0, n, batch)]
+    return [(x[i : i + batch], y[i : i + batch]) if labels else x[i : i + batch] for i in range(0, n, batch)]
 
 
 def test_calibrate_meets_budget_and_never_loses_to_tome_on_the_check_half():
@@ -29,10 +29,17 @@ def test_calibrate_meets_budget_and_never_loses_to_tome_on_the_check_half():
     assert result.metric == "kl" and result.images == 32
     assert result.flops_ratio <= 0.6 + 1e-9
     assert isinstance(result.config, DSMConfig) and isinstance(result.config.r, (int, float))
-    tome = [c for c in result.candidates if c["delay"] == 0 and c["local_blocks"] == 0
-            and c["schedule"] == "constant" and c["metric"] == "keys" and c["protect"] == 0]
+    tome = [
+        c
+        for c in result.candidates
+        if c["delay"] == 0
+        and c["local_blocks"] == 0
+        and c["schedule"] == "constant"
+        and c["metric"] == "keys"
+        and c["protect"] == 0
+    ]
     assert tome and tome[0]["images"] == 16, "ToMe is always scored on the whole search half"
-    chosen = [c for c in result.candidates if c["config"] == result.config.replace(r=None).to_dict()][0]
+    chosen = next(c for c in result.candidates if c["config"] == result.config.replace(r=None).to_dict())
     assert chosen["check_kl"] <= tome[0]["check_kl"], "never worse than ToMe on images it did not choose on"
     assert len({c["config"]["metric"] for c in result.candidates}) == 2, "merge options are searched too"
     # the reported score is the chosen schedule's agreement on the check half (odd images), reproducible
@@ -48,8 +55,15 @@ def test_calibrate_meets_budget_and_never_loses_to_tome_on_the_check_half():
 def test_calibrate_restores_model_and_uses_labels(tmp_path):
     model = apply_dsm(tiny_vit(), delay=1, r=3)
     before = get_config(model)
-    result = calibrate(model, loader(labels=True), target=0.7, max_images=16, metric="accuracy",
-                       search_space=[{"delay": 1, "local_blocks": 1}], verbose=False)
+    result = calibrate(
+        model,
+        loader(labels=True),
+        target=0.7,
+        max_images=16,
+        metric="accuracy",
+        search_space=[{"delay": 1, "local_blocks": 1}],
+        verbose=False,
+    )
     assert result.metric == "accuracy"
     assert get_config(model) == before
     path = tmp_path / "dsm.yaml"
@@ -63,7 +77,7 @@ def test_calibrate_restores_model_and_uses_labels(tmp_path):
 
 def test_token_maps_and_render():
     model = apply_dsm(tiny_vit(), delay=1, r=6, local_blocks=2)
-    maps, grid = token_maps(model, images(batch=1)[0])
+    maps, _grid = token_maps(model, images(batch=1)[0])
     plan = token_plan(model)
     assert len(np.unique(maps["final"])) == plan.tokens_out
     # after the local phase no token spans two 4x4 windows of the 8x8 grid
@@ -87,10 +101,32 @@ def test_pareto_harness_runs_and_resumes(tmp_path):
     calib = make_image_folder(tmp_path / "calib", classes=3, per_class=3, seed=1)
     photos = make_image_folder(tmp_path / "photos", classes=1, per_class=3, seed=2, labelled=False)
     out = tmp_path / "p"
-    argv = ["--model-name", "vit_tiny_patch16_224", "--num-classes", "3", "--model-kwargs", json.dumps(TINY_KW),
-            "--val-dir", str(data), "--calib-dir", str(calib), "--calib-images", "8", "--limit", "12",
-            "--photos", str(photos),
-            "--targets", "0.7", "--batch", "4", "--repeats", "1", "--out", str(out)]
+    argv = [
+        "--model-name",
+        "vit_tiny_patch16_224",
+        "--num-classes",
+        "3",
+        "--model-kwargs",
+        json.dumps(TINY_KW),
+        "--val-dir",
+        str(data),
+        "--calib-dir",
+        str(calib),
+        "--calib-images",
+        "8",
+        "--limit",
+        "12",
+        "--photos",
+        str(photos),
+        "--targets",
+        "0.7",
+        "--batch",
+        "4",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert pareto.main(argv) == 0
     first = json.loads(out.with_suffix(".json").read_text())["rows"]
     names = {r["schedule"] for r in first}
@@ -115,9 +151,28 @@ def test_pareto_harness_with_a_datamodule(tmp_path):
     data = make_image_folder(tmp_path / "imgs", classes=3, per_class=2)
     out = tmp_path / "dm"
     dm_args = {"val_dir": str(data), "batch_size": 4, "img_size": 32, "crop_pct": 1.0}
-    argv = ["--model-name", "vit_tiny_patch16_224", "--num-classes", "3", "--model-kwargs", json.dumps(TINY_KW),
-            "--datamodule", "dsm_lightning.data.ImageFolderDataModule", "--datamodule-args", json.dumps(dm_args),
-            "--limit", "6", "--targets", "0.7", "--batch", "3", "--repeats", "1", "--out", str(out)]
+    argv = [
+        "--model-name",
+        "vit_tiny_patch16_224",
+        "--num-classes",
+        "3",
+        "--model-kwargs",
+        json.dumps(TINY_KW),
+        "--datamodule",
+        "dsm_lightning.data.ImageFolderDataModule",
+        "--datamodule-args",
+        json.dumps(dm_args),
+        "--limit",
+        "6",
+        "--targets",
+        "0.7",
+        "--batch",
+        "3",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert pareto.main(argv) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert {r["schedule"] for r in rows} >= {"dense", "tome@0.70"}
@@ -139,7 +194,8 @@ def test_fmnist_pools_are_disjoint_and_exclude_shared_images(tmp_path):
     header = (2051).to_bytes(4, "big") + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
     (idx_dir / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + pixels.tobytes()))
     (idx_dir / "train-labels-idx1-ubyte.gz").write_bytes(
-        gzip.compress((2049).to_bytes(4, "big") + n.to_bytes(4, "big") + labels.tobytes()))
+        gzip.compress((2049).to_bytes(4, "big") + n.to_bytes(4, "big") + labels.tobytes())
+    )
     shared = tmp_path / "shared"
     for split, ids in (("train", range(0, 200, 2)), ("val", range(1, 100, 2))):
         folder = shared / "fashion_mnist" / split / "0-t-shirt"
@@ -169,9 +225,15 @@ def write_checkpoint_with_sidecar(folder: Path, classes=("a", "b", "c")) -> Path
     model = build_model("vit_tiny_patch16_224", num_classes=len(classes), **TINY_KW)
     path = folder / "tiny.safetensors"
     save_file(model.state_dict(), str(path))
-    path.with_suffix(".json").write_text(json.dumps({
-        "timm_name": "vit_tiny_patch16_224", "create_kwargs": {**TINY_KW, "num_classes": len(classes)},
-        "classes": list(classes)}))
+    path.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "timm_name": "vit_tiny_patch16_224",
+                "create_kwargs": {**TINY_KW, "num_classes": len(classes)},
+                "classes": list(classes),
+            }
+        )
+    )
     return path
 
 
@@ -181,8 +243,22 @@ def test_vis_command_takes_the_model_from_the_checkpoint_sidecar(tmp_path, capsy
 
     checkpoint = write_checkpoint_with_sidecar(tmp_path / "ckpt")
     imgs = make_image_folder(tmp_path / "imgs", labelled=False, per_class=1)
-    main(["--images", str(imgs), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "vis"), "--delay", "1",
-          "--local-blocks", "1", "--r", "0,2,2,2"])
+    main(
+        [
+            "--images",
+            str(imgs),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "vis"),
+            "--delay",
+            "1",
+            "--local-blocks",
+            "1",
+            "--r",
+            "0,2,2,2",
+        ]
+    )
     written = sorted((tmp_path / "vis").glob("*_dsm.png"))
     assert len(written) == 3 and capsys.readouterr().out.count("_dsm.png") == 3
 
@@ -211,8 +287,12 @@ def test_classifier_reads_model_and_classes_from_sidecar_and_validates_it(tmp_pa
     assert module.model_name == "vit_tiny_patch16_224" and module.num_classes == 3
     assert module.class_names == ["a", "b", "c"]
     sidecar = checkpoint.with_suffix(".json")
-    for text, match in [('{"classes": "abc"}', "'classes' must be a list"), ('["a", "b"]', "holds a JSON list"),
-                        ('{"timm_name": 3}', "'timm_name' must be a model name"), ("{not json", "not valid JSON")]:
+    for text, match in [
+        ('{"classes": "abc"}', "'classes' must be a list"),
+        ('["a", "b"]', "holds a JSON list"),
+        ('{"timm_name": 3}', "'timm_name' must be a model name"),
+        ("{not json", "not valid JSON"),
+    ]:
         sidecar.write_text(text)
         with pytest.raises(ValueError, match=match):
             ImageClassifier(checkpoint_path=str(checkpoint))

@@ -18,8 +18,14 @@ def test_patched_in_validation_restored_after(tmp_path):
     out = trainer(callbacks=[cb]).validate(module, datamodule=data, verbose=False)[0]
     assert seen and all(seen), "validation runs merged"
     assert not is_patched(module.model), "restored after validation"
-    for key in ("dsm/images_per_sec", "dsm/gflops_per_image", "dsm/agreement_top1", "dsm/dense_images_per_sec",
-                "dsm/speedup", "dsm/flops_reduction"):
+    for key in (
+        "dsm/images_per_sec",
+        "dsm/gflops_per_image",
+        "dsm/agreement_top1",
+        "dsm/dense_images_per_sec",
+        "dsm/speedup",
+        "dsm/flops_reduction",
+    ):
         assert key in out, key
     assert out["dsm/flops_reduction"] > 1.0
     assert 0.0 <= out["dsm/agreement_top1"] <= 1.0
@@ -31,7 +37,8 @@ def test_dsm_changes_eval_but_not_the_module(tmp_path):
     module = tiny_classifier()
     dense = trainer().validate(module, datamodule=data, verbose=False)[0]
     merged = trainer(callbacks=[DSMCallback(delay=1, r=4, local_blocks=0, min_agreement=None)]).validate(
-        module, datamodule=data, verbose=False)[0]
+        module, datamodule=data, verbose=False
+    )[0]
     again = trainer().validate(module, datamodule=data, verbose=False)[0]
     assert merged["val/loss"] != dense["val/loss"]
     assert again["val/loss"] == dense["val/loss"], "restoring leaves the dense model bit-identical"
@@ -44,7 +51,8 @@ def test_fit_weights_bit_identical_with_and_without_callback(tmp_path):
         seed_everything(0)
         module = tiny_classifier(lr=1e-2)
         trainer(callbacks=callbacks, max_epochs=2, num_sanity_val_steps=2, deterministic=True).fit(
-            module, datamodule=tiny_data(data_root))
+            module, datamodule=tiny_data(data_root)
+        )
         return module.state_dict()
 
     plain = fit([])
@@ -63,7 +71,9 @@ def test_restored_on_exception(tmp_path):
 
     module.validation_step = boom
     with pytest.raises(RuntimeError, match="boom"):
-        trainer(callbacks=[DSMCallback(delay=1, r=2, min_agreement=None)]).validate(module, datamodule=data, verbose=False)
+        trainer(callbacks=[DSMCallback(delay=1, r=2, min_agreement=None)]).validate(
+            module, datamodule=data, verbose=False
+        )
     assert not is_patched(module.model)
 
 
@@ -85,7 +95,8 @@ def test_explicit_attr_and_stage_selection(tmp_path):
     module = tiny_classifier()
     seen = spy_patched(module, "test_step")
     trainer(callbacks=[DSMCallback(delay=1, r=2, model_attr="model", stages=["validate"], min_agreement=None)]).test(
-        module, datamodule=data, verbose=False)
+        module, datamodule=data, verbose=False
+    )
     assert seen and not any(seen), "test stage not selected: dense"
     with pytest.raises(AttributeError, match="has no 'backbone'"):
         trainer(callbacks=[DSMCallback(model_attr="backbone")]).validate(module, datamodule=data, verbose=False)
@@ -95,8 +106,12 @@ def test_checkpoint_never_overrides_constructor_settings(tmp_path):
     assert DSMCallback(delay=4, schedule="constant").config == DSMConfig(delay=4, schedule="constant")
     data = tiny_data(make_image_folder(tmp_path))
     module = tiny_classifier()
-    t = trainer(callbacks=[DSMCallback(delay=1, r=2, min_agreement=None)], max_epochs=1, enable_checkpointing=True,
-                default_root_dir=str(tmp_path / "run"))
+    t = trainer(
+        callbacks=[DSMCallback(delay=1, r=2, min_agreement=None)],
+        max_epochs=1,
+        enable_checkpointing=True,
+        default_root_dir=str(tmp_path / "run"),
+    )
     t.fit(module, datamodule=data)
     ckpt_path = tmp_path / "m.ckpt"
     t.save_checkpoint(ckpt_path)
@@ -121,10 +136,15 @@ def test_callback_on_torchvision_vit(tmp_path):
     from dsm_lightning.module import ImageClassifier
 
     data = tiny_data(make_image_folder(tmp_path))
-    module = ImageClassifier("torchvision:VisionTransformer", num_classes=3, top_k=2, model_kwargs=dict(
-        image_size=32, patch_size=8, num_layers=4, num_heads=2, hidden_dim=32, mlp_dim=64))
+    module = ImageClassifier(
+        "torchvision:VisionTransformer",
+        num_classes=3,
+        top_k=2,
+        model_kwargs=dict(image_size=32, patch_size=8, num_layers=4, num_heads=2, hidden_dim=32, mlp_dim=64),
+    )
     seen = spy_patched(module)
     out = trainer(callbacks=[DSMCallback(delay=1, r=2, compare_dense=True, min_agreement=None)]).validate(
-        module, datamodule=data, verbose=False)[0]
+        module, datamodule=data, verbose=False
+    )[0]
     assert seen and all(seen) and not is_patched(module.model)
     assert out["dsm/flops_reduction"] > 1.0 and 0.0 <= out["dsm/agreement_top1"] <= 1.0

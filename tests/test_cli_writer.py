@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -12,18 +11,28 @@ import torch
 from dsm_lightning.cli import cli as main
 from dsm_lightning.data import ImageFiles
 from dsm_lightning.module import ImageClassifier
-from tests.lightning_helpers import TINY_KW, make_image_folder
+from tests.lightning_helpers import TINY_KW, make_image_folder, read_csv
 
 
 def cli_args(tmp_path: Path, data_dir: Path, output: Path, *extra: str):
     return [
-        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.logger=false",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.logger=false",
         "--trainer.enable_progress_bar=false",
-        "--dsm.delay=1", "--dsm.r=2", "--dsm.min_agreement=null", f"--writer.output={output}",
-        "--model.model_name=vit_tiny_patch16_224", "--model.num_classes=3", "--model.top_k=2",
+        "--dsm.delay=1",
+        "--dsm.r=2",
+        "--dsm.min_agreement=null",
+        f"--writer.output={output}",
+        "--model.model_name=vit_tiny_patch16_224",
+        "--model.num_classes=3",
+        "--model.top_k=2",
         f"--model.model_kwargs={json.dumps(TINY_KW)}",
-        f"--data.predict_dir={data_dir}", "--data.batch_size=5", "--data.crop_pct=1.0",
-        f"--trainer.default_root_dir={tmp_path}", *extra,
+        f"--data.predict_dir={data_dir}",
+        "--data.batch_size=5",
+        "--data.crop_pct=1.0",
+        f"--trainer.default_root_dir={tmp_path}",
+        *extra,
     ]
 
 
@@ -33,11 +42,11 @@ def test_cli_predict_writes_every_image_once(tmp_path, suffix):
     out = tmp_path / f"preds{suffix}"
     main(["predict", *cli_args(tmp_path, data, out)])
     if suffix == ".csv":
-        rows = list(csv.DictReader(open(out)))
+        rows = read_csv(out)
         paths = [r["path"] for r in rows]
         assert {"top1_class", "top1_score", "top2_class", "target"} <= set(rows[0])
     else:
-        rows = [json.loads(line) for line in open(out)]
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
         paths = [r["path"] for r in rows]
         assert all(len(r["classes"]) == 2 for r in rows)
     expected = sorted(str(p) for p in data.rglob("*.png"))
@@ -55,7 +64,7 @@ def test_unreadable_image_stops_on_request_and_leaves_no_output(tmp_path):
     data = make_image_folder(tmp_path / "imgs", labelled=False)
     (data / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "preds.csv"
-    with pytest.raises(RuntimeError, match="cannot read image .*broken.png.*remove or replace.*bad_images=skip"):
+    with pytest.raises(RuntimeError, match=r"cannot read image .*broken.png.*remove or replace.*bad_images=skip"):
         main(["predict", *cli_args(tmp_path, data, out, "--data.bad_images=stop")])
     assert not out.exists()
 
@@ -69,11 +78,15 @@ def test_predict_skips_unreadable_images_by_default_and_lists_them(tmp_path, cap
     out = tmp_path / "preds.csv"
     with pytest.warns(UserWarning, match="skipped unreadable image"):
         main(["predict", *cli_args(tmp_path, data, out)])
-    rows = list(csv.DictReader(open(out)))
+    rows = read_csv(out)
     assert len(rows) == 12 and not any("broken" in r["path"] or "truncated" in r["path"] for r in rows)
     listed = (tmp_path / "preds.skipped.tsv").read_text().splitlines()
     assert sorted(Path(line.split("\t")[0]).name for line in listed) == [
-        "a_broken.png", "b_broken.jpg", "c_truncated.png", "d_truncated.png"]
+        "a_broken.png",
+        "b_broken.jpg",
+        "c_truncated.png",
+        "d_truncated.png",
+    ]
     assert all(len(line.split("\t")) == 2 and line.split("\t")[1] for line in listed), "each with its reason"
     assert "4 unreadable images skipped" in capsys.readouterr().out
 
@@ -92,7 +105,7 @@ def test_batch_of_only_unreadable_images_is_skipped_whole(tmp_path):
 def test_validate_stops_on_unreadable_image_by_default(tmp_path):
     data = make_image_folder(tmp_path / "imgs")
     (data / "class0" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(RuntimeError, match="broken.png.*bad_images=skip"):
+    with pytest.raises(RuntimeError, match=r"broken.png.*bad_images=skip"):
         main(["validate", *cli_args(tmp_path, data, tmp_path / "p.csv", f"--data.val_dir={data}")])
 
 
@@ -123,7 +136,7 @@ def test_missing_and_empty_folders(tmp_path):
         ImageFiles(str(tmp_path / "empty"))
     from dsm_lightning.data import ImageFolderDataModule
 
-    with pytest.raises(FileNotFoundError, match="data.val_dir"):
+    with pytest.raises(FileNotFoundError, match=r"data.val_dir"):
         ImageFolderDataModule(val_dir=str(tmp_path / "nope"))
 
 
@@ -135,12 +148,14 @@ def test_checkpoint_loading_and_mismatch(tmp_path):
     save_file(sd, str(tmp_path / "w.safetensors"))
     torch.save(sd, tmp_path / "w.pt")
     for name in ("w.safetensors", "w.pt"):
-        loaded = ImageClassifier("vit_tiny_patch16_224", num_classes=3, model_kwargs=TINY_KW,
-                                 checkpoint_path=str(tmp_path / name))
+        loaded = ImageClassifier(
+            "vit_tiny_patch16_224", num_classes=3, model_kwargs=TINY_KW, checkpoint_path=str(tmp_path / name)
+        )
         assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in sd.items())
-    with pytest.raises(ValueError, match="does not match.*shape mismatches: head.weight.*num_classes"):
-        ImageClassifier("vit_tiny_patch16_224", num_classes=5, model_kwargs=TINY_KW,
-                        checkpoint_path=str(tmp_path / "w.pt"))
+    with pytest.raises(ValueError, match=r"does not match.*shape mismatches: head.weight.*num_classes"):
+        ImageClassifier(
+            "vit_tiny_patch16_224", num_classes=5, model_kwargs=TINY_KW, checkpoint_path=str(tmp_path / "w.pt")
+        )
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ImageClassifier("vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "missing.pt"))
 
@@ -165,9 +180,9 @@ def test_config_paths_resolve_against_the_config_and_flags_against_the_cwd(tmp_p
     monkeypatch.chdir(tmp_path / "elsewhere")
     base = [a for a in cli_args(tmp_path, Path("unused"), tmp_path / "a.csv") if "predict_dir" not in a]
     main(["predict", "--config", str(config), *base])
-    assert len(list(csv.DictReader(open(tmp_path / "a.csv")))) == 3
+    assert len(read_csv(tmp_path / "a.csv")) == 3
     main(["predict", "--config", str(config), *base, "--data.predict_dir=other", f"--writer.output={tmp_path}/b.csv"])
-    assert len(list(csv.DictReader(open(tmp_path / "b.csv")))) == 6, "a flag after the config is cwd-relative"
+    assert len(read_csv(tmp_path / "b.csv")) == 6, "a flag after the config is cwd-relative"
 
 
 def run_console(*args: str, env_extra=None):
@@ -176,8 +191,9 @@ def run_console(*args: str, env_extra=None):
     import sys
 
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "dsm_lightning", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "dsm_lightning", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 @pytest.mark.slow
@@ -188,6 +204,7 @@ def test_console_user_error_is_one_line_with_the_fix_and_exit_1(tmp_path):
     assert len(lines) == 1 and "FileNotFoundError: data.predict_dir=" in lines[0]
     assert "pass an existing image folder" in lines[0] and "Traceback" not in proc.stderr
     assert "DSM_LIGHTNING_TRACEBACK=1" in proc.stderr.splitlines()[-1]
-    verbose = run_console("predict", "--data.predict_dir", str(tmp_path / "missing"),
-                          env_extra={"DSM_LIGHTNING_TRACEBACK": "1"})
+    verbose = run_console(
+        "predict", "--data.predict_dir", str(tmp_path / "missing"), env_extra={"DSM_LIGHTNING_TRACEBACK": "1"}
+    )
     assert verbose.returncode != 0 and "Traceback (most recent call last)" in verbose.stderr

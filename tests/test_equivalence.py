@@ -58,7 +58,7 @@ def test_apply_twice_reconfigures():
 
 
 def test_forward_features_and_head_keep_working(variant):
-    name, model = variant
+    _name, model = variant
     x = images()
     with torch.no_grad():
         dense_feats = model.forward_features(x) if hasattr(model, "forward_features") else None

@@ -10,18 +10,21 @@ from dsm_lightning import DSMConfig, UnsupportedModelError, apply_dsm, token_pla
 from tests.conftest import images, tiny_vit
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(delay=-1), "delay must be >= 0"),
-    (dict(r=-2), "r must be >= 0"),
-    (dict(r=[1, -1]), r"r\[1\]"),
-    (dict(local_blocks=-1), "local_blocks must be >= 0"),
-    (dict(windows=3), "perfect square"),
-    (dict(windows=(0, 2)), ">= 1"),
-    (dict(flops_target=0.0), "flops_target"),
-    (dict(delay=1.5), "delay must be an int"),
-    (dict(r=0.7), r"fractional r must be in \(0, 0.5\]"),
-    (dict(schedule="linear"), "schedule must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(delay=-1), "delay must be >= 0"),
+        (dict(r=-2), "r must be >= 0"),
+        (dict(r=[1, -1]), r"r\[1\]"),
+        (dict(local_blocks=-1), "local_blocks must be >= 0"),
+        (dict(windows=3), "perfect square"),
+        (dict(windows=(0, 2)), ">= 1"),
+        (dict(flops_target=0.0), "flops_target"),
+        (dict(delay=1.5), "delay must be an int"),
+        (dict(r=0.7), r"fractional r must be in \(0, 0.5\]"),
+        (dict(schedule="linear"), "schedule must be"),
+    ],
+)
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DSMConfig(**kwargs)
@@ -68,7 +71,9 @@ def test_unknown_field():
 
 
 def test_non_vit_model_lists_supported_types():
-    with pytest.raises(UnsupportedModelError, match="no adapter for .*Sequential.*Supported: .*timm.*torchvision.*Custom ViTs"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"no adapter for .*Sequential.*Supported: .*timm.*torchvision.*Custom ViTs"
+    ):
         apply_dsm(nn.Sequential(nn.Linear(2, 2)))
 
 
@@ -76,7 +81,7 @@ def test_unsupported_block_type_named():
     from timm.models.vision_transformer import ResPostBlock
 
     model = tiny_vit(block_fn=ResPostBlock)
-    with pytest.raises(UnsupportedModelError, match="block 0 is .*ResPostBlock"):
+    with pytest.raises(UnsupportedModelError, match=r"block 0 is .*ResPostBlock"):
         apply_dsm(model, r=2)
 
 
@@ -88,7 +93,7 @@ def test_input_too_small_at_run_time():
 
 def test_patch_dropout_in_training_refused():
     model = apply_dsm(tiny_vit(patch_drop_rate=0.5), r=2).train()
-    with pytest.raises(RuntimeError, match="model.eval"):
+    with pytest.raises(RuntimeError, match=r"model.eval"):
         model(images())
 
 

@@ -47,7 +47,7 @@ def test_merge_conserves_count_and_weighted_sum(data):
 
 @given(token_batches(), st.integers(1, 5))
 def test_prefix_tokens_never_merged(data, num_prefix):
-    x, size, metric, r = data
+    x, _size, metric, r = data
     batch, n, c = x.shape
     prefix = torch.randn(batch, num_prefix, c, dtype=x.dtype)
     tokens = torch.cat([prefix, x], 1)
@@ -59,14 +59,16 @@ def test_prefix_tokens_never_merged(data, num_prefix):
     assert out.shape[1] == num_prefix + n - r
 
 
-configs = st.fixed_dictionaries({
-    "delay": st.integers(0, 3),
-    "schedule": st.sampled_from(["constant", "proportional"]),
-    "r": st.one_of(st.integers(0, 12), st.sampled_from([0.1, 0.25, 0.5]), st.none()),
-    "local_blocks": st.integers(0, 3),
-    "windows": st.sampled_from([1, 4, 9, (1, 2), (2, 3), (3, 2)]),
-    "prop_attn": st.booleans(),
-})
+configs = st.fixed_dictionaries(
+    {
+        "delay": st.integers(0, 3),
+        "schedule": st.sampled_from(["constant", "proportional"]),
+        "r": st.one_of(st.integers(0, 12), st.sampled_from([0.1, 0.25, 0.5]), st.none()),
+        "local_blocks": st.integers(0, 3),
+        "windows": st.sampled_from([1, 4, 9, (1, 2), (2, 3), (3, 2)]),
+        "prop_attn": st.booleans(),
+    }
+)
 shapes = st.sampled_from([(32, 32), (36, 32), (28, 40), (36, 36)])
 
 
@@ -88,7 +90,7 @@ def test_forward_follows_plan_and_windows(cfg, size, reg):
         for g in groups:
             for r0, r1, c0, c1 in g.boxes:
                 for row in range(r0, r1):
-                    window_of[row * grid[1] + c0: row * grid[1] + c1] = w
+                    window_of[row * grid[1] + c0 : row * grid[1] + c1] = w
                 w += 1
     seen = []
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import images, tiny_vit
 from dsm_lightning.module import ImageClassifier
+from tests.conftest import images, tiny_vit
 from tests.lightning_helpers import TINY_KW, make_image_folder, tiny_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,9 +20,12 @@ def bindings(tmp_path: Path) -> dict:
     """What the README leaves to the reader: a LightningModule and DataModule (``model``, ``dm``), a ViT with its
     calibration images (``model``, ``calib_loader``) or input images (``images``)."""
     return {
-        "lightning": {"model": ImageClassifier("vit_tiny_patch16_224", num_classes=3,
-                                               model_kwargs={**TINY_KW, "depth": 6}),  # delay=4 needs depth > 4
-                      "dm": tiny_data(make_image_folder(tmp_path / "imgs"))},
+        "lightning": {
+            "model": ImageClassifier(
+                "vit_tiny_patch16_224", num_classes=3, model_kwargs={**TINY_KW, "depth": 6}
+            ),  # delay=4 needs depth > 4
+            "dm": tiny_data(make_image_folder(tmp_path / "imgs")),
+        },
         "calibrate": {"model": tiny_vit(), "calib_loader": [images(batch=8, seed=s) for s in range(4)]},
         "plain": {"images": torch.randn(2, 3, 224, 224)},
     }

@@ -23,9 +23,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("model_kw", [dict(), dict(init_values=0.4, qk_norm=True, reg_tokens=2),
-                                      dict(class_token=False, global_pool="avg")],
-                         ids=["cls", "ls_qknorm_reg", "avg"])
+@pytest.mark.parametrize(
+    "model_kw",
+    [dict(), dict(init_values=0.4, qk_norm=True, reg_tokens=2), dict(class_token=False, global_pool="avg")],
+    ids=["cls", "ls_qknorm_reg", "avg"],
+)
 def test_matches_reference(case, model_kw):
     x = images(batch=2, size=(36, 32))  # 9x8 grid: uneven windows
     model = tiny_vit(**model_kw, dynamic_img_size=True)

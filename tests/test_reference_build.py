@@ -31,10 +31,16 @@ def synthetic_onnx(seed=0):
     add("backbone.embeddings.patch_embeddings.projection.bias", D)
     arrays["backbone.layernorm.weight"] = (1 + rng.standard_normal(D) * 0.1).astype(np.float32)
     add("backbone.layernorm.bias", D)
-    nodes.append(helper.make_node("Reshape", ["x", add("onnx::Reshape_1", 1, SIDE * SIDE, D)], ["p"],
-                                  name="/backbone/embeddings/Reshape_1"))
-    nodes.append(helper.make_node("Concat", [add("onnx::Concat_2", 1, 1, D), "p"], ["c"], axis=1,
-                                  name="/backbone/embeddings/Concat_6"))
+    nodes.append(
+        helper.make_node(
+            "Reshape", ["x", add("onnx::Reshape_1", 1, SIDE * SIDE, D)], ["p"], name="/backbone/embeddings/Reshape_1"
+        )
+    )
+    nodes.append(
+        helper.make_node(
+            "Concat", [add("onnx::Concat_2", 1, 1, D), "p"], ["c"], axis=1, name="/backbone/embeddings/Concat_6"
+        )
+    )
     counter = 10
     for i in range(DEPTH):
         pre, node = f"backbone.encoder.layer.{i}", f"/backbone/encoder/layer.{i}"
@@ -48,9 +54,14 @@ def synthetic_onnx(seed=0):
         add(f"{pre}.layer_scale2.lambda1", D)
         add(f"{pre}.mlp.fc1.bias", 4 * D)
         add(f"{pre}.mlp.fc2.bias", D)
-        for path, shape in [("attention/attention/query", (D, D)), ("attention/attention/key", (D, D)),
-                            ("attention/attention/value", (D, D)), ("attention/output/dense", (D, D)),
-                            ("mlp/fc1", (D, 4 * D)), ("mlp/fc2", (4 * D, D))]:
+        for path, shape in [
+            ("attention/attention/query", (D, D)),
+            ("attention/attention/key", (D, D)),
+            ("attention/attention/value", (D, D)),
+            ("attention/output/dense", (D, D)),
+            ("mlp/fc1", (D, 4 * D)),
+            ("mlp/fc2", (4 * D, D)),
+        ]:
             counter += 1
             w = add(f"onnx::MatMul_{counter}", *shape)
             nodes.append(helper.make_node("MatMul", ["h", w], [f"y{counter}"], name=f"{node}/{path}/MatMul"))
@@ -61,9 +72,17 @@ def synthetic_onnx(seed=0):
 def hf_dinov2_forward(a, images):
     """Independent forward with the ONNX (HF Dinov2) weights as stored: y = x @ W + b."""
     t = {k: torch.from_numpy(v) for k, v in a.items()}
-    x = F.conv2d(images, t["backbone.embeddings.patch_embeddings.projection.weight"],
-                 t["backbone.embeddings.patch_embeddings.projection.bias"], stride=14).flatten(2).transpose(1, 2)
-    grid = int(math.isqrt(x.shape[1]))
+    x = (
+        F.conv2d(
+            images,
+            t["backbone.embeddings.patch_embeddings.projection.weight"],
+            t["backbone.embeddings.patch_embeddings.projection.bias"],
+            stride=14,
+        )
+        .flatten(2)
+        .transpose(1, 2)
+    )
+    grid = math.isqrt(x.shape[1])
     pos = t["onnx::Reshape_1"].reshape(1, SIDE, SIDE, D).permute(0, 3, 1, 2)
     pos = F.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
     x = torch.cat([t["backbone.embeddings.cls_token"].expand(len(x), -1, -1), x], 1)
@@ -89,8 +108,16 @@ def test_conversion_matches_independent_forward():
     from timm.models.vision_transformer import VisionTransformer
 
     model_proto, arrays = synthetic_onnx()
-    model = VisionTransformer(img_size=28, patch_size=14, embed_dim=D, depth=DEPTH, num_heads=HEADS,
-                              init_values=1.0, num_classes=0, global_pool="token").eval()
+    model = VisionTransformer(
+        img_size=28,
+        patch_size=14,
+        embed_dim=D,
+        depth=DEPTH,
+        num_heads=HEADS,
+        init_values=1.0,
+        num_classes=0,
+        global_pool="token",
+    ).eval()
     sd = onnx_to_timm(model_proto, model.patch_embed.grid_size)
     model.load_state_dict(sd, strict=True)
     x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -101,7 +128,7 @@ def test_conversion_matches_independent_forward():
 def test_missing_node_is_named():
     model_proto, _ = synthetic_onnx()
     del model_proto.graph.node[-1]
-    with pytest.raises(KeyError, match="layer.1/mlp/fc2/MatMul"):
+    with pytest.raises(KeyError, match=r"layer.1/mlp/fc2/MatMul"):
         onnx_to_timm(model_proto, (2, 2))
 
 

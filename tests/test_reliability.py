@@ -41,8 +41,16 @@ def test_sizes_stay_exact_and_outputs_track_fp32_in_half_precision(dtype):
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=384, patch_size=8, depth=4, embed_dim=64,
-                              num_heads=2, num_classes=0, global_pool="avg").eval()  # a 48x48 grid: 2304 patches
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=384,
+        patch_size=8,
+        depth=4,
+        embed_dim=64,
+        num_heads=2,
+        num_classes=0,
+        global_pool="avg",
+    ).eval()  # a 48x48 grid: 2304 patches
     apply_dsm(model, DSMConfig(delay=1, r=0.3))
     x = torch.randn(1, 3, 384, 384)
     with torch.no_grad():
@@ -60,7 +68,7 @@ def test_sizes_stay_exact_and_outputs_track_fp32_in_half_precision(dtype):
 
 def test_silent_coercions_are_refused():
     for kwargs in [dict(windows=(1.5, 2)), dict(windows="22"), dict(flops_target=True), dict(windows=(2, 2, 2))]:
-        with pytest.raises(ValueError, match="windows|flops_target"):
+        with pytest.raises(ValueError, match=r"windows|flops_target"):
             DSMConfig(**kwargs)
 
 
@@ -85,8 +93,10 @@ def test_two_callbacks_for_two_vits_on_one_trainer(tmp_path):
             self.student(batch["image"]), self.teacher(batch["image"])
 
     module = StudentTeacher()
-    callbacks = [DSMCallback(delay=1, r=2, model_attr="student", min_agreement=None),
-                 DSMCallback(delay=1, r=1, model_attr="teacher", min_agreement=None)]
+    callbacks = [
+        DSMCallback(delay=1, r=2, model_attr="student", min_agreement=None),
+        DSMCallback(delay=1, r=1, model_attr="teacher", min_agreement=None),
+    ]
     trainer(callbacks=callbacks).validate(module, datamodule=tiny_data(make_image_folder(tmp_path)), verbose=False)
     assert module.seen and all(s == (True, True) for s in module.seen)
     assert not is_patched(module.student) and not is_patched(module.teacher)
@@ -94,7 +104,7 @@ def test_two_callbacks_for_two_vits_on_one_trainer(tmp_path):
 
 def test_callback_puts_back_a_patch_the_user_applied(tmp_path):
     from dsm_lightning import DSMCallback
-    from tests.lightning_helpers import make_image_folder, spy_patched, tiny_classifier, tiny_data, trainer
+    from tests.lightning_helpers import make_image_folder, tiny_classifier, tiny_data, trainer
 
     module = tiny_classifier()
     mine = DSMConfig(delay=2, r=1)
@@ -108,7 +118,8 @@ def test_callback_puts_back_a_patch_the_user_applied(tmp_path):
 
     module.validation_step = spy
     trainer(callbacks=[DSMCallback(delay=1, r=2, min_agreement=None)]).validate(
-        module, datamodule=tiny_data(make_image_folder(tmp_path)), verbose=False)
+        module, datamodule=tiny_data(make_image_folder(tmp_path)), verbose=False
+    )
     assert configs and all(c == DSMConfig(delay=1, r=2) for c in configs), "the callback's config while it runs"
     assert get_config(module.model) == mine, "the user's own patch is back afterwards"
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
 
 from dsm_lightning.cli import cli
+from tests.lightning_helpers import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -16,9 +16,10 @@ pytestmark = pytest.mark.slow
 def test_predict_yaml_from_another_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # input paths in the config resolve against configs/, outputs against the cwd
     cli(["predict", "--config", str(ROOT / "configs" / "predict.yaml"), "--trainer.enable_progress_bar=false"])
-    rows = list(csv.DictReader(open(tmp_path / "outputs" / "predictions.csv")))
+    rows = read_csv(tmp_path / "outputs" / "predictions.csv")
     assert sorted(Path(r["path"]).name for r in rows) == sorted(
-        p.name for p in (ROOT / "dsm_lightning" / "assets" / "samples").glob("*.jpg"))
+        p.name for p in (ROOT / "dsm_lightning" / "assets" / "samples").glob("*.jpg")
+    )
     metrics = list((tmp_path / "outputs" / "predict").rglob("metrics.csv"))
     assert metrics and "dsm/agreement_top1" in metrics[0].read_text()
 

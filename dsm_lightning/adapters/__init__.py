@@ -14,8 +14,15 @@ from .base import Adapter, UnsupportedModelError, get_adapter, register_adapter,
 from .timm import TimmViTAdapter
 from .torchvision import TorchvisionViTAdapter
 
-__all__ = ["Adapter", "TimmViTAdapter", "TorchvisionViTAdapter", "UnsupportedModelError", "get_adapter",
-           "register_adapter", "registered_adapters"]
+__all__ = [
+    "Adapter",
+    "TimmViTAdapter",
+    "TorchvisionViTAdapter",
+    "UnsupportedModelError",
+    "get_adapter",
+    "register_adapter",
+    "registered_adapters",
+]
 
 # Built-ins go last, so adapters registered by users (first=True) take precedence, e.g. for subclasses.
 register_adapter(TimmViTAdapter(), first=False)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
@@ -48,7 +48,9 @@ class Adapter(abc.ABC):
         """``(embed_dim, mlp_hidden_dim)``, for FLOP estimates."""
 
     @abc.abstractmethod
-    def merge_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor], step: MergeStep) -> Tuple[Tensor, MergeState]:
+    def merge_block(
+        self, block: nn.Module, x: Tensor, bias: Optional[Tensor], step: MergeStep
+    ) -> Tuple[Tensor, MergeState]:
         """Run ``block`` on ``x`` with attention bias ``bias``, calling ``step(x, metric)`` between attention and MLP.
 
         When ``step.needs_class_attention`` (``DSMConfig.protect > 0``), call ``step(x, metric, cls_attn)`` with the
@@ -60,10 +62,10 @@ class Adapter(abc.ABC):
         """Run ``block`` without merging; ``bias`` (``[B, 1, 1, T]`` log-sizes) is None while sizes are equal."""
 
     @abc.abstractmethod
-    def overrides(self) -> Dict[str, Callable]:
+    def overrides(self) -> Dict[str, Callable[..., Any]]:
         """Methods the patched subclass overrides, e.g. ``{"forward_features": fn}``."""
 
-    def check(self, model: nn.Module) -> None:  # noqa: B027 - optional hook, no-op by default
+    def check(self, model: nn.Module) -> None:
         """Raise :class:`UnsupportedModelError` naming any block or attention type this adapter cannot run."""
         return None
 
@@ -73,16 +75,18 @@ class Adapter(abc.ABC):
 
     def plan(self, model: nn.Module, grid: Tuple[int, int]) -> TokenPlan:
         """The :class:`TokenPlan` of ``model``'s current config for a patch grid (cached per grid)."""
-        config: DSMConfig = model._dsm_config
-        return plan_tokens(self.depth(model), (int(grid[0]), int(grid[1])), self.num_prefix_tokens(model), config,
-                             self.dims(model))
+        config: DSMConfig = model.__dict__["_dsm_config"]  # set by apply_dsm
+        return plan_tokens(
+            self.depth(model), (int(grid[0]), int(grid[1])), self.num_prefix_tokens(model), config, self.dims(model)
+        )
 
     @abc.abstractmethod
     def embed(self, model: nn.Module, images: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Images ``[B, 3, H, W]`` to tokens ``[B, prefix + N, C]`` ready for the first block, and the patch grid."""
 
-    def run(self, model: nn.Module, x: Tensor, grid: Tuple[int, int],
-            hook: Optional[BlockHook] = None) -> Tuple[Tensor, MergeState]:
+    def run(
+        self, model: nn.Module, x: Tensor, grid: Tuple[int, int], hook: Optional[BlockHook] = None
+    ) -> Tuple[Tensor, MergeState]:
         """Run the blocks of ``model`` on embedded tokens ``x`` with merging; returns merged ``(tokens, state)``."""
         plan = self.plan(model, grid)
         check_tokens(x, plan)

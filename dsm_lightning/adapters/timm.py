@@ -7,19 +7,22 @@ Dense blocks, and merging blocks' MLPs, call timm's modules unchanged.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter, UnsupportedModelError
 from ..engine import MergeStep
 from ..merge import MergeState, class_attention, unmerge
+from .base import Adapter, UnsupportedModelError
 
 __all__ = ["TimmViTAdapter", "attention_with_metric"]
 
+# timm's modules are reached by attribute (``blocks``, ``patch_embed``, ``ls1`` ...), which ``nn.Module.__getattr__``
+# types as ``Tensor | Module``; the family code below therefore reads them through ``Any``.
 
-def _timm_types():
+
+def _timm_types() -> Tuple[type, type, type]:
     from timm.models.vision_transformer import Block, VisionTransformer
 
     try:
@@ -30,7 +33,7 @@ def _timm_types():
 
 
 def attention_with_metric(
-    attn: nn.Module, x: Tensor, bias: Optional[Tensor], num_prefix: Optional[int] = None
+    attn: Any, x: Tensor, bias: Optional[Tensor], num_prefix: Optional[int] = None
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """timm ``Attention`` forward that also returns the merge metric (keys averaged over heads, ``[B, N, head_dim]``).
 
@@ -63,7 +66,7 @@ def attention_with_metric(
     return out, k.mean(dim=1), cls_attn
 
 
-def _forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+def _forward_features(self: Any, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
     """DSM version of ``VisionTransformer.forward_features``: tokens come back in the dense layout."""
     if attn_mask is not None or is_causal:
         raise ValueError("a DSM-patched model takes no attn_mask/is_causal; call remove_dsm(model) to use them")
@@ -78,6 +81,7 @@ class TimmViTAdapter(Adapter):
 
     name = "timm"
     supports = "timm.models.vision_transformer.VisionTransformer and subclasses with timm Block + Attention"
+
     def matches(self, model: nn.Module) -> bool:
         try:
             vit_cls, _, _ = _timm_types()
@@ -87,59 +91,65 @@ class TimmViTAdapter(Adapter):
 
     def check(self, model: nn.Module) -> None:
         _, block_cls, attn_cls = _timm_types()
-        for i, blk in enumerate(model.blocks):
+        vit: Any = model
+        for i, module in enumerate(vit.blocks):
+            blk: Any = module
             if type(blk) is not block_cls:
                 raise UnsupportedModelError(
                     f"block {i} is {type(blk).__module__}.{type(blk).__qualname__}; DSM's timm adapter supports "
                     f"{block_cls.__module__}.Block (pre-norm, attention then MLP). Register an adapter for this block "
                     f"type (README, 'Custom ViTs')"
                 )
-            if type(blk.attn) is not attn_cls:
+            attn: Any = module.attn  # (blk is narrowed to the Block class above)
+            if type(attn) is not attn_cls:
                 raise UnsupportedModelError(
-                    f"block {i} uses attention {type(blk.attn).__module__}.{type(blk.attn).__qualname__}; DSM's timm "
+                    f"block {i} uses attention {type(attn).__module__}.{type(attn).__qualname__}; DSM's timm "
                     f"adapter supports timm.layers.Attention (rotary / differential attention are not supported)"
                 )
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.blocks
+        return cast(Sequence[nn.Module], cast(Any, model).blocks)
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
-        return int(model.num_prefix_tokens)
+        return int(cast(Any, model).num_prefix_tokens)
 
     def grid(self, model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
-        pe = model.patch_embed
-        if img_size is None:
-            return tuple(int(v) for v in pe.grid_size)
-        return tuple(int(v) for v in pe.dynamic_feat_size(tuple(img_size)))
+        pe: Any = cast(Any, model).patch_embed
+        rows, cols = pe.grid_size if img_size is None else pe.dynamic_feat_size(tuple(img_size))
+        return int(rows), int(cols)
 
     def dims(self, model: nn.Module) -> Tuple[int, int]:
-        dim = int(model.embed_dim)
-        fc1 = getattr(model.blocks[0].mlp, "fc1", None)
+        vit: Any = model
+        dim = int(vit.embed_dim)
+        fc1 = getattr(vit.blocks[0].mlp, "fc1", None)
         hidden = int(fc1.out_features) if isinstance(fc1, nn.Linear) else 4 * dim
         return dim, hidden
 
     def embed(self, model: nn.Module, images: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
-        x = model.patch_embed(images)
+        vit: Any = model
+        x: Tensor = vit.patch_embed(images)
         if x.ndim == 4:  # dynamic_img_size: NHWC
             grid = (int(x.shape[1]), int(x.shape[2]))
         else:
-            grid = tuple(int(v) for v in model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
-        x = model._pos_embed(x)
-        x = model.patch_drop(x)
-        x = model.norm_pre(x)
+            rows, cols = vit.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
+            grid = (int(rows), int(cols))
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
         return x, grid
 
     def dense_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor]) -> Tensor:
-        return block(x) if bias is None else block(x, attn_mask=bias)
+        out: Tensor = block(x) if bias is None else block(x, attn_mask=bias)
+        return out
 
-    def merge_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor], step: MergeStep) -> Tuple[Tensor, MergeState]:
+    def merge_block(
+        self, block: nn.Module, x: Tensor, bias: Optional[Tensor], step: MergeStep
+    ) -> Tuple[Tensor, MergeState]:
+        blk: Any = block
         prefix = step.plan.num_prefix_tokens if step.needs_class_attention else None
-        y, metric, cls_attn = attention_with_metric(block.attn, block.norm1(x), bias, prefix)
-        x = x + block.drop_path1(block.ls1(y))
+        y, metric, cls_attn = attention_with_metric(blk.attn, blk.norm1(x), bias, prefix)
+        x = x + blk.drop_path1(blk.ls1(y))
         x, state = step(x, metric, cls_attn)
-        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         return x, state
 
-    def overrides(self) -> Dict[str, Callable]:
+    def overrides(self) -> Dict[str, Callable[..., Any]]:
         return {"forward_features": _forward_features}
-

@@ -8,17 +8,20 @@ Merging blocks, and blocks that need the log-size bias, compute the same attenti
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter, UnsupportedModelError
 from ..engine import MergeStep
 from ..merge import MergeState, class_attention, unmerge
+from .base import Adapter, UnsupportedModelError
 
 __all__ = ["TorchvisionViTAdapter", "mha_with_metric"]
+
+# torchvision's modules are reached by attribute (``encoder.layers``, ``ln_1`` ...), which ``nn.Module.__getattr__``
+# types as ``Tensor | Module``, and torchvision ships no type information; the family code reads them through ``Any``.
 
 
 def mha_with_metric(
@@ -31,19 +34,20 @@ def mha_with_metric(
     head_dim = dim // heads
     qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).reshape(batch, n, 3, heads, head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    cls_attn = None if num_prefix is None else class_attention(q, k, head_dim ** -0.5, bias, num_prefix)
+    cls_attn = None if num_prefix is None else class_attention(q, k, head_dim**-0.5, bias, num_prefix)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=mha.dropout if mha.training else 0.0)
     out = mha.out_proj(out.transpose(1, 2).reshape(batch, n, dim))
     return out, k.mean(dim=1), cls_attn
 
 
-def _forward(self, x: Tensor) -> Tensor:
+def _forward(self: Any, x: Tensor) -> Tensor:
     """DSM version of torchvision ``VisionTransformer.forward``."""
     adapter: Adapter = type(self)._dsm_adapter  # set on the patched class by apply_dsm
     tokens, grid = adapter.embed(self, x)
     tokens, state = adapter.run(self, tokens, grid)
     tokens = unmerge(self.encoder.ln(tokens), state, 1)
-    return self.heads(tokens[:, 0])
+    out: Tensor = self.heads(tokens[:, 0])
+    return out
 
 
 class TorchvisionViTAdapter(Adapter):
@@ -51,6 +55,7 @@ class TorchvisionViTAdapter(Adapter):
 
     name = "torchvision"
     supports = "torchvision.models.VisionTransformer with EncoderBlock + nn.MultiheadAttention"
+
     def matches(self, model: nn.Module) -> bool:
         try:
             from torchvision.models.vision_transformer import VisionTransformer
@@ -61,50 +66,69 @@ class TorchvisionViTAdapter(Adapter):
     def check(self, model: nn.Module) -> None:
         from torchvision.models.vision_transformer import EncoderBlock
 
-        for i, blk in enumerate(model.encoder.layers):
+        vit: Any = model
+        for i, blk in enumerate(vit.encoder.layers):
             if type(blk) is not EncoderBlock:
                 raise UnsupportedModelError(
-                    f"encoder layer {i} is {type(blk).__qualname__}; the torchvision adapter supports EncoderBlock")
+                    f"encoder layer {i} is {type(blk).__qualname__}; the torchvision adapter supports EncoderBlock"
+                )
             mha = blk.self_attention
-            if not (isinstance(mha, nn.MultiheadAttention) and mha.batch_first and mha._qkv_same_embed_dim
-                    and mha.in_proj_weight is not None and mha.bias_k is None and not mha.add_zero_attn):
+            if not (
+                isinstance(mha, nn.MultiheadAttention)
+                and mha.batch_first
+                and mha._qkv_same_embed_dim
+                and mha.in_proj_weight is not None
+                and mha.bias_k is None
+                and not mha.add_zero_attn
+            ):
                 raise UnsupportedModelError(
                     f"encoder layer {i}: self_attention must be a batch_first nn.MultiheadAttention with a packed "
-                    f"in_proj and no bias_k/add_zero_attn")
+                    f"in_proj and no bias_k/add_zero_attn"
+                )
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.encoder.layers
+        return cast(Sequence[nn.Module], cast(Any, model).encoder.layers)
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return 1
 
     def grid(self, model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
-        h, w = img_size if img_size is not None else (model.image_size, model.image_size)
-        return int(h) // model.patch_size, int(w) // model.patch_size
+        vit: Any = model
+        h, w = img_size if img_size is not None else (vit.image_size, vit.image_size)
+        return int(h) // int(vit.patch_size), int(w) // int(vit.patch_size)
 
     def dims(self, model: nn.Module) -> Tuple[int, int]:
-        return int(model.hidden_dim), int(model.mlp_dim)
+        vit: Any = model
+        return int(vit.hidden_dim), int(vit.mlp_dim)
 
     def embed(self, model: nn.Module, images: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
-        grid = self.grid(model, tuple(images.shape[-2:]))
-        x = model._process_input(images)
-        x = torch.cat([model.class_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = model.encoder.dropout(x + model.encoder.pos_embedding)
+        vit: Any = model
+        grid = self.grid(model, (int(images.shape[-2]), int(images.shape[-1])))
+        x: Tensor = vit._process_input(images)
+        x = torch.cat([vit.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = vit.encoder.dropout(x + vit.encoder.pos_embedding)
         return x, grid
 
     def dense_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+        blk: Any = block
         if bias is None:
-            return block(x)
-        y, _, _ = mha_with_metric(block.self_attention, block.ln_1(x), bias)
-        x = x + block.dropout(y)
-        return x + block.mlp(block.ln_2(x))
+            out: Tensor = blk(x)
+            return out
+        y, _, _ = mha_with_metric(blk.self_attention, blk.ln_1(x), bias)
+        x = x + blk.dropout(y)
+        out = x + blk.mlp(blk.ln_2(x))
+        return out
 
-    def merge_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor], step: MergeStep) -> Tuple[Tensor, MergeState]:
+    def merge_block(
+        self, block: nn.Module, x: Tensor, bias: Optional[Tensor], step: MergeStep
+    ) -> Tuple[Tensor, MergeState]:
+        blk: Any = block
         prefix = step.plan.num_prefix_tokens if step.needs_class_attention else None
-        y, metric, cls_attn = mha_with_metric(block.self_attention, block.ln_1(x), bias, prefix)
-        x = x + block.dropout(y)
+        y, metric, cls_attn = mha_with_metric(blk.self_attention, blk.ln_1(x), bias, prefix)
+        x = x + blk.dropout(y)
         x, state = step(x, metric, cls_attn)
-        return x + block.mlp(block.ln_2(x)), state
+        out: Tensor = x + blk.mlp(blk.ln_2(x))
+        return out, state
 
-    def overrides(self) -> Dict[str, Callable]:
+    def overrides(self) -> Dict[str, Callable[..., Any]]:
         return {"forward": _forward}
