@@ -18,10 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, forward_fn, markdown_table, median, time_interleaved, write_rows
-from speed import build
 
 from dsm_lightning import apply_dsm
 from dsm_lightning.flops import count_flops
+from dsm_lightning.module import build_model
 
 
 def main(argv=None) -> int:
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     rows = []
     for model_name in args.models:
-        dense = build(model_name).eval().to(args.device)
+        dense = build_model(model_name).eval().to(args.device)
         dsm = apply_dsm(copy.deepcopy(dense), delay=args.delay, flops_target=args.flops_target)
         images = torch.randn(args.batch, 3, 224, 224, device=args.device)
         flops = {"dense": count_flops(dense, images[:1]), "dsm": count_flops(dsm, images[:1])}

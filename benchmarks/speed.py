@@ -21,6 +21,7 @@ from common import environment, forward_fn, markdown_table, median, time_interle
 
 from dsm_lightning import apply_dsm, get_adapter, token_plan
 from dsm_lightning.flops import count_flops
+from dsm_lightning.module import build_model
 
 # name -> DSMConfig overrides; flops_target picks r so ToMe and DSM are compared at matched planned FLOPs.
 TOME = dict(delay=0, local_blocks=0, schedule="constant", metric="keys", protect=0.0)
@@ -32,16 +33,6 @@ SCHEDULES = {
     "dsm delay=2, 2 local blocks, keys": dict(delay=2, local_blocks=2, metric="keys", protect=0.0, flops_target=0.55),
     "default with delay=4": dict(delay=4, flops_target=0.55),
 }
-
-
-def build(name: str):
-    if name.startswith("torchvision:"):
-        import torchvision
-
-        return getattr(torchvision.models, name.split(":", 1)[1])(weights=None)
-    import timm
-
-    return timm.create_model(name, pretrained=False)
 
 
 def main(argv=None) -> int:
@@ -64,7 +55,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     rows, plans = [], {}
     for model_name in args.models:
-        base = build(model_name).eval().to(args.device)
+        base = build_model(model_name).eval().to(args.device)
         size = tuple(get_adapter(base).grid(base))
         patch = 224 // size[0]
         images = torch.randn(args.batch, 3, size[0] * patch, size[1] * patch, device=args.device)

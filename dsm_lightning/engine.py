@@ -1,7 +1,8 @@
-"""The block loop shared by all adapters: dense blocks run untouched, merging blocks attend, merge, then run the MLP.
+"""The block loop shared by all adapters. Every block runs through its own module call, ``block(x)`` or
+``block(x, dsm=call)``, so hooks and wrappers on blocks (checkpoint wrappers, FSDP units) see every block.
 
 Everything one forward pass needs (sizes, the patch-to-token map) lives in a :class:`~dsm_lightning.merge.MergeState`
-created inside the call and threaded through the loop, never stored on a module.
+created inside the call and threaded through the loop in a per-block :class:`BlockCall`, never stored on a module.
 """
 
 from __future__ import annotations
@@ -13,57 +14,68 @@ from torch import Tensor, nn
 from .merge import MergeState, merge_step, size_bias
 from .schedule import BlockPlan, TokenPlan
 
-__all__ = ["run_blocks", "check_tokens", "BlockHook", "MergeStep", "MergeFn"]
+__all__ = ["BlockCall", "BlockHook", "check_tokens", "run_blocks"]
 
 #: ``hook(block_index, tokens, state)`` called after every block (used by tests and the visualiser).
 BlockHook = Callable[[int, Tensor, MergeState], None]
 
 
-class MergeStep:
-    """The merge of one block, handed to an adapter's ``merge_block``: ``step(tokens, metric, cls_attn=None)``.
+class BlockCall:
+    """What one block needs in one forward pass: the attention ``bias`` (``[B, 1, 1, T]`` log-sizes, or None) and,
+    for a merging block, the merge between attention and MLP.
 
-    Called between attention and MLP with the tokens ``[B, T, C]`` and the merge metric ``[B, T, D]`` (keys averaged
-    over heads); returns ``(tokens, state)``. ``needs_class_attention`` tells the adapter to also pass the class
-    token's attention ``[B, T]`` (see :func:`~dsm_lightning.merge.class_attention`), which ``protect`` ranks by.
+    The engine passes it as ``block(x, dsm=call)``; the patched block runs attention, then :meth:`merge` (which
+    records the new :class:`MergeState` in :attr:`state`), then its MLP.
+
+    Attributes:
+        state: Sizes and patch-to-token map before the block; after :meth:`merge`, after it.
+        bias: Additive attention bias, None while all sizes are equal.
+        block: This block's :class:`BlockPlan`.
+        plan: The whole :class:`TokenPlan`.
     """
 
-    __slots__ = ("block", "needs_class_attention", "plan", "state")
-
-    def __init__(self, state: MergeState, block: BlockPlan, plan: TokenPlan) -> None:
+    def __init__(self, state: MergeState, bias: Optional[Tensor], block: BlockPlan, plan: TokenPlan) -> None:
         self.state = state
+        self.bias = bias
         self.block = block
         self.plan = plan
-        self.needs_class_attention = plan.config.protect > 0
 
-    def __call__(self, tokens: Tensor, metric: Tensor, cls_attn: Optional[Tensor] = None) -> Tuple[Tensor, MergeState]:
+    @property
+    def merges(self) -> bool:
+        """Whether this block merges tokens."""
+        return self.block.merges
+
+    @property
+    def class_attention_prefix(self) -> Optional[int]:
+        """``num_prefix_tokens`` when the merge ranks tokens by the class token's attention (``protect > 0``), else
+        None: an adapter computes :func:`~dsm_lightning.merge.class_attention` only when this is set."""
+        if self.block.merges and self.plan.config.protect > 0:
+            return self.plan.num_prefix_tokens
+        return None
+
+    def merge(self, tokens: Tensor, metric: Tensor, cls_attn: Optional[Tensor] = None) -> Tensor:
+        """Merge ``tokens`` ``[B, T, C]`` by ``metric`` ``[B, T, D]`` as the plan says; returns the merged tokens and
+        keeps their state in :attr:`state`."""
         plan = self.plan
-        return merge_step(
+        tokens, self.state = merge_step(
             tokens, metric, self.state, self.block, plan.grid, plan.num_prefix_tokens, plan.config, cls_attn
         )
-
-
-#: Type of the ``step`` argument of ``Adapter.merge_block``.
-MergeFn = MergeStep
+        return tokens
 
 
 def run_blocks(
-    blocks: Sequence[nn.Module],
-    x: Tensor,
-    plan: TokenPlan,
-    dense_block: Callable[[nn.Module, Tensor, Optional[Tensor]], Tensor],
-    merge_block: Callable[[nn.Module, Tensor, Optional[Tensor], MergeStep], Tuple[Tensor, MergeState]],
-    hook: Optional[BlockHook] = None,
+    blocks: Sequence[nn.Module], x: Tensor, plan: TokenPlan, hook: Optional[BlockHook] = None
 ) -> Tuple[Tensor, MergeState]:
     """Run ``blocks`` on tokens ``x`` ``[B, prefix + N, C]`` following ``plan``.
 
+    A block that neither merges nor needs a size bias runs as ``block(x)`` (its own forward, bit-identical to the
+    unpatched model); every other block runs as ``block(x, dsm=call)`` with a :class:`BlockCall`.
+
     Args:
-        blocks: The transformer blocks, in order.
+        blocks: The transformer blocks, in order (patched by :func:`~dsm_lightning.apply_dsm`; wrappers around them
+            must pass keyword arguments through).
         x: Tokens, prefix tokens first.
         plan: The :class:`TokenPlan` for this input's grid.
-        dense_block: ``fn(block, x, bias)`` running a block without merging (``bias`` is None while sizes are equal,
-            which lets an adapter call the block's own forward).
-        merge_block: ``fn(block, x, bias, step)`` running a block that calls ``step(x, metric)`` (a
-            :class:`MergeStep`) between attention and MLP and returns ``(x, state)``.
         hook: Optional per-block observer.
 
     Returns:
@@ -72,10 +84,12 @@ def run_blocks(
     state = MergeState()
     for blk, bp in zip(blocks, plan.blocks):
         bias = size_bias(state, x.dtype) if bp.size_bias else None
-        if bp.merges:
-            x, state = merge_block(blk, x, bias, MergeStep(state, bp, plan))
+        if bp.merges or bias is not None:
+            call = BlockCall(state, bias, bp, plan)
+            x = blk(x, dsm=call)
+            state = call.state
         else:
-            x = dense_block(blk, x, bias)
+            x = blk(x)
         if hook is not None:
             hook(bp.index, x, state)
     return x, state

@@ -1,7 +1,11 @@
-"""apply_dsm / remove_dsm: swap a model's class for a DSM subclass, remember the original, restore it exactly.
+"""apply_dsm / remove_dsm: swap a model's class, and its blocks' classes, for DSM subclasses; restore them exactly.
 
-Patching adds no parameters or buffers: ``state_dict`` is untouched, and removing the patch restores the original
-class, so outputs are bit-identical to a model that was never patched.
+The model's subclass overrides the method that runs the blocks (``forward_features`` for timm). Each block's subclass
+accepts ``block(x, dsm=call)`` (run by the engine for blocks that merge or need the size bias) and otherwise runs the
+original forward, so every block still executes through its own module call: forward hooks fire, and wrappers
+around blocks (activation checkpointing, FSDP units) stay in the path. Patching adds no parameters or buffers:
+``state_dict`` is untouched, and removing the patch restores the original classes, so outputs are bit-identical to a
+model that was never patched.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple, Type, cast
 from torch import Tensor, nn
 
 from .adapters import Adapter, get_adapter
+from .adapters.base import BLOCK_ORIGINAL, unwrap_block
 from .config import DSMConfig, resolve_config
-from .engine import BlockHook
+from .engine import BlockCall, BlockHook
 from .merge import MergeState
 from .schedule import TokenPlan, plan_tokens
 
@@ -30,6 +35,7 @@ __all__ = [
 
 _ORIGINAL = "_dsm_original_class"
 _CLASS_CACHE: Dict[Tuple[type, type], type] = {}
+_BLOCK_CLASS_CACHE: Dict[Tuple[type, type], type] = {}
 
 
 def _patched_class(cls: type, adapter: Adapter) -> type:
@@ -40,6 +46,54 @@ def _patched_class(cls: type, adapter: Adapter) -> type:
     return _CLASS_CACHE[key]
 
 
+def _block_forward(self: nn.Module, x: Tensor, *args: Any, dsm: Optional[BlockCall] = None, **kwargs: Any) -> Any:
+    """``forward`` of a patched block: the original forward unless the engine passes ``dsm=call``."""
+    cls: Any = type(self)
+    if dsm is None:
+        return cls.__dict__[BLOCK_ORIGINAL].forward(self, x, *args, **kwargs)
+    adapter: Adapter = cls._dsm_adapter
+    return adapter.run_block(self, x, dsm)
+
+
+def _patched_block_class(cls: type, adapter: Adapter) -> type:
+    key = (cls, type(adapter))
+    if key not in _BLOCK_CLASS_CACHE:
+        attrs = {
+            "forward": _block_forward,
+            "_dsm_adapter": adapter,
+            BLOCK_ORIGINAL: cls,
+            "__reduce_ex__": _reduce_block,
+        }
+        _BLOCK_CLASS_CACHE[key] = type(f"DSM{cls.__name__}", (cls,), attrs)
+    return _BLOCK_CLASS_CACHE[key]
+
+
+def _patch_blocks(model: nn.Module, adapter: Adapter) -> None:
+    for block in adapter.blocks(model):
+        inner = unwrap_block(block)
+        if BLOCK_ORIGINAL not in type(inner).__dict__:
+            inner.__class__ = _patched_block_class(type(inner), adapter)
+
+
+def _unpatch_blocks(model: nn.Module, adapter: Adapter) -> None:
+    for block in adapter.blocks(model):
+        inner = unwrap_block(block)
+        original = type(inner).__dict__.get(BLOCK_ORIGINAL)
+        if original is not None:
+            inner.__class__ = original
+
+
+def _reduce_block(block: nn.Module, protocol: int) -> Tuple[Any, ...]:
+    """Pickle a patched block as its original class; the model's unpickling (:func:`apply_dsm`) patches it again."""
+    return _unpickle_module, (type(block).__dict__[BLOCK_ORIGINAL], dict(block.__dict__))
+
+
+def _unpickle_module(cls: Type[nn.Module], state: Dict[str, Any]) -> nn.Module:
+    module = cls.__new__(cls)
+    cast(Any, module).__setstate__(state)  # nn.Module's, which also fills attributes newer torch added
+    return module
+
+
 def _reduce_patched(model: nn.Module, protocol: int) -> Tuple[Any, ...]:
     """Pickle a patched model as its original class plus its config (the patched class is made at run time and has
     no importable name); unpickling re-applies the patch. Used by ``pickle``, ``torch.save`` and ``copy.deepcopy``."""
@@ -48,9 +102,7 @@ def _reduce_patched(model: nn.Module, protocol: int) -> Tuple[Any, ...]:
 
 
 def _unpickle_patched(cls: Type[nn.Module], state: Dict[str, Any], config: DSMConfig) -> nn.Module:
-    model = cls.__new__(cls)
-    cast(Any, model).__setstate__(state)  # nn.Module's, which also fills attributes newer torch added
-    return apply_dsm(model, config)
+    return apply_dsm(_unpickle_module(cls, state), config)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -92,6 +144,7 @@ def apply_dsm(model: nn.Module, config: Optional[DSMConfig] = None, **overrides:
     if not is_patched(model):
         model.__dict__[_ORIGINAL] = model.__class__
         model.__class__ = _patched_class(model.__class__, adapter)
+    _patch_blocks(model, adapter)  # idempotent: also after unpickling, which restores blocks unpatched
     model.__dict__["_dsm_config"] = config
     return model
 
@@ -99,6 +152,7 @@ def apply_dsm(model: nn.Module, config: Optional[DSMConfig] = None, **overrides:
 def remove_dsm(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_dsm` (a no-op on an unpatched model) and return ``model``."""
     if is_patched(model):
+        _unpatch_blocks(model, get_adapter(model))
         model.__class__ = model.__dict__.pop(_ORIGINAL)
         model.__dict__.pop("_dsm_config", None)
     return model

@@ -85,13 +85,12 @@ class MyViTAdapter(Adapter):
     def embed(self, model, images):
         return model.embed(images), self.grid(model, tuple(images.shape[-2:]))
 
-    def dense_block(self, blk, x, bias):
-        return blk(x, bias)
-
-    def merge_block(self, blk, x, bias, step):
+    def attend(self, blk, x, bias, class_attention_prefix):
         y, keys, cls_attn = blk.attn(blk.norm1(x), bias, return_keys=True)  # cls_attn: for DSMConfig.protect
-        x, state = step(x + y, keys, cls_attn)
-        return x + blk.mlp(blk.norm2(x)), state
+        return x + y, keys, cls_attn
+
+    def feed_forward(self, blk, x):
+        return x + blk.mlp(blk.norm2(x))
 
     def overrides(self):
         return {"forward": dsm_forward}

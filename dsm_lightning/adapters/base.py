@@ -8,15 +8,48 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from ..config import DSMConfig
-from ..engine import BlockHook, MergeStep, check_tokens, run_blocks
+from ..engine import BlockCall, BlockHook, check_tokens, run_blocks
 from ..merge import MergeState
 from ..schedule import TokenPlan, plan_tokens
 
-__all__ = ["Adapter", "register_adapter", "get_adapter", "registered_adapters", "UnsupportedModelError"]
+__all__ = [
+    "Adapter",
+    "register_adapter",
+    "get_adapter",
+    "registered_adapters",
+    "UnsupportedModelError",
+    "original_class",
+    "unwrap_block",
+]
 
 
 class UnsupportedModelError(TypeError):
     """Raised for a model (or a block inside it) that no adapter supports."""
+
+
+#: Attributes under which common wrappers keep the module they wrap: torch's activation-checkpoint wrapper, FSDP
+#: (v1) units and ``torch.compile``'s ``OptimizedModule``.
+WRAPPED_MODULE_ATTRS = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")
+#: Class attribute of a patched block class: the block's original class.
+BLOCK_ORIGINAL = "_dsm_block_original"
+
+
+def unwrap_block(block: nn.Module) -> nn.Module:
+    """The block inside any wrappers (:data:`WRAPPED_MODULE_ATTRS`); the block itself when it is not wrapped."""
+    seen = 0
+    while seen < 8:
+        inner = next((block._modules[a] for a in WRAPPED_MODULE_ATTRS if a in block._modules), None)
+        if inner is None:
+            return block
+        block, seen = inner, seen + 1
+    return block
+
+
+def original_class(block: nn.Module) -> type:
+    """The class of ``block`` (unwrapped) before :func:`~dsm_lightning.apply_dsm` swapped it."""
+    inner = unwrap_block(block)
+    cls: type = type(inner).__dict__.get(BLOCK_ORIGINAL, type(inner))
+    return cls
 
 
 class Adapter(abc.ABC):
@@ -48,18 +81,28 @@ class Adapter(abc.ABC):
         """``(embed_dim, mlp_hidden_dim)``, for FLOP estimates."""
 
     @abc.abstractmethod
-    def merge_block(
-        self, block: nn.Module, x: Tensor, bias: Optional[Tensor], step: MergeStep
-    ) -> Tuple[Tensor, MergeState]:
-        """Run ``block`` on ``x`` with attention bias ``bias``, calling ``step(x, metric)`` between attention and MLP.
+    def attend(
+        self, block: nn.Module, x: Tensor, bias: Optional[Tensor], class_attention_prefix: Optional[int]
+    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The attention half of ``block`` with its residual: returns ``(x + attn(x), metric, cls_attn)``.
 
-        When ``step.needs_class_attention`` (``DSMConfig.protect > 0``), call ``step(x, metric, cls_attn)`` with the
-        class token's attention ``[B, T]`` (:func:`~dsm_lightning.merge.class_attention` computes it from q and k).
+        ``bias`` (``[B, 1, 1, T]`` log-sizes, or None) is added to the attention logits. ``metric`` ``[B, T, D]`` is
+        what ToMe's ``"keys"`` metric matches on (keys averaged over heads). When ``class_attention_prefix`` is an
+        int, also return the class token's attention ``[B, T]``
+        (:func:`~dsm_lightning.merge.class_attention` computes it from q and k), else None.
         """
 
     @abc.abstractmethod
-    def dense_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor]) -> Tensor:
-        """Run ``block`` without merging; ``bias`` (``[B, 1, 1, T]`` log-sizes) is None while sizes are equal."""
+    def feed_forward(self, block: nn.Module, x: Tensor) -> Tensor:
+        """The MLP half of ``block`` with its residual: ``x + mlp(x)``."""
+
+    def run_block(self, block: nn.Module, x: Tensor, call: BlockCall) -> Tensor:
+        """Attention, then the merge (in a merging block), then the MLP: what a patched block runs when it is called
+        as ``block(x, dsm=call)``."""
+        x, metric, cls_attn = self.attend(block, x, call.bias, call.class_attention_prefix)
+        if call.merges:
+            x = call.merge(x, metric, cls_attn)
+        return self.feed_forward(block, x)
 
     @abc.abstractmethod
     def overrides(self) -> Dict[str, Callable[..., Any]]:
@@ -90,7 +133,7 @@ class Adapter(abc.ABC):
         """Run the blocks of ``model`` on embedded tokens ``x`` with merging; returns merged ``(tokens, state)``."""
         plan = self.plan(model, grid)
         check_tokens(x, plan)
-        return run_blocks(self.blocks(model), x, plan, self.dense_block, self.merge_block, hook)
+        return run_blocks(self.blocks(model), x, plan, hook)
 
 
 _REGISTRY: List[Adapter] = []

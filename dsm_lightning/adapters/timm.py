@@ -12,9 +12,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, cast
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine import MergeStep
-from ..merge import MergeState, class_attention, unmerge
-from .base import Adapter, UnsupportedModelError
+from ..merge import class_attention, unmerge
+from .base import Adapter, UnsupportedModelError, original_class, unwrap_block
 
 __all__ = ["TimmViTAdapter", "attention_with_metric"]
 
@@ -93,14 +92,14 @@ class TimmViTAdapter(Adapter):
         _, block_cls, attn_cls = _timm_types()
         vit: Any = model
         for i, module in enumerate(vit.blocks):
-            blk: Any = module
-            if type(blk) is not block_cls:
+            cls = original_class(module)
+            if cls is not block_cls:
                 raise UnsupportedModelError(
-                    f"block {i} is {type(blk).__module__}.{type(blk).__qualname__}; DSM's timm adapter supports "
+                    f"block {i} is {cls.__module__}.{cls.__qualname__}; DSM's timm adapter supports "
                     f"{block_cls.__module__}.Block (pre-norm, attention then MLP). Register an adapter for this block "
                     f"type (README, 'Custom ViTs')"
                 )
-            attn: Any = module.attn  # (blk is narrowed to the Block class above)
+            attn: Any = cast(Any, unwrap_block(module)).attn
             if type(attn) is not attn_cls:
                 raise UnsupportedModelError(
                     f"block {i} uses attention {type(attn).__module__}.{type(attn).__qualname__}; DSM's timm "
@@ -121,7 +120,7 @@ class TimmViTAdapter(Adapter):
     def dims(self, model: nn.Module) -> Tuple[int, int]:
         vit: Any = model
         dim = int(vit.embed_dim)
-        fc1 = getattr(vit.blocks[0].mlp, "fc1", None)
+        fc1 = getattr(cast(Any, unwrap_block(vit.blocks[0])).mlp, "fc1", None)
         hidden = int(fc1.out_features) if isinstance(fc1, nn.Linear) else 4 * dim
         return dim, hidden
 
@@ -136,20 +135,17 @@ class TimmViTAdapter(Adapter):
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
         return x, grid
 
-    def dense_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor]) -> Tensor:
-        out: Tensor = block(x) if bias is None else block(x, attn_mask=bias)
-        return out
-
-    def merge_block(
-        self, block: nn.Module, x: Tensor, bias: Optional[Tensor], step: MergeStep
-    ) -> Tuple[Tensor, MergeState]:
+    def attend(
+        self, block: nn.Module, x: Tensor, bias: Optional[Tensor], class_attention_prefix: Optional[int]
+    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         blk: Any = block
-        prefix = step.plan.num_prefix_tokens if step.needs_class_attention else None
-        y, metric, cls_attn = attention_with_metric(blk.attn, blk.norm1(x), bias, prefix)
-        x = x + blk.drop_path1(blk.ls1(y))
-        x, state = step(x, metric, cls_attn)
-        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-        return x, state
+        y, metric, cls_attn = attention_with_metric(blk.attn, blk.norm1(x), bias, class_attention_prefix)
+        return x + blk.drop_path1(blk.ls1(y)), metric, cls_attn
+
+    def feed_forward(self, block: nn.Module, x: Tensor) -> Tensor:
+        blk: Any = block
+        out: Tensor = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        return out
 
     def overrides(self) -> Dict[str, Callable[..., Any]]:
         return {"forward_features": _forward_features}

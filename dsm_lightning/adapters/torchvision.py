@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine import MergeStep
-from ..merge import MergeState, class_attention, unmerge
-from .base import Adapter, UnsupportedModelError
+from ..merge import class_attention, unmerge
+from .base import Adapter, UnsupportedModelError, original_class, unwrap_block
 
 __all__ = ["TorchvisionViTAdapter", "mha_with_metric"]
 
@@ -67,12 +66,13 @@ class TorchvisionViTAdapter(Adapter):
         from torchvision.models.vision_transformer import EncoderBlock
 
         vit: Any = model
-        for i, blk in enumerate(vit.encoder.layers):
-            if type(blk) is not EncoderBlock:
+        for i, module in enumerate(vit.encoder.layers):
+            if original_class(module) is not EncoderBlock:
                 raise UnsupportedModelError(
-                    f"encoder layer {i} is {type(blk).__qualname__}; the torchvision adapter supports EncoderBlock"
+                    f"encoder layer {i} is {original_class(module).__qualname__}; the torchvision adapter supports "
+                    f"EncoderBlock"
                 )
-            mha = blk.self_attention
+            mha = cast(Any, unwrap_block(module)).self_attention
             if not (
                 isinstance(mha, nn.MultiheadAttention)
                 and mha.batch_first
@@ -109,26 +109,17 @@ class TorchvisionViTAdapter(Adapter):
         x = vit.encoder.dropout(x + vit.encoder.pos_embedding)
         return x, grid
 
-    def dense_block(self, block: nn.Module, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+    def attend(
+        self, block: nn.Module, x: Tensor, bias: Optional[Tensor], class_attention_prefix: Optional[int]
+    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         blk: Any = block
-        if bias is None:
-            out: Tensor = blk(x)
-            return out
-        y, _, _ = mha_with_metric(blk.self_attention, blk.ln_1(x), bias)
-        x = x + blk.dropout(y)
-        out = x + blk.mlp(blk.ln_2(x))
-        return out
+        y, metric, cls_attn = mha_with_metric(blk.self_attention, blk.ln_1(x), bias, class_attention_prefix)
+        return x + blk.dropout(y), metric, cls_attn
 
-    def merge_block(
-        self, block: nn.Module, x: Tensor, bias: Optional[Tensor], step: MergeStep
-    ) -> Tuple[Tensor, MergeState]:
+    def feed_forward(self, block: nn.Module, x: Tensor) -> Tensor:
         blk: Any = block
-        prefix = step.plan.num_prefix_tokens if step.needs_class_attention else None
-        y, metric, cls_attn = mha_with_metric(blk.self_attention, blk.ln_1(x), bias, prefix)
-        x = x + blk.dropout(y)
-        x, state = step(x, metric, cls_attn)
         out: Tensor = x + blk.mlp(blk.ln_2(x))
-        return out, state
+        return out
 
     def overrides(self) -> Dict[str, Callable[..., Any]]:
         return {"forward": _forward}
