@@ -1,7 +1,7 @@
 """Merge ops: pure tensor functions, no module state.
 
-Conventions: ``x`` is ``[B, N, C]`` patch tokens (prefix tokens are split off by the caller and never enter these
-functions), ``size`` is ``[B, N, 1]`` (how many input patches each token holds), ``metric`` is ``[B, N, D]``
+Conventions: ``x`` is ``[B, N, C]`` patch tokens (the global merge also takes ``num_prefix`` prefix tokens in front,
+which it copies through untouched; they are never matched or merged), ``size`` is ``[B, N, 1]`` (how many input patches each token holds), ``metric`` is ``[B, N, D]``
 (attention keys averaged over heads), and ``pos`` is ``[B, N0]`` (for every input patch, the index of the token
 that holds it now). All counts (``r``, windows) are Python ints from the :class:`~dsm_lightning.TokenPlan`, so a
 compiled graph sees constants.
@@ -37,8 +37,9 @@ class Matching(NamedTuple):
     """Result of :func:`bipartite_soft_matching`.
 
     Attributes:
-        merge: ``merge(x) -> x'`` sums each merged ``a`` token into its ``b`` partner. Output order: the unmerged
-            ``a`` tokens, then all ``b`` tokens.
+        merge: ``merge(x) -> x'`` sums each merged ``a`` token into its ``b`` partner. ``x`` is
+            ``[B, num_prefix + N, C]``; output order: the prefix tokens (untouched), the unmerged ``a`` tokens, then
+            all ``b`` tokens.
         new_index: ``[B, N]`` long: where each input token ends up in the output.
     """
 
@@ -46,7 +47,9 @@ class Matching(NamedTuple):
     new_index: Tensor
 
 
-def bipartite_soft_matching(metric: Tensor, r: int, protected: Optional[Tensor] = None) -> Matching:
+def bipartite_soft_matching(
+    metric: Tensor, r: int, protected: Optional[Tensor] = None, num_prefix: int = 0
+) -> Matching:
     """ToMe's bipartite soft matching, on patch tokens only.
 
     Tokens alternate between set ``a`` (even positions) and ``b`` (odd). Each ``a`` token proposes its most similar
@@ -57,6 +60,8 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Optional[Tensor] 
         r: Tokens to remove, ``0 <= r <= N // 2``.
         protected: Optional ``[B, N]`` bool mask of tokens that should neither merge away nor receive a merge. Their
             proposals rank last, so they merge only when fewer than ``r`` unprotected ``a`` tokens exist.
+        num_prefix: Prefix tokens in front of the patch tokens in what ``merge`` is applied to; they are copied
+            through first (so the caller need not split them off and concatenate them back).
     """
     batch, n, _ = metric.shape
     na = (n + 1) // 2
@@ -82,14 +87,29 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Optional[Tensor] 
         new_index = torch.stack([a_new[:, :nb], b_new], dim=-1).reshape(batch, 2 * nb)
         if na > nb:
             new_index = torch.cat([new_index, a_new[:, nb:]], dim=1)
+        # Flat row indices into x.reshape(batch * t, C), t = num_prefix + n: the kept tokens in output order (prefix,
+        # unmerged a, every b), the merged-away a tokens, and the output rows they add into. index_select / index_add_
+        # on one flat axis are several times faster than gather / scatter_add with expanded indices on CPU, and
+        # carrying the prefix through saves splitting it off and concatenating it back.
+        p, t, m = num_prefix, num_prefix + n, num_prefix + n - r
+        keep = torch.cat(
+            [
+                torch.arange(p, device=device).expand(batch, -1),
+                p + 2 * unm_idx,
+                (p + 1 + 2 * torch.arange(nb, device=device)).expand(batch, -1),
+            ],
+            dim=1,
+        )
+        keep = (keep + torch.arange(batch, device=device).unsqueeze(1) * t).flatten()
+        src = (p + 2 * src_idx + torch.arange(batch, device=device).unsqueeze(1) * t).flatten()
+        dst = (p + (na - r) + dst_idx + torch.arange(batch, device=device).unsqueeze(1) * m).flatten()
 
     def merge(x: Tensor) -> Tensor:
         c = x.shape[-1]
-        src, dst = x[:, ::2], x[:, 1::2]
-        unm = src.gather(1, unm_idx.unsqueeze(-1).expand(-1, -1, c))
-        moved = src.gather(1, src_idx.unsqueeze(-1).expand(-1, -1, c))
-        dst = dst.scatter_add(1, dst_idx.unsqueeze(-1).expand(-1, -1, c), moved)
-        return torch.cat([unm, dst], dim=1)
+        flat = x.reshape(batch * t, c)
+        out = flat.index_select(0, keep)
+        out.index_add_(0, dst, flat.index_select(0, src))
+        return out.view(batch, m, c)
 
     return Matching(merge, new_index)
 
@@ -115,10 +135,12 @@ def window_order(grid: Tuple[int, int], groups: Sequence[WindowGroup], device: t
 
 
 def merge_global(
-    x: Tensor, size: Tensor, metric: Tensor, r: int, protected: Optional[Tensor] = None
+    x: Tensor, size: Tensor, metric: Tensor, r: int, protected: Optional[Tensor] = None, num_prefix: int = 0
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Merge ``r`` tokens over the whole image. Returns ``(x, size, new_index)``."""
-    m = bipartite_soft_matching(metric, r, protected)
+    """Merge ``r`` tokens over the whole image. ``x`` and ``size`` may start with ``num_prefix`` prefix tokens,
+    which pass through unchanged; ``metric`` and ``protected`` cover the patch tokens only. Returns
+    ``(x, size, new_index)``."""
+    m = bipartite_soft_matching(metric, r, protected, num_prefix)
     x, size = merge_wavg(m.merge, x, size)
     return x, size, m.new_index
 
@@ -215,7 +237,10 @@ def merge_step(
     """
     batch = x.shape[0]
     prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
-    metric = patches if config is not None and config.metric == "tokens" else metric[:, num_prefix:]
+    if config is not None and config.metric == "tokens":
+        metric = patches
+    else:  # ToMe's keys: [B, T, D], or per-head keys [B, heads, T, head_dim] averaged here (only when used)
+        metric = (metric.mean(dim=1) if metric.ndim == 4 else metric)[:, num_prefix:]
     protected = None
     if config is not None and config.protect > 0:
         if cls_attn is None:
@@ -228,24 +253,23 @@ def merge_step(
         size = torch.ones(batch, x.shape[1], 1, dtype=torch.float32, device=x.device)  # exact counts (bf16 is not)
     else:
         size = state.size
-    size_prefix, size = size[:, :num_prefix], size[:, num_prefix:]
     pos = state.pos
     if pos is None:
         pos = torch.arange(grid[0] * grid[1], device=x.device).expand(batch, -1)
 
-    if plan.mode == "local":
-        if state.pos is None:
-            # First local merge: tokens are still in raster order; regroup them window by window.
-            order = window_order(grid, plan.groups, x.device)
-            patches, size, metric = patches[:, order], size[:, order], metric[:, order]
-            protected = None if protected is None else protected[:, order]
-            pos = torch.argsort(order).expand(batch, -1)
-        patches, size, new_index = merge_local(patches, size, metric, plan.groups, protected)
-    else:
-        patches, size, new_index = merge_global(patches, size, metric, plan.r, protected)
-    pos = new_index.gather(1, pos)
+    if plan.mode != "local":  # global: the prefix tokens ride along in the merge, no split and concatenation
+        x, size, new_index = merge_global(x, size, metric, plan.r, protected, num_prefix)
+        return x, MergeState(size, new_index.gather(1, pos))
+    size_prefix, size = size[:, :num_prefix], size[:, num_prefix:]
+    if state.pos is None:
+        # First local merge: tokens are still in raster order; regroup them window by window.
+        order = window_order(grid, plan.groups, x.device)
+        patches, size, metric = patches[:, order], size[:, order], metric[:, order]
+        protected = None if protected is None else protected[:, order]
+        pos = torch.argsort(order).expand(batch, -1)
+    patches, size, new_index = merge_local(patches, size, metric, plan.groups, protected)
     x = torch.cat([prefix, patches], dim=1)
-    return x, MergeState(torch.cat([size_prefix, size], dim=1), pos)
+    return x, MergeState(torch.cat([size_prefix, size], dim=1), new_index.gather(1, pos))
 
 
 def unmerge(x: Tensor, state: MergeState, num_prefix: int) -> Tensor:

@@ -86,8 +86,9 @@ class Adapter(abc.ABC):
     ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """The attention half of ``block`` with its residual: returns ``(x + attn(x), metric, cls_attn)``.
 
-        ``bias`` (``[B, 1, 1, T]`` log-sizes, or None) is added to the attention logits. ``metric`` ``[B, T, D]`` is
-        what ToMe's ``"keys"`` metric matches on (keys averaged over heads). When ``class_attention_prefix`` is an
+        ``bias`` (``[B, 1, 1, T]`` log-sizes, or None) is added to the attention logits. ``metric`` is what ToMe's
+        ``"keys"`` metric matches on: the keys per head ``[B, heads, T, head_dim]`` (averaged over heads only when that
+        metric is used) or already averaged ``[B, T, D]``. When ``class_attention_prefix`` is an
         int, also return the class token's attention ``[B, T]``
         (:func:`~dsm_lightning.merge.class_attention` computes it from q and k), else None.
         """

@@ -34,7 +34,7 @@ def _timm_types() -> Tuple[type, type, type]:
 def attention_with_metric(
     attn: Any, x: Tensor, bias: Optional[Tensor], num_prefix: Optional[int] = None
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """timm ``Attention`` forward that also returns the merge metric (keys averaged over heads, ``[B, N, head_dim]``).
+    """timm ``Attention`` forward that also returns the merge metric (the keys per head, ``[B, heads, N, head_dim]``).
 
     Same ops as ``Attention.forward`` (q/k-norm, fused SDPA with ``attn_mask=bias``, scale-norm, gate, projection);
     a test checks it against timm's own forward. With ``num_prefix`` set it also returns the class attention
@@ -62,7 +62,7 @@ def attention_with_metric(
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    return out, k.mean(dim=1), cls_attn
+    return out, k, cls_attn  # per-head keys: averaged over heads only when metric='keys' uses them
 
 
 def _forward_features(self: Any, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:

@@ -27,7 +27,8 @@ def mha_with_metric(
     mha: nn.MultiheadAttention, x: Tensor, bias: Optional[Tensor], num_prefix: Optional[int] = None
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Self-attention of a ``batch_first`` ``nn.MultiheadAttention`` with an additive bias; also returns the metric
-    (keys averaged over heads) and, with ``num_prefix`` set, the class attention ``[B, N]`` (else None)."""
+    (the keys per head, ``[B, heads, N, head_dim]``) and, with ``num_prefix`` set, the class attention ``[B, N]``
+    (else None)."""
     batch, n, dim = x.shape
     heads = mha.num_heads
     head_dim = dim // heads
@@ -36,7 +37,7 @@ def mha_with_metric(
     cls_attn = None if num_prefix is None else class_attention(q, k, head_dim**-0.5, bias, num_prefix)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=mha.dropout if mha.training else 0.0)
     out = mha.out_proj(out.transpose(1, 2).reshape(batch, n, dim))
-    return out, k.mean(dim=1), cls_attn
+    return out, k, cls_attn  # per-head keys: averaged over heads only when metric='keys' uses them
 
 
 def _forward(self: Any, x: Tensor) -> Tensor:
