@@ -1,10 +1,10 @@
 """Merge ops: pure tensor functions, no module state.
 
 Conventions: ``x`` is ``[B, N, C]`` patch tokens (the global merge also takes ``num_prefix`` prefix tokens in front,
-which it copies through untouched; they are never matched or merged), ``size`` is ``[B, N, 1]`` (how many input patches each token holds), ``metric`` is ``[B, N, D]``
-(attention keys averaged over heads), and ``pos`` is ``[B, N0]`` (for every input patch, the index of the token
-that holds it now). All counts (``r``, windows) are Python ints from the :class:`~dsm_lightning.TokenPlan`, so a
-compiled graph sees constants.
+which it copies through untouched; they are never matched or merged), ``size`` is ``[B, N, 1]`` (how many input
+patches each token holds), ``metric`` is ``[B, N, D]`` (the features pairs are matched on), and ``pos`` is
+``[B, N0]`` (for every input patch, the index of the token that holds it now). All counts (``r``, windows) are
+Python ints from the :class:`~dsm_lightning.TokenPlan`, so a compiled graph sees constants.
 """
 
 from __future__ import annotations
