@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, markdown_table, median, write_rows
 
-from dsm_lightning import apply_dsm
+from dsm_lightning import apply_dsm, token_plan
 from dsm_lightning.flops import count_flops
 from dsm_lightning.module import build_model
 
@@ -33,6 +33,23 @@ MODELS = {
     "vit_small_patch16_224": {},
     "vit_small_patch14_dinov2": {"img_size": 224},  # the reference model's shape (16x16 patches + cls, LayerScale)
 }
+
+
+def token_dropping_oracle(model, plan):
+    """The dense timm model's blocks with the plan's token counts but no merge work: after each block's attention
+    the extra tokens are simply dropped. Its time is what the FLOP reduction could buy with a free merge, so
+    ``dense / oracle`` bounds the speedup and ``oracle`` vs ``dsm`` is the merge overhead."""
+    p = plan.num_prefix_tokens
+
+    def run(x):
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        for blk, bp in zip(model.blocks, plan.blocks):
+            x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
+            x = x[:, : p + bp.tokens_out]
+            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        return model.forward_head(model.norm(x))
+
+    return run
 
 
 def timer(device: str):
@@ -64,6 +81,7 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     parser.add_argument("--dtypes", nargs="+", default=None, help="fp32 and/or bf16 (autocast); GPU default both")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: more for small batches)")
+    parser.add_argument("--oracle", action="store_true", help="also time the token-dropping oracle (eager, timm)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
@@ -91,6 +109,8 @@ def main(argv=None) -> int:
                     else contextlib.nullcontext()
                 )
                 fns, compile_s = {"dense": dense, "dsm": merged}, {}
+                if args.oracle and mode == "eager":
+                    fns["oracle"] = token_dropping_oracle(dense, token_plan(merged))
                 if mode == "compiled":
                     torch._dynamo.reset()
                     fns = {k: torch.compile(m, fullgraph=True) for k, m in fns.items()}
@@ -122,11 +142,16 @@ def main(argv=None) -> int:
                         "efficiency": dense_ms / dsm_ms / reduction,
                         "repeats": repeats,
                     }
+                    if "oracle" in times:
+                        row["oracle_ms"] = 1e3 * median(times["oracle"])
+                        row["oracle_efficiency"] = dense_ms / row["oracle_ms"] / reduction
                     if compile_s:
                         row["compile_dense_s"], row["compile_dsm_s"] = compile_s["dense"], compile_s["dsm"]
                     rows.append(row)
                     print(markdown_table([row], list(row)).splitlines()[-1], flush=True)
     cols = ["model", "mode", "dtype", "batch", "dense_ms", "dsm_ms", "flop_reduction", "speedup", "efficiency"]
+    if args.oracle:
+        cols += ["oracle_ms", "oracle_efficiency"]
     print(markdown_table(rows, cols))
     write_rows(rows, out, {"env": environment(args.device), "argv": sys.argv[1:]})
     return 0
