@@ -7,12 +7,12 @@ Dense blocks, and merging blocks' MLPs, call timm's modules unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..merge import class_attention, unmerge
+from ..merge import MergeState, class_attention, unmerge
 from .base import Adapter, UnsupportedModelError, original_class, unwrap_block
 
 __all__ = ["TimmViTAdapter", "attention_with_metric"]
@@ -73,6 +73,63 @@ def _forward_features(self: Any, x: Tensor, attn_mask: Optional[Tensor] = None, 
     tokens, grid = adapter.embed(self, x)
     tokens, state = adapter.run(self, tokens, grid)
     return unmerge(self.norm(tokens), state, self.num_prefix_tokens)
+
+
+def _forward_intermediates(
+    self: Any,
+    x: Tensor,
+    indices: Optional[Union[int, List[int]]] = None,
+    return_prefix_tokens: bool = False,
+    norm: bool = False,
+    stop_early: bool = False,
+    output_fmt: str = "NCHW",
+    intermediates_only: bool = False,
+    output_dict: bool = False,
+    attn_mask: Optional[Tensor] = None,
+    is_causal: bool = False,
+) -> Any:
+    """DSM version of timm's ``forward_intermediates`` (same arguments and outputs): every intermediate, and the
+    final features, come back unmerged onto the dense patch grid, so dense-prediction necks and heads get the shapes
+    they expect. Intermediates of dense (delayed) blocks equal the dense model's. ``stop_early`` is accepted; all
+    blocks run (the merge plan covers the whole depth)."""
+    from timm.models._features import feature_take_indices
+
+    if output_fmt not in ("NCHW", "NLC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+    if attn_mask is not None or is_causal:
+        raise ValueError("a DSM-patched model takes no attn_mask/is_causal; call remove_dsm(model) to use them")
+    take_indices, _ = feature_take_indices(len(self.blocks), indices)
+    adapter: Adapter = type(self)._dsm_adapter
+    prefix = self.num_prefix_tokens
+    taken: Dict[int, Tensor] = {}
+
+    def keep(index: int, tokens: Tensor, state: MergeState) -> None:
+        if index in take_indices:  # the norm is per token, so norm-then-unmerge equals unmerge-then-norm
+            taken[index] = unmerge(self.norm(tokens) if norm else tokens, state, prefix)
+
+    batch = x.shape[0]
+    tokens, grid = adapter.embed(self, x)
+    tokens, state = adapter.run(self, tokens, grid, keep)
+    intermediates = [taken[i] for i in take_indices]
+    prefix_tokens = [y[:, :prefix] for y in intermediates] if prefix else None
+    if prefix:
+        intermediates = [y[:, prefix:] for y in intermediates]
+    if output_fmt == "NCHW":
+        intermediates = [y.reshape(batch, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+    final = unmerge(self.norm(tokens), state, prefix)
+    if output_dict:
+        result: Dict[str, Any] = {"image_intermediates": intermediates}
+        if prefix_tokens is not None and return_prefix_tokens:
+            result["image_intermediates_prefix"] = prefix_tokens
+        if not intermediates_only:
+            result["image_features"] = final
+        return result
+    out: List[Any] = list(intermediates)
+    if return_prefix_tokens and prefix_tokens is not None:
+        out = list(zip(intermediates, prefix_tokens))
+    if intermediates_only:
+        return out
+    return final, out
 
 
 class TimmViTAdapter(Adapter):
@@ -148,4 +205,4 @@ class TimmViTAdapter(Adapter):
         return out
 
     def overrides(self) -> Dict[str, Callable[..., Any]]:
-        return {"forward_features": _forward_features}
+        return {"forward_features": _forward_features, "forward_intermediates": _forward_intermediates}
