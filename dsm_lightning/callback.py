@@ -17,7 +17,8 @@ from torch import nn
 from .adapters import UnsupportedModelError, get_adapter
 from .calibrate import GuardResult, quality_guard
 from .config import DSMConfig
-from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan, unpatched
+from .measure import StageMeter, num_classes_of, sync
+from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan
 
 if TYPE_CHECKING:
     from torchmetrics import Metric
@@ -50,27 +51,6 @@ def find_vit(module: nn.Module, attr: Optional[str] = None) -> Tuple[str, nn.Mod
         f"torchvision VisionTransformer in the LightningModule, pass model_attr='name.of.vit', or register an "
         f"adapter for your model (README, 'Custom ViTs')."
     )
-
-
-class _Throughput:
-    """Forward-time accounting of one model variant (seconds and images); the first ``warmup`` calls are not timed
-    (allocator, kernel selection and lazy initialisation make a cold first batch several times slower)."""
-
-    def __init__(self, warmup: int = 1) -> None:
-        self.seconds = 0.0
-        self.images = 0
-        self.warmup = warmup
-
-    def add(self, seconds: float, images: int) -> None:
-        if self.warmup > 0:
-            self.warmup -= 1
-            return
-        self.seconds += seconds
-        self.images += images
-
-    @property
-    def per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else float("nan")
 
 
 class DSMCallback(Callback):
@@ -176,10 +156,8 @@ class DSMCallback(Callback):
         self._vit: Optional[nn.Module] = None
         self._vit_name: Optional[str] = None
         self._hooks: list = []
-        self._dsm = _Throughput()
-        self._dense = _Throughput()
         self._agree: Optional[Metric] = None
-        self._flops: Dict[Tuple[int, ...], Tuple[float, float]] = {}
+        self._meter = StageMeter(compare_dense)
         self._t0 = 0.0
         self._busy = False  # set while the callback itself runs the model (FLOP count, dense comparison)
         self._compiled = False
@@ -195,11 +173,10 @@ class DSMCallback(Callback):
         if self.compare_dense:
             from torchmetrics.classification import MulticlassAccuracy
 
-            num_classes = self._num_classes(pl_module, "compare_dense=True measures top-1 agreement")
+            num_classes = self._num_classes("compare_dense=True measures top-1 agreement")
             self._agree = MulticlassAccuracy(num_classes=num_classes, average="micro").to(pl_module.device)
         if self.min_agreement is not None:
             self._num_classes(
-                pl_module,
                 "the quality guard (min_agreement) compares top-1 predictions; pass "
                 "min_agreement=None to merge a backbone without it",
             )
@@ -217,14 +194,12 @@ class DSMCallback(Callback):
         if stage not in self.stages or self._vit is None:
             return
         self._stage, self._trainer = stage, trainer
-        self._dsm, self._dense = _Throughput(), _Throughput()
-        self._flops = {}  # FLOPs per input shape, counted afresh each stage (the model may have changed)
+        if self._agree is not None:
+            self._agree = self._agree.to(pl_module.device)
+        self._meter = StageMeter(self.compare_dense, self._agree)  # fresh each stage (FLOPs, timings, agreement)
         # A model the user patched runs dense for the guard and the comparison; _restore puts their patch back.
         self._user_config = get_config(self._vit)
         remove_dsm(self._vit)
-        if self._agree is not None:
-            self._agree = self._agree.to(pl_module.device)
-            self._agree.reset()
         self._hooks = [
             self._vit.register_forward_pre_hook(self._pre_hook),
             self._vit.register_forward_hook(self._post_hook),
@@ -335,91 +310,46 @@ class DSMCallback(Callback):
         bar = trainer.progress_bar_callback
         bar.print(message) if bar is not None else print(message)
 
-    # ------------------------------------------------------------------ measurement
-    @staticmethod
-    def _sync(t: torch.Tensor) -> None:
-        if t.is_cuda:
-            torch.cuda.synchronize(t.device)
-
+    # ------------------------------------------------------------------ measurement (measure.StageMeter)
     def _pre_hook(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
         if self._busy:
             return
         if args and isinstance(args[0], torch.Tensor):
-            self._sync(args[0])
+            sync(args[0])
         self._t0 = time.perf_counter()
 
     def _post_hook(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
         if self._busy or not args or not isinstance(args[0], torch.Tensor):
             return
-        if not is_patched(module):
+        images = args[0]
+        if not is_patched(module):  # dense: the guard's images (or a stage that stays dense)
             if self.min_agreement is not None and self.guard is None:
                 self._busy = True
                 try:
-                    self._guard_step(args[0], output)
+                    self._guard_step(images, output)
                 finally:
                     self._busy = False
             return
-        images = args[0]
-        self._sync(images)
-        self._dsm.add(time.perf_counter() - self._t0, images.shape[0])
-        self._busy = True
+        sync(images)
+        seconds = time.perf_counter() - self._t0
+        self._busy = True  # the meter runs the model itself (FLOP count, dense comparison): hooks stay quiet
         try:
-            self._measure(module, args, images, output)
+            self._meter.merged_forward(module, args, images, output, seconds)
         finally:
             self._busy = False
 
-    def _measure(self, module: nn.Module, args: Tuple[Any, ...], images: torch.Tensor, output: Any) -> None:
-        shape = tuple(images.shape[1:])
-        if shape not in self._flops:
-            self._flops[shape] = self._count_flops(module, images[:1])
-        if self.compare_dense and isinstance(output, torch.Tensor):
-            with unpatched(module), torch.no_grad():
-                t0 = time.perf_counter()
-                dense = type(module).forward(module, *args)  # the class forward: never the compiled one
-                self._sync(images)
-                self._dense.add(time.perf_counter() - t0, images.shape[0])
-            if self._agree is not None and output.ndim == 2:
-                self._agree.update(output.detach(), dense.argmax(dim=-1))
-
-    def _count_flops(self, module: nn.Module, image: torch.Tensor) -> Tuple[float, float]:
-        from .flops import count_flops
-
-        def eager(x: torch.Tensor) -> Any:  # the class forward, even when forward is compiled
-            return type(module).forward(module, x)
-
-        with torch.no_grad():
-            merged = count_flops(eager, image) / 1e9
-            with unpatched(module):
-                dense = count_flops(eager, image) / 1e9
-        return merged, dense
-
-    def _num_classes(self, pl_module: LightningModule, why: str) -> int:
-        vit = self._vit
-        for attr in ("num_classes",):
-            if isinstance(getattr(vit, attr, None), int) and getattr(vit, attr) > 0:
-                return getattr(vit, attr)
-        head = getattr(vit, "head", None) or getattr(getattr(vit, "heads", None), "head", None)
-        if isinstance(head, nn.Linear):
-            return head.out_features
-        raise ValueError(f"{why}, which needs a classifier ViT (num_classes > 0) but this one has no head")
+    def _num_classes(self, why: str) -> int:
+        n = num_classes_of(self._vit) if self._vit is not None else None
+        if n is None:
+            raise ValueError(f"{why}, which needs a classifier ViT (num_classes > 0) but this one has no head")
+        return n
 
     def _collect(self) -> Dict[str, float]:
         out: Dict[str, float] = {}
         if self.guard is not None:
             out["dsm/guard_agreement"] = self.guard.agreement
             out["dsm/guard_flops_ratio"] = self.guard.flops_ratio
-        if self._dsm.images:
-            out["dsm/images_per_sec"] = self._dsm.per_second
-        if self._flops:
-            merged, dense = next(iter(self._flops.values()))
-            out["dsm/gflops_per_image"] = merged
-            out["dsm/dense_gflops_per_image"] = dense
-            out["dsm/flops_reduction"] = dense / merged
-        if self.compare_dense and self._dsm.images and self._dense.images:
-            out["dsm/dense_images_per_sec"] = self._dense.per_second
-            out["dsm/speedup"] = self._dsm.per_second / self._dense.per_second
-        if self.compare_dense and self._agree is not None and self._agree.update_count:
-            out["dsm/agreement_top1"] = float(self._agree.compute())
+        out.update(self._meter.metrics())
         return out
 
     def _log_epoch(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

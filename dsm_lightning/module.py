@@ -210,8 +210,10 @@ class ImageClassifier(LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
 
     def _infer_num_classes(self) -> int:
-        n = getattr(self.model, "num_classes", None)
-        if isinstance(n, int) and n > 0:
+        from .measure import num_classes_of
+
+        n = num_classes_of(self.model)
+        if n is not None:
             return n
         raise ValueError(f"{self.model_name} has no classifier head (num_classes=0); set num_classes")
 

@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dsm_lightning"
-LAYERS = ["config", "schedule", "merge", "engine", "adapters", "patch", "calibrate", "callback", "cli"]
+LAYERS = ["config", "schedule", "merge", "engine", "adapters", "patch", "calibrate", "measure", "callback", "cli"]
 
 
 def module_name(path: Path) -> str:

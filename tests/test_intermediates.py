@@ -48,7 +48,7 @@ def test_merged_intermediates_keep_the_dense_grid_and_dense_blocks_are_exact():
     plan = token_plan(model)
     with torch.no_grad():
         final, inter = model.forward_intermediates(x)
-        ref_final, ref_inter = dense.forward_intermediates(x)
+        _, ref_inter = dense.forward_intermediates(x)
         features = model.forward_features(x)
     assert [t.shape for t in inter] == [t.shape for t in ref_inter], "NCHW on the dense patch grid"
     assert torch.equal(inter[0], ref_inter[0]) and torch.equal(inter[1], ref_inter[1]), "delayed blocks are dense"

@@ -1,0 +1,120 @@
+"""What DSMCallback measures in a stage: merged and dense images/s, GFLOPs per image, top-1 agreement.
+
+Kept apart from patching so each reads on its own: the callback's forward hooks hand every merged forward to a
+:class:`StageMeter`, which times it, counts FLOPs once per input shape, and (with ``compare_dense``) runs the dense
+model on the same batch right after it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .patch import unpatched
+
+if TYPE_CHECKING:
+    from torchmetrics import Metric
+
+__all__ = ["StageMeter", "Throughput", "num_classes_of", "sync"]
+
+
+def sync(tensor: torch.Tensor) -> None:
+    """Wait for the device that holds ``tensor`` (CUDA only), so wall-clock timing covers the work."""
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+
+
+def num_classes_of(model: nn.Module) -> Optional[int]:
+    """Outputs of the classifier head of a timm / torchvision ViT, or None for a backbone without one."""
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+        return n
+    head = getattr(model, "head", None) or getattr(getattr(model, "heads", None), "head", None)
+    return head.out_features if isinstance(head, nn.Linear) else None
+
+
+class Throughput:
+    """Forward-time accounting of one model variant (seconds and images); the first ``warmup`` calls are not timed
+    (allocator, kernel selection and lazy initialisation make a cold first batch several times slower)."""
+
+    def __init__(self, warmup: int = 1) -> None:
+        self.seconds = 0.0
+        self.images = 0
+        self.warmup = warmup
+
+    def add(self, seconds: float, images: int) -> None:
+        if self.warmup > 0:
+            self.warmup -= 1
+            return
+        self.seconds += seconds
+        self.images += images
+
+    @property
+    def per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+def count_flops_pair(module: nn.Module, image: torch.Tensor) -> Tuple[float, float]:
+    """GFLOPs of one image through a patched ``module``, merged and dense (``torch.utils.flop_counter``), using the
+    class forward so a compiled ``forward`` is not traced."""
+    from .flops import count_flops
+
+    def eager(x: torch.Tensor) -> Any:
+        return type(module).forward(module, x)
+
+    with torch.no_grad():
+        merged = count_flops(eager, image) / 1e9
+        with unpatched(module):
+            dense = count_flops(eager, image) / 1e9
+    return merged, dense
+
+
+class StageMeter:
+    """Measurements of one stage. ``agreement`` is a torchmetrics accuracy (synced across DDP ranks) or None."""
+
+    def __init__(self, compare_dense: bool, agreement: Optional[Metric] = None) -> None:
+        self.compare_dense = compare_dense
+        self.agreement = agreement
+        self.merged = Throughput()
+        self.dense = Throughput()
+        self.flops: Dict[Tuple[int, ...], Tuple[float, float]] = {}
+        if agreement is not None:
+            agreement.reset()
+
+    def merged_forward(
+        self, module: nn.Module, args: Tuple[Any, ...], images: torch.Tensor, output: Any, seconds: float
+    ) -> None:
+        """Account one timed merged forward, count FLOPs for a new input shape, compare with dense if asked."""
+        self.merged.add(seconds, images.shape[0])
+        shape = tuple(images.shape[1:])
+        if shape not in self.flops:
+            self.flops[shape] = count_flops_pair(module, images[:1])
+        if not (self.compare_dense and isinstance(output, torch.Tensor)):
+            return
+        with unpatched(module), torch.no_grad():
+            t0 = time.perf_counter()
+            dense = type(module).forward(module, *args)  # the class forward: never the compiled one
+            sync(images)
+            self.dense.add(time.perf_counter() - t0, images.shape[0])
+        if self.agreement is not None and output.ndim == 2:
+            self.agreement.update(output.detach(), dense.argmax(dim=-1))
+
+    def metrics(self) -> Dict[str, float]:
+        """``dsm/*`` metrics measured so far (those that could be measured)."""
+        out: Dict[str, float] = {}
+        if self.merged.images:
+            out["dsm/images_per_sec"] = self.merged.per_second
+        if self.flops:
+            merged, dense = next(iter(self.flops.values()))
+            out["dsm/gflops_per_image"] = merged
+            out["dsm/dense_gflops_per_image"] = dense
+            out["dsm/flops_reduction"] = dense / merged
+        if self.compare_dense and self.merged.images and self.dense.images:
+            out["dsm/dense_images_per_sec"] = self.dense.per_second
+            out["dsm/speedup"] = self.merged.per_second / self.dense.per_second
+        if self.compare_dense and self.agreement is not None and self.agreement.update_count:
+            out["dsm/agreement_top1"] = float(self.agreement.compute())
+        return out
