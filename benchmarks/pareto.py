@@ -36,7 +36,7 @@ from dsm_lightning import DSMConfig, apply_dsm, calibrate, remove_dsm, token_pla
 from dsm_lightning.calibrate import collect_batches
 from dsm_lightning.data import ImageFiles, transform_from_config
 from dsm_lightning.flops import count_flops
-from dsm_lightning.module import ImageClassifier
+from dsm_lightning.module import ImageClassifier, read_sidecar
 
 TARGETS = (0.65, 0.55, 0.4)
 #: Schedule families compared at every budget. ``default`` is whatever ``DSMConfig()`` is today.
@@ -60,15 +60,9 @@ def schedules(targets, families) -> Dict[str, Optional[DSMConfig]]:
 
 def load(args) -> tuple:
     if args.reference:
-        meta = json.loads(Path(args.reference).read_text())
         ckpt = str(Path(args.reference).with_suffix(".safetensors"))
-        module = ImageClassifier(
-            meta["timm_name"],
-            num_classes=meta["create_kwargs"]["num_classes"],
-            checkpoint_path=ckpt,
-            model_kwargs={k: v for k, v in meta["create_kwargs"].items() if k != "num_classes"},
-            class_names=meta["classes"],
-        )
+        module = ImageClassifier(checkpoint_path=ckpt)  # model, its arguments and classes from the side-car JSON
+        meta = read_sidecar(ckpt)
         size = meta["create_kwargs"]["img_size"]
         data_cfg = {
             "input_size": (3, size, size),

@@ -91,8 +91,15 @@ def test_token_maps_and_render():
     assert fig.size == (32 * 3 + 8, 32)
 
 
+def tiny_model_argv() -> list:
+    """The Pareto harness's model arguments for the tiny 3-class test ViT."""
+    from tests.lightning_helpers import TINY_KW
+
+    return ["--model-name", "vit_tiny_patch16_224", "--num-classes", "3", "--model-kwargs", json.dumps(TINY_KW)]
+
+
 def test_pareto_harness_runs_and_resumes(tmp_path):
-    from tests.lightning_helpers import TINY_KW, make_image_folder
+    from tests.lightning_helpers import make_image_folder
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import pareto
@@ -102,12 +109,7 @@ def test_pareto_harness_runs_and_resumes(tmp_path):
     photos = make_image_folder(tmp_path / "photos", classes=1, per_class=3, seed=2, labelled=False)
     out = tmp_path / "p"
     argv = [
-        "--model-name",
-        "vit_tiny_patch16_224",
-        "--num-classes",
-        "3",
-        "--model-kwargs",
-        json.dumps(TINY_KW),
+        *tiny_model_argv(),
         "--val-dir",
         str(data),
         "--calib-dir",
@@ -143,7 +145,7 @@ def test_pareto_harness_runs_and_resumes(tmp_path):
 
 
 def test_pareto_harness_with_a_datamodule(tmp_path):
-    from tests.lightning_helpers import TINY_KW, make_image_folder
+    from tests.lightning_helpers import make_image_folder
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import pareto
@@ -152,12 +154,7 @@ def test_pareto_harness_with_a_datamodule(tmp_path):
     out = tmp_path / "dm"
     dm_args = {"val_dir": str(data), "batch_size": 4, "img_size": 32, "crop_pct": 1.0}
     argv = [
-        "--model-name",
-        "vit_tiny_patch16_224",
-        "--num-classes",
-        "3",
-        "--model-kwargs",
-        json.dumps(TINY_KW),
+        *tiny_model_argv(),
         "--datamodule",
         "dsm_lightning.data.ImageFolderDataModule",
         "--datamodule-args",
