@@ -7,7 +7,7 @@ created inside the call and threaded through the loop in a per-block :class:`Blo
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
@@ -64,7 +64,11 @@ class BlockCall:
 
 
 def run_blocks(
-    blocks: Sequence[nn.Module], x: Tensor, plan: TokenPlan, hook: Optional[BlockHook] = None
+    blocks: Sequence[nn.Module],
+    x: Tensor,
+    plan: TokenPlan,
+    hook: Optional[BlockHook] = None,
+    block_args: Tuple[Any, ...] = (),
 ) -> Tuple[Tensor, MergeState]:
     """Run ``blocks`` on tokens ``x`` ``[B, prefix + N, C]`` following ``plan``.
 
@@ -77,6 +81,8 @@ def run_blocks(
         x: Tokens, prefix tokens first.
         plan: The :class:`TokenPlan` for this input's grid.
         hook: Optional per-block observer.
+        block_args: Positional arguments after the tokens that the family's blocks require (HF layers take their
+            attention mask positionally: ``(None,)``).
 
     Returns:
         The tokens after the last block and the final :class:`MergeState`.
@@ -86,10 +92,10 @@ def run_blocks(
         bias = size_bias(state, x.dtype) if bp.size_bias else None
         if bp.merges or bias is not None:
             call = BlockCall(state, bias, bp, plan)
-            x = blk(x, dsm=call)
+            x = blk(x, *block_args, dsm=call)
             state = call.state
         else:
-            x = blk(x)
+            x = blk(x, *block_args)
         if hook is not None:
             hook(bp.index, x, state)
     return x, state

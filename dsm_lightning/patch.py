@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple, Type, cast
 
 from torch import Tensor, nn
 
-from .adapters import Adapter, get_adapter
+from .adapters import Adapter, get_adapter, registered_adapters
 from .adapters.base import BLOCK_ORIGINAL, unwrap_block
 from .config import DSMConfig, resolve_config
 from .engine import BlockCall, BlockHook
@@ -105,14 +105,24 @@ def _unpickle_patched(cls: Type[nn.Module], state: Dict[str, Any], config: DSMCo
     return apply_dsm(_unpickle_module(cls, state), config)
 
 
+def _core(model: nn.Module) -> nn.Module:
+    """The module that carries the patch (:meth:`Adapter.core`): ``model`` itself unless it is a task model around a
+    supported encoder; ``model`` for unsupported modules (never raises)."""
+    for adapter in registered_adapters():
+        if adapter.matches(model):
+            return adapter.core(model)
+    return model
+
+
 def is_patched(model: nn.Module) -> bool:
     """Whether ``model`` currently runs with DSM."""
-    return _ORIGINAL in model.__dict__
+    return _ORIGINAL in _core(model).__dict__
 
 
 def get_config(model: nn.Module) -> Optional[DSMConfig]:
     """The :class:`DSMConfig` of a patched model, else None."""
-    return model.__dict__.get("_dsm_config") if is_patched(model) else None
+    core = _core(model)
+    return core.__dict__.get("_dsm_config") if _ORIGINAL in core.__dict__ else None
 
 
 def apply_dsm(model: nn.Module, config: Optional[DSMConfig] = None, **overrides: Any) -> nn.Module:
@@ -141,20 +151,23 @@ def apply_dsm(model: nn.Module, config: Optional[DSMConfig] = None, **overrides:
     plan_tokens(
         adapter.depth(model), adapter.grid(model), adapter.num_prefix_tokens(model), config, adapter.dims(model)
     )
-    if not is_patched(model):
-        model.__dict__[_ORIGINAL] = model.__class__
-        model.__class__ = _patched_class(model.__class__, adapter)
+    core = adapter.core(model)  # the model, or the encoder inside a task model
+    if _ORIGINAL not in core.__dict__:
+        core.__dict__[_ORIGINAL] = core.__class__
+        core.__class__ = _patched_class(core.__class__, adapter)
     _patch_blocks(model, adapter)  # idempotent: also after unpickling, which restores blocks unpatched
-    model.__dict__["_dsm_config"] = config
+    core.__dict__["_dsm_config"] = config
     return model
 
 
 def remove_dsm(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_dsm` (a no-op on an unpatched model) and return ``model``."""
     if is_patched(model):
-        _unpatch_blocks(model, get_adapter(model))
-        model.__class__ = model.__dict__.pop(_ORIGINAL)
-        model.__dict__.pop("_dsm_config", None)
+        adapter = get_adapter(model)
+        core = adapter.core(model)
+        _unpatch_blocks(model, adapter)
+        core.__class__ = core.__dict__.pop(_ORIGINAL)
+        core.__dict__.pop("_dsm_config", None)
     return model
 
 
@@ -162,15 +175,16 @@ def remove_dsm(model: nn.Module) -> nn.Module:
 def unpatched(model: nn.Module) -> Iterator[nn.Module]:
     """Run a patched model dense for a moment: its original class is swapped back inside the ``with`` block and the
     patch is put back after, without re-validating the config (cheap enough for every batch)."""
-    if not is_patched(model):
+    core = _core(model)
+    if _ORIGINAL not in core.__dict__:
         yield model
         return
-    patched = model.__class__
-    model.__class__ = model.__dict__[_ORIGINAL]
+    patched = core.__class__
+    core.__class__ = core.__dict__[_ORIGINAL]
     try:
         yield model
     finally:
-        model.__class__ = patched
+        core.__class__ = patched
 
 
 def token_plan(

@@ -46,6 +46,46 @@ def tiny_torchvision(**kwargs):
     return model
 
 
+#: Tiny ``transformers`` models per supported class: 32x32 images, 4x4 patches (8x8 grid), 6 layers.
+HF_CLASSES = {
+    "ViTModel": "ViTConfig",
+    "ViTForImageClassification": "ViTConfig",
+    "DeiTModel": "DeiTConfig",
+    "DeiTForImageClassification": "DeiTConfig",
+    "DeiTForImageClassificationWithTeacher": "DeiTConfig",
+    "Dinov2Model": "Dinov2Config",
+    "Dinov2ForImageClassification": "Dinov2Config",
+    "Dinov2WithRegistersModel": "Dinov2WithRegistersConfig",
+    "Dinov2WithRegistersForImageClassification": "Dinov2WithRegistersConfig",
+    "CLIPVisionModel": "CLIPVisionConfig",
+    "CLIPVisionModelWithProjection": "CLIPVisionConfig",
+    "SiglipVisionModel": "SiglipVisionConfig",
+}
+
+
+def tiny_hf(name="ViTForImageClassification", attn="sdpa", **kwargs):
+    """A tiny random-init ``transformers`` vision model of class ``name`` (see :data:`HF_CLASSES`), eval mode."""
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(kwargs.pop("seed", 0))
+    config_cls = getattr(transformers, HF_CLASSES[name])
+    cfg = dict(hidden_size=32, num_hidden_layers=6, num_attention_heads=2, image_size=32, patch_size=4, num_labels=7)
+    if "Dinov2" in name:
+        cfg.update(mlp_ratio=2, layerscale_value=0.5)
+        if "Registers" in name:
+            cfg.update(num_register_tokens=3)
+    else:
+        cfg.update(intermediate_size=64)
+    if "CLIP" in name:
+        cfg.update(projection_dim=16)
+    cfg.update(kwargs)
+    config = config_cls(**cfg)
+    config._attn_implementation = attn
+    model = getattr(transformers, name)(config).eval()
+    _randomise(model)
+    return model
+
+
 def _randomise(model):
     """Random init leaves heads / LayerScale / biases at zero; give every parameter signal so outputs differ."""
     with torch.no_grad():

@@ -110,9 +110,71 @@ class TorchvisionOps:
         return model.heads(model.encoder.ln(seq)[0])
 
 
+class HFOps:
+    """The same for ``transformers`` encoders (ViT / DeiT, DINOv2 (+ registers), CLIP / SigLIP vision), from the
+    layers' own q/k/v/output projections; ``model`` may be a task model (its encoder is used) and ``head`` returns the
+    encoder's ``last_hidden_state`` for one image (its final norm, if any, on the dense sequence)."""
+
+    @staticmethod
+    def encoder(model):
+        from dsm_lightning.adapters import get_adapter
+
+        return get_adapter(model).core(model)
+
+    @staticmethod
+    def embed(model, image):
+        enc = HFOps.encoder(model)
+        name = type(enc).__name__
+        if "Dinov2" in name:
+            return enc.embeddings(image[None])[0]
+        x = enc.embeddings(image[None], interpolate_pos_encoding=True)
+        return (enc.pre_layrnorm(x) if "CLIP" in name else x)[0]
+
+    @staticmethod
+    def blocks(model):
+        enc = HFOps.encoder(model)
+        return enc.layers if hasattr(enc, "layers") else getattr(enc.encoder, "layer", None) or enc.encoder.layers
+
+    @staticmethod
+    def attention(blk, seq, sizes):
+        if hasattr(blk, "layernorm_before"):
+            attn, x, scale = blk.attention, blk.layernorm_before(seq), lambda y: y
+        elif hasattr(blk, "layer_scale1"):
+            attn, x, scale = blk.attention, blk.norm1(seq), blk.layer_scale1
+        else:
+            attn, x, scale = blk.self_attn, blk.layer_norm1(seq), lambda y: y
+        t = x.shape[0]
+        d = attn.head_dim
+        q, k, v = (proj(x).reshape(t, -1, d) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        out = ref_softmax_attention(q, k, v, sizes).reshape(t, -1)
+        out = attn.o_proj(out) if hasattr(attn, "o_proj") else attn.out_proj(out)
+        return scale(out), k.mean(dim=1), (q, k)
+
+    @staticmethod
+    def mlp(blk, seq):
+        if hasattr(blk, "layernorm_after"):
+            return blk.mlp(blk.layernorm_after(seq))
+        if hasattr(blk, "layer_scale2"):
+            return blk.layer_scale2(blk.mlp(blk.norm2(seq)))
+        return blk.mlp(blk.layer_norm2(seq))
+
+    @staticmethod
+    def head(model, seq):
+        enc = HFOps.encoder(model)
+        if hasattr(enc, "layernorm"):
+            return enc.layernorm(seq)
+        if "Siglip" in type(enc).__name__:
+            return enc.post_layernorm(seq)
+        return seq  # CLIP: no norm on the sequence
+
+
 def ops_for(model):
     from torchvision.models import VisionTransformer as TVViT
 
+    if type(model).__module__.startswith("transformers.") or any(
+        c.__module__.startswith("transformers.") for c in type(model).__mro__
+    ):
+        return HFOps
     return TorchvisionOps if isinstance(model, TVViT) else TimmOps
 
 

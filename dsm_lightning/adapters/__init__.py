@@ -11,11 +11,13 @@ Register your own with :func:`register_adapter`; see the README's "Custom ViTs" 
 from __future__ import annotations
 
 from .base import Adapter, UnsupportedModelError, get_adapter, register_adapter, registered_adapters
+from .hf import HuggingFaceViTAdapter
 from .timm import TimmViTAdapter
 from .torchvision import TorchvisionViTAdapter
 
 __all__ = [
     "Adapter",
+    "HuggingFaceViTAdapter",
     "TimmViTAdapter",
     "TorchvisionViTAdapter",
     "UnsupportedModelError",
@@ -27,3 +29,4 @@ __all__ = [
 # Built-ins go last, so adapters registered by users (first=True) take precedence, e.g. for subclasses.
 register_adapter(TimmViTAdapter(), first=False)
 register_adapter(TorchvisionViTAdapter(), first=False)
+register_adapter(HuggingFaceViTAdapter(), first=False)  # transformers is imported only when a model is run

@@ -59,6 +59,8 @@ class Adapter(abc.ABC):
     name: str = "custom"
     #: Human-readable list of the model types this adapter supports (for error messages).
     supports: str = ""
+    #: Positional arguments the family's blocks take after the tokens (HF layers: their attention mask, ``None``).
+    block_args: Tuple[Any, ...] = ()
 
     @abc.abstractmethod
     def matches(self, model: nn.Module) -> bool:
@@ -109,6 +111,11 @@ class Adapter(abc.ABC):
     def overrides(self) -> Dict[str, Callable[..., Any]]:
         """Methods the patched subclass overrides, e.g. ``{"forward_features": fn}``."""
 
+    def core(self, model: nn.Module) -> nn.Module:
+        """The module whose class :func:`~dsm_lightning.apply_dsm` swaps and which holds the config: ``model``
+        itself, or, for a task model that holds an encoder (an HF ``...ForImageClassification``), that encoder."""
+        return model
+
     def check(self, model: nn.Module) -> None:
         """Raise :class:`UnsupportedModelError` naming any block or attention type this adapter cannot run."""
         return None
@@ -119,7 +126,7 @@ class Adapter(abc.ABC):
 
     def plan(self, model: nn.Module, grid: Tuple[int, int]) -> TokenPlan:
         """The :class:`TokenPlan` of ``model``'s current config for a patch grid (cached per grid)."""
-        config: DSMConfig = model.__dict__["_dsm_config"]  # set by apply_dsm
+        config: DSMConfig = self.core(model).__dict__["_dsm_config"]  # set by apply_dsm
         return plan_tokens(
             self.depth(model), (int(grid[0]), int(grid[1])), self.num_prefix_tokens(model), config, self.dims(model)
         )
@@ -134,7 +141,7 @@ class Adapter(abc.ABC):
         """Run the blocks of ``model`` on embedded tokens ``x`` with merging; returns merged ``(tokens, state)``."""
         plan = self.plan(model, grid)
         check_tokens(x, plan)
-        return run_blocks(self.blocks(model), x, plan, hook)
+        return run_blocks(self.blocks(model), x, plan, hook, self.block_args)
 
 
 _REGISTRY: List[Adapter] = []

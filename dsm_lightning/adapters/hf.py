@@ -1,0 +1,318 @@
+"""Adapter for Hugging Face ``transformers`` vision encoders (ViT, DeiT, DINOv2 with and without registers, CLIP
+vision, SigLIP vision), ``transformers`` 5.x.
+
+The patch swaps the class of the *encoder* (``ViTModel``, ``Dinov2Model``, ``CLIPVisionModel`` ...): its ``forward``
+embeds, runs the layers with merging and unmerges the tokens to the dense layout before the final norm, so
+``last_hidden_state`` has its usual shape and meaning and every head on top (``ViTForImageClassification``'s
+classifier, DINOv2's class-token + patch-mean head, CLIP's projection, SigLIP's attention pooling) runs unchanged on
+it. A task model (``...ForImageClassification``, ``CLIPVisionModelWithProjection``) is patched through the encoder it
+holds; ``apply_dsm`` takes either.
+
+Dense blocks run HF's own layer forward. Merging blocks, and blocks that need the log-size bias, compute the same
+attention from the layer's own ``q_proj``/``k_proj``/``v_proj`` through HF's attention function for the model's
+``attn_implementation`` (``"sdpa"`` keeps the fused kernel, the bias goes in as the additive mask; ``"eager"`` runs
+the family's eager function), so LayerScale, drop-path and each family's softmax precision are kept.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
+
+from torch import Tensor, nn
+
+from ..merge import MergeState, class_attention, unmerge
+from .base import Adapter, UnsupportedModelError, original_class, unwrap_block
+
+__all__ = ["HuggingFaceViTAdapter", "hf_attention_with_metric", "SUPPORTED_HF_CLASSES"]
+
+#: Attention implementations a merging block can run: both take an additive float mask.
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class _Family:
+    """How one ``transformers`` vision family is laid out (all names are attribute paths on the encoder/layer)."""
+
+    encoder: str  # encoder class name
+    module: str  # module that defines it
+    layer: str  # layer class name
+    layers: str  # attribute path of the layer list on the encoder
+    wrappers: Tuple[str, ...]  # task models holding the encoder as ``getattr(model, attr)``
+    attr: str  # the attribute the task models keep the encoder under
+    kind: str  # layer layout: "vit" (ViT, DeiT), "dinov2", "clip" (CLIP, SigLIP)
+    registers: bool = False
+
+
+_FAMILIES = (
+    _Family(
+        "ViTModel", "transformers.models.vit.modeling_vit", "ViTLayer", "layers", ("ViTForImageClassification",),
+        "vit", "vit",
+    ),
+    _Family(
+        "DeiTModel", "transformers.models.deit.modeling_deit", "DeiTLayer", "layers",
+        ("DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"), "deit", "vit",
+    ),
+    _Family(
+        "Dinov2Model", "transformers.models.dinov2.modeling_dinov2", "Dinov2Layer", "encoder.layer",
+        ("Dinov2ForImageClassification",), "dinov2", "dinov2",
+    ),
+    _Family(
+        "Dinov2WithRegistersModel", "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers",
+        "Dinov2WithRegistersLayer", "encoder.layer", ("Dinov2WithRegistersForImageClassification",),
+        "dinov2_with_registers", "dinov2", registers=True,
+    ),
+    _Family(
+        "CLIPVisionModel", "transformers.models.clip.modeling_clip", "CLIPEncoderLayer", "encoder.layers",
+        ("CLIPVisionModelWithProjection", "CLIPForImageClassification"), "vision_model", "clip",
+    ),
+    _Family(
+        "SiglipVisionModel", "transformers.models.siglip.modeling_siglip", "SiglipEncoderLayer", "encoder.layers",
+        ("SiglipForImageClassification",), "vision_model", "clip",
+    ),
+)  # fmt: skip
+
+#: Every supported class name (encoders first, then task models).
+SUPPORTED_HF_CLASSES: Tuple[str, ...] = tuple(f.encoder for f in _FAMILIES) + tuple(
+    w for f in _FAMILIES for w in f.wrappers
+)
+
+
+def _lookup(model: nn.Module) -> Optional[Tuple[_Family, bool]]:
+    """``(family, is_encoder)`` for a supported ``transformers`` model (patched or not), else None. Matches by the
+    class's own module and name along its MRO, so ``transformers`` is never imported for a non-HF model."""
+    for cls in type(model).__mro__:
+        module = cls.__module__
+        if not module.startswith("transformers."):
+            continue
+        for family in _FAMILIES:
+            if module == family.module and cls.__name__ == family.encoder:
+                return family, True
+            if module == family.module and cls.__name__ in family.wrappers:
+                return family, False
+    return None
+
+
+def _get(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def hf_attention_with_metric(
+    attn: Any, x: Tensor, bias: Optional[Tensor], num_prefix: Optional[int] = None
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """A ``transformers`` self-attention (``q_proj``/``k_proj``/``v_proj`` + ``o_proj`` or ``out_proj``) with an
+    additive ``bias`` ``[B, 1, 1, T]``, through HF's own attention function for the model's ``attn_implementation``.
+
+    Returns ``(out, keys per head [B, heads, T, head_dim], cls_attn or None)`` like the timm adapter's
+    :func:`~dsm_lightning.adapters.timm.attention_with_metric`.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    batch, n, _ = x.shape
+    shape = (batch, n, -1, attn.head_dim)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    scaling = float(getattr(attn, "scaling", getattr(attn, "scale", attn.head_dim**-0.5)))
+    cls_attn = None if num_prefix is None else class_attention(q, k, scaling, bias, num_prefix)
+    impl = attn.config._attn_implementation
+    if impl == "eager":
+        fn = sys.modules[type(attn).__module__].eager_attention_forward  # the family's own (softmax precision)
+    else:
+        fn = ALL_ATTENTION_FUNCTIONS[impl]
+    dropout = getattr(attn, "attention_dropout", getattr(attn, "dropout", 0.0))
+    out, _ = fn(attn, q, k, v, bias, dropout=float(dropout) if attn.training else 0.0, scaling=scaling)
+    out = out.reshape(batch, n, -1).contiguous()
+    proj = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
+    return proj(out), k, cls_attn
+
+
+def _embed(encoder: Any, family: _Family, pixel_values: Tensor, interpolate: bool) -> Tensor:
+    """The encoder's embedding (and CLIP's pre-norm), exactly as its own ``forward`` does before the layers."""
+    if family.kind == "vit":
+        dtype = encoder.embeddings.patch_embeddings.projection.weight.dtype
+        out: Tensor = encoder.embeddings(pixel_values.to(dtype), interpolate_pos_encoding=interpolate)
+        return out
+    if family.kind == "dinov2":  # always interpolates
+        out = encoder.embeddings(pixel_values)
+        return out
+    out = encoder.embeddings(pixel_values, interpolate_pos_encoding=interpolate)
+    if family.encoder == "CLIPVisionModel":
+        out = encoder.pre_layrnorm(out)
+    return out
+
+
+def _tail(encoder: Any, family: _Family, dense: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(last_hidden_state, pooler_output)`` from the unmerged tokens after the last layer, as the encoder's own
+    ``forward`` computes them."""
+    if family.kind == "vit":
+        seq = encoder.layernorm(dense)
+        return seq, encoder.pooler(seq) if encoder.pooler is not None else None
+    if family.kind == "dinov2":
+        seq = encoder.layernorm(dense)
+        return seq, seq[:, 0, :]
+    if family.encoder == "CLIPVisionModel":  # no final norm on the sequence; post-norm on the class token
+        return dense, encoder.post_layernorm(dense[:, 0, :])
+    seq = encoder.post_layernorm(dense)  # SigLIP: attention pooling head over the dense layout = size-weighted
+    return seq, encoder.head(seq) if encoder.use_head else None
+
+
+def _forward(
+    self: Any,
+    pixel_values: Optional[Tensor] = None,
+    bool_masked_pos: Optional[Tensor] = None,
+    interpolate_pos_encoding: Optional[bool] = None,
+    attention_mask: Optional[Tensor] = None,
+    **kwargs: Any,
+) -> Any:
+    """DSM version of the encoder's ``forward``: same arguments and outputs, tokens come back in the dense layout.
+
+    ``output_hidden_states=True`` gives every layer's output unmerged to the dense layout (the embeddings first, as
+    HF does); ``output_attentions=True`` is refused (attention maps between merged tokens have no dense meaning).
+    """
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    if pixel_values is None:
+        raise ValueError("You have to specify pixel_values")
+    if bool_masked_pos is not None or attention_mask is not None:
+        raise ValueError(
+            "a DSM-patched model takes no bool_masked_pos / attention_mask (masked-image training); call "
+            "remove_dsm(model) to use them"
+        )
+    config = self.config
+    if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
+        raise ValueError(
+            "output_attentions=True is not available while DSM is applied (attention between merged tokens has no "
+            "dense meaning); call remove_dsm(model), or pass output_attentions=False"
+        )
+    want_hidden = kwargs.get("output_hidden_states")
+    if want_hidden is None:
+        want_hidden = bool(getattr(config, "output_hidden_states", False))
+    adapter: HuggingFaceViTAdapter = type(self)._dsm_adapter  # set on the patched class by apply_dsm
+    family = adapter.family(self)
+    prefix = adapter.num_prefix_tokens(self)
+    tokens = _embed(self, family, pixel_values, bool(interpolate_pos_encoding))
+    grid = adapter.grid(self, (int(pixel_values.shape[-2]), int(pixel_values.shape[-1])))
+    hidden: List[Tensor] = [tokens]
+
+    def keep(index: int, x: Tensor, state: MergeState) -> None:
+        hidden.append(unmerge(x, state, prefix))
+
+    tokens, state = adapter.run(self, tokens, grid, keep if want_hidden else None)
+    seq, pooled = _tail(self, family, unmerge(tokens, state, prefix))
+    out = BaseModelOutputWithPooling(
+        last_hidden_state=seq, pooler_output=pooled, hidden_states=tuple(hidden) if want_hidden else None
+    )
+    return out if kwargs.get("return_dict", True) is not False else out.to_tuple()
+
+
+class HuggingFaceViTAdapter(Adapter):
+    """Hugging Face ``transformers`` (5.x) ViT, DeiT, DINOv2 (+ registers), CLIP and SigLIP vision encoders and their
+    image-classification / projection models."""
+
+    name = "transformers"
+    supports = "transformers " + ", ".join(SUPPORTED_HF_CLASSES) + " (transformers>=5)"
+    block_args = (None,)  # HF layers take the attention mask positionally (CLIP's and SigLIP's require it)
+
+    def matches(self, model: nn.Module) -> bool:
+        return _lookup(model) is not None
+
+    def family(self, model: nn.Module) -> _Family:
+        """The layout description of ``model``'s family."""
+        found = _lookup(model)
+        if found is None:
+            raise UnsupportedModelError(f"{type(model).__qualname__} is not a supported transformers vision model")
+        return found[0]
+
+    def core(self, model: nn.Module) -> nn.Module:
+        family, is_encoder = cast(Tuple[_Family, bool], _lookup(model))
+        return model if is_encoder else cast(nn.Module, getattr(model, family.attr))
+
+    def check(self, model: nn.Module) -> None:
+        family = self.family(model)
+        for i, module in enumerate(self.blocks(model)):
+            cls = original_class(module)
+            if cls.__name__ != family.layer or cls.__module__ != family.module:
+                raise UnsupportedModelError(
+                    f"layer {i} is {cls.__module__}.{cls.__qualname__}; DSM's transformers adapter supports "
+                    f"{family.module}.{family.layer} for {family.encoder}"
+                )
+            inner: Any = unwrap_block(module)
+            attn = inner.self_attn if family.kind == "clip" else inner.attention
+            impl = attn.config._attn_implementation
+            if impl not in ATTENTION_IMPLEMENTATIONS:
+                raise UnsupportedModelError(
+                    f"{family.encoder} runs attn_implementation={impl!r}; merging needs an additive attention mask: "
+                    f"load the model with attn_implementation='sdpa' (fused) or 'eager'"
+                )
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return cast(Sequence[nn.Module], _get(self.core(model), self.family(model).layers))
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        family = self.family(model)
+        config: Any = self.core(model).config
+        if family.encoder == "SiglipVisionModel":
+            return 0
+        if family.encoder == "DeiTModel":
+            return 2
+        return 1 + (int(config.num_register_tokens) if family.registers else 0)
+
+    def _patch_size(self, model: nn.Module) -> Tuple[int, int]:
+        p = cast(Any, self.core(model)).config.patch_size
+        return (int(p[0]), int(p[1])) if isinstance(p, (tuple, list)) else (int(p), int(p))
+
+    def grid(self, model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+        if img_size is None:
+            size = cast(Any, self.core(model)).config.image_size
+            img_size = (size[0], size[1]) if isinstance(size, (tuple, list)) else (size, size)
+        ph, pw = self._patch_size(model)
+        return int(img_size[0]) // ph, int(img_size[1]) // pw
+
+    def dims(self, model: nn.Module) -> Tuple[int, int]:
+        config: Any = self.core(model).config
+        dim = int(config.hidden_size)
+        fc1 = getattr(cast(Any, unwrap_block(self.blocks(model)[0])).mlp, "fc1", None)
+        hidden = int(fc1.out_features) if isinstance(fc1, nn.Linear) else 4 * dim
+        return dim, hidden
+
+    def embed(self, model: nn.Module, images: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        family = self.family(model)
+        encoder = self.core(model)
+        # Dinov2 interpolates always; the others are asked to, so any multiple of the patch size runs.
+        tokens = _embed(encoder, family, images, True)
+        return tokens, self.grid(model, (int(images.shape[-2]), int(images.shape[-1])))
+
+    def attend(
+        self, block: nn.Module, x: Tensor, bias: Optional[Tensor], class_attention_prefix: Optional[int]
+    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        layer: Any = block
+        if hasattr(layer, "layernorm_before"):  # ViT, DeiT
+            y, metric, cls_attn = hf_attention_with_metric(
+                layer.attention, layer.layernorm_before(x), bias, class_attention_prefix
+            )
+            return x + layer.dropout(y), metric, cls_attn
+        if hasattr(layer, "layer_scale1"):  # DINOv2 (+ registers): LayerScale and drop-path kept
+            y, metric, cls_attn = hf_attention_with_metric(layer.attention, layer.norm1(x), bias, class_attention_prefix)
+            return x + layer.drop_path(layer.layer_scale1(y)), metric, cls_attn
+        y, metric, cls_attn = hf_attention_with_metric(  # CLIP, SigLIP
+            layer.self_attn, layer.layer_norm1(x), bias, class_attention_prefix
+        )
+        return x + y, metric, cls_attn
+
+    def feed_forward(self, block: nn.Module, x: Tensor) -> Tensor:
+        layer: Any = block
+        out: Tensor
+        if hasattr(layer, "layernorm_after"):
+            out = x + layer.dropout(layer.mlp(layer.layernorm_after(x)))
+        elif hasattr(layer, "layer_scale2"):
+            out = x + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))
+        else:
+            out = x + layer.mlp(layer.layer_norm2(x))
+        return out
+
+    def overrides(self) -> Dict[str, Callable[..., Any]]:
+        return {"forward": _forward}
