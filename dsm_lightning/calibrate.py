@@ -32,6 +32,7 @@ __all__ = [
     "GuardResult",
     "guard_candidates",
     "collect_batches",
+    "logits_of",
 ]
 
 #: Merge options every schedule family is tried with: ToMe's keys, and token features with protected tokens.
@@ -130,11 +131,26 @@ def collect_batches(dataloader: Iterable, max_images: int) -> Tuple[torch.Tensor
     return images, labels
 
 
+def logits_of(output: Any) -> Optional[torch.Tensor]:
+    """The logits in a model's output: the output itself if it is a tensor, else its ``logits`` (a Hugging Face
+    ``ImageClassifierOutput`` or a dict); None when there are none."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else None
+
+
 @torch.no_grad()
 def _logits(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     out = []
     for i in range(0, images.shape[0], batch_size):
-        out.append(model(images[i : i + batch_size].to(device)).float().cpu())
+        logits = logits_of(model(images[i : i + batch_size].to(device)))
+        if logits is None:
+            raise TypeError(
+                f"{type(model).__name__} returns no logits (a tensor or an output with .logits); calibration and the "
+                f"quality guard need a classifier"
+            )
+        out.append(logits.float().cpu())
     return torch.cat(out)
 
 

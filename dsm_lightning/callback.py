@@ -15,9 +15,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from .adapters import UnsupportedModelError, get_adapter
-from .calibrate import GuardResult, quality_guard
+from .calibrate import GuardResult, logits_of, quality_guard
 from .config import DSMConfig
-from .measure import StageMeter, num_classes_of, sync
+from .measure import StageMeter, images_of, num_classes_of, sync
 from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan
 
 if TYPE_CHECKING:
@@ -201,8 +201,8 @@ class DSMCallback(Callback):
         self._user_config = get_config(self._vit)
         remove_dsm(self._vit)
         self._hooks = [
-            self._vit.register_forward_pre_hook(self._pre_hook),
-            self._vit.register_forward_hook(self._post_hook),
+            self._vit.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+            self._vit.register_forward_hook(self._post_hook, with_kwargs=True),
         ]
         self.guard = None
         self._guard_inputs, self._guard_outputs = [], []
@@ -227,10 +227,17 @@ class DSMCallback(Callback):
 
     def _guard_step(self, images: torch.Tensor, output: Any) -> None:
         """Collect dense inputs and outputs; once enough are seen, choose and apply the schedule."""
-        if self.guard is not None or not isinstance(output, torch.Tensor) or output.ndim != 2:
+        if self.guard is not None:
             return
+        logits = logits_of(output)
+        if logits is None or logits.ndim != 2:
+            raise ValueError(
+                f"the quality guard (min_agreement) compares top-1 predictions, but {type(self._vit).__name__} "
+                f"returned {type(output).__name__} without [batch, classes] logits; pass min_agreement=None to merge "
+                f"without the guard"
+            )
         self._guard_inputs.append(images.detach())
-        self._guard_outputs.append(output.detach())
+        self._guard_outputs.append(logits.detach())
         if sum(x.shape[0] for x in self._guard_inputs) < self.guard_images:
             return
         assert self._vit is not None and self._trainer is not None and self.min_agreement is not None
@@ -311,17 +318,18 @@ class DSMCallback(Callback):
         bar.print(message) if bar is not None else print(message)
 
     # ------------------------------------------------------------------ measurement (measure.StageMeter)
-    def _pre_hook(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+    def _pre_hook(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         if self._busy:
             return
-        if args and isinstance(args[0], torch.Tensor):
-            sync(args[0])
+        images = images_of(args, kwargs)
+        if images is not None:
+            sync(images)
         self._t0 = time.perf_counter()
 
-    def _post_hook(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
-        if self._busy or not args or not isinstance(args[0], torch.Tensor):
+    def _post_hook(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
+        images = images_of(args, kwargs)
+        if self._busy or images is None:
             return
-        images = args[0]
         if not is_patched(module):  # dense: the guard's images (or a stage that stays dense)
             if self.min_agreement is not None and self.guard is None:
                 self._busy = True
@@ -334,7 +342,7 @@ class DSMCallback(Callback):
         seconds = time.perf_counter() - self._t0
         self._busy = True  # the meter runs the model itself (FLOP count, dense comparison): hooks stay quiet
         try:
-            self._meter.merged_forward(module, args, images, output, seconds)
+            self._meter.merged_forward(module, (args, kwargs), images, output, seconds)
         finally:
             self._busy = False
 

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from .calibrate import logits_of
 from .patch import unpatched
 
 if TYPE_CHECKING:
     from torchmetrics import Metric
 
-__all__ = ["StageMeter", "Throughput", "num_classes_of", "sync"]
+__all__ = ["StageMeter", "Throughput", "images_of", "num_classes_of", "sync"]
 
 
 def sync(tensor: torch.Tensor) -> None:
@@ -28,12 +29,22 @@ def sync(tensor: torch.Tensor) -> None:
 
 
 def num_classes_of(model: nn.Module) -> Optional[int]:
-    """Outputs of the classifier head of a timm / torchvision ViT, or None for a backbone without one."""
+    """Outputs of the classifier head of a timm / torchvision / Hugging Face ViT, or None for a backbone without one."""
     n = getattr(model, "num_classes", None)
     if isinstance(n, int) and not isinstance(n, bool) and n > 0:
         return n
-    head = getattr(model, "head", None) or getattr(getattr(model, "heads", None), "head", None)
+    head = (
+        getattr(model, "head", None)
+        or getattr(getattr(model, "heads", None), "head", None)
+        or getattr(model, "classifier", None)  # transformers' ...ForImageClassification
+    )
     return head.out_features if isinstance(head, nn.Linear) else None
+
+
+def images_of(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
+    """The image batch of a model call: the first positional argument, or ``pixel_values=`` (Hugging Face style)."""
+    images = args[0] if args else kwargs.get("pixel_values", kwargs.get("x"))
+    return images if isinstance(images, torch.Tensor) else None
 
 
 class Throughput:
@@ -85,22 +96,30 @@ class StageMeter:
             agreement.reset()
 
     def merged_forward(
-        self, module: nn.Module, args: Tuple[Any, ...], images: torch.Tensor, output: Any, seconds: float
+        self,
+        module: nn.Module,
+        call: Tuple[Tuple[Any, ...], Dict[str, Any]],
+        images: torch.Tensor,
+        output: Any,
+        seconds: float,
     ) -> None:
-        """Account one timed merged forward, count FLOPs for a new input shape, compare with dense if asked."""
+        """Account one timed merged forward (``call`` = its ``(args, kwargs)``), count FLOPs for a new input shape,
+        compare with dense if asked."""
         self.merged.add(seconds, images.shape[0])
         shape = tuple(images.shape[1:])
         if shape not in self.flops:
             self.flops[shape] = count_flops_pair(module, images[:1])
-        if not (self.compare_dense and isinstance(output, torch.Tensor)):
+        logits = logits_of(output)
+        if not (self.compare_dense and logits is not None):
             return
+        args, kwargs = call
         with unpatched(module), torch.no_grad():
             t0 = time.perf_counter()
-            dense = type(module).forward(module, *args)  # the class forward: never the compiled one
+            dense = logits_of(type(module).forward(module, *args, **kwargs))  # the class forward, never a compiled one
             sync(images)
             self.dense.add(time.perf_counter() - t0, images.shape[0])
-        if self.agreement is not None and output.ndim == 2:
-            self.agreement.update(output.detach(), dense.argmax(dim=-1))
+        if self.agreement is not None and dense is not None and logits.ndim == 2:
+            self.agreement.update(logits.detach(), dense.argmax(dim=-1))
 
     def metrics(self) -> Dict[str, float]:
         """``dsm/*`` metrics measured so far (those that could be measured)."""

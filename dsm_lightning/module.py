@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -52,11 +52,43 @@ def read_sidecar(checkpoint_path: str) -> Dict[str, Any]:
     return data
 
 
+def _hf_folder(model_name: str) -> Path:
+    folder = Path(model_name.split(":", 1)[1]).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model_name={model_name!r}: {folder} has no config.json; pass hf:<folder> with a folder written by "
+            f"save_pretrained (config.json + model.safetensors), e.g. a downloaded hub snapshot"
+        )
+    return folder
+
+
+def _build_hf(model_name: str, num_classes: Optional[int], pretrained: bool, **model_kwargs: Any) -> nn.Module:
+    """``hf:<folder>``: a ``transformers`` image-classification model from a local ``save_pretrained`` folder."""
+    try:
+        from transformers import AutoModelForImageClassification
+    except ImportError:
+        raise ImportError(f"model_name={model_name!r} needs transformers: pip install 'dsm-lightning[hf]'") from None
+    if pretrained:
+        raise ValueError("pretrained=True has no meaning for hf:<folder>; the folder's weights are loaded")
+    folder = _hf_folder(model_name)
+    kwargs = {"attn_implementation": "sdpa", **model_kwargs}
+    model: nn.Module = AutoModelForImageClassification.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    labels = int(cast(Any, model).config.num_labels)
+    if num_classes is not None and num_classes != labels:
+        raise ValueError(
+            f"num_classes={num_classes} but {folder}/config.json has num_labels={labels}; leave num_classes unset"
+        )
+    return model.eval()
+
+
 def build_model(
     model_name: str, num_classes: Optional[int] = None, pretrained: bool = False, **model_kwargs: Any
 ) -> nn.Module:
-    """Create a model by name: a timm name, or ``torchvision:<name>`` (``torchvision:vit_b_16``, or
-    ``torchvision:VisionTransformer`` with its constructor arguments in ``model_kwargs``)."""
+    """Create a model by name: a timm name, ``torchvision:<name>`` (``torchvision:vit_b_16``, or
+    ``torchvision:VisionTransformer`` with its constructor arguments in ``model_kwargs``), or ``hf:<folder>`` (a
+    ``transformers`` image classifier saved with ``save_pretrained``; ``model_kwargs`` go to ``from_pretrained``)."""
+    if model_name.startswith("hf:"):
+        return _build_hf(model_name, num_classes, pretrained, **model_kwargs)
     if model_name.startswith("torchvision:"):
         import torchvision
 
@@ -147,13 +179,59 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+def _hf_data_config(folder: Path, config: Any) -> Dict[str, Any]:
+    """timm-style data config from a ``transformers`` folder's ``preprocessor_config.json`` (resize, centre crop,
+    mean/std); without that file, the config's ``image_size`` and ImageNet statistics, with a warning."""
+    path = folder / "preprocessor_config.json"
+    size = config.image_size if isinstance(config.image_size, (tuple, list)) else (config.image_size,) * 2
+    cfg: Dict[str, Any] = {
+        "input_size": (3, int(size[0]), int(size[1])),
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
+    if not path.is_file():
+        warnings.warn(
+            f"{path} not found: preprocessing with ImageNet mean/std at {size[0]}x{size[1]}; save the model's image "
+            f"processor there (processor.save_pretrained(folder)) for its own",
+            stacklevel=2,
+        )
+        return cfg
+    try:
+        proc = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    crop = proc.get("crop_size") if proc.get("do_center_crop") else None
+    resize = proc.get("size") or {}
+    out = crop or resize
+    if "height" in out:
+        cfg["input_size"] = (3, int(out["height"]), int(out["width"]))
+    elif "shortest_edge" in out:
+        cfg["input_size"] = (3, int(out["shortest_edge"]), int(out["shortest_edge"]))
+    if crop and "shortest_edge" in resize:
+        cfg["crop_pct"] = min(1.0, cfg["input_size"][1] / int(resize["shortest_edge"]))
+    cfg["interpolation"] = _PIL_RESAMPLE.get(int(proc.get("resample", 3)), "bicubic")
+    if proc.get("do_normalize", True):
+        cfg["mean"] = tuple(float(v) for v in proc.get("image_mean", cfg["mean"]))
+        cfg["std"] = tuple(float(v) for v in proc.get("image_std", cfg["std"]))
+    else:
+        cfg["mean"], cfg["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return cfg
+
+
 class ImageClassifier(LightningModule):
     """Image classification around a ViT.
 
     Args:
-        model_name: timm model name (``pretrained=False`` by default: no hub access is needed) or
-            ``torchvision:<name>``. Default: the ``timm_name`` of the checkpoint's side-car JSON (with its
-            ``create_kwargs`` under ``model_kwargs``), else ``vit_small_patch16_224``.
+        model_name: timm model name (``pretrained=False`` by default: no hub access is needed),
+            ``torchvision:<name>``, or ``hf:<folder>`` (a local ``transformers`` classifier; its weights, labels
+            and ``preprocessor_config.json`` come from the folder). Default: the ``timm_name`` of the checkpoint's
+            side-car JSON (with its ``create_kwargs`` under ``model_kwargs``), else ``vit_small_patch16_224``.
         num_classes: Classes of the head (default: the side-car's, else the model's default).
         checkpoint_path: Local weights (``.safetensors``, ``.pt``/``.pth``, Lightning ``.ckpt``), loaded strictly.
         pretrained: Let timm download weights (needs network access).
@@ -189,7 +267,7 @@ class ImageClassifier(LightningModule):
         if checkpoint_path:
             load_checkpoint(self.model, checkpoint_path)
         if class_names is None:
-            class_names = meta.get("classes")
+            class_names = meta.get("classes") or self._hf_labels()
         self.num_classes = self._infer_num_classes()
         self.class_names = list(class_names) if class_names else None
         if self.class_names is not None and len(self.class_names) != self.num_classes:
@@ -209,6 +287,14 @@ class ImageClassifier(LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
+    def _hf_labels(self) -> Optional[List[str]]:
+        """Class names from a ``transformers`` config's ``id2label`` (None for the generic ``LABEL_i`` names)."""
+        id2label = getattr(getattr(self.model, "config", None), "id2label", None)
+        if not self.model_name.startswith("hf:") or not id2label:
+            return None
+        names = [str(id2label[i]) for i in sorted(id2label)]
+        return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
+
     def _infer_num_classes(self) -> int:
         from .measure import num_classes_of
 
@@ -221,6 +307,8 @@ class ImageClassifier(LightningModule):
         """Preprocessing of the model (timm's ``resolve_data_config``), used by the DataModule."""
         from timm.data import resolve_data_config
 
+        if self.model_name.startswith("hf:"):
+            return _hf_data_config(_hf_folder(self.model_name), cast(Any, self.model).config)
         if self.model_name.startswith("torchvision:"):
             size = self.model.image_size
             return {
@@ -238,7 +326,8 @@ class ImageClassifier(LightningModule):
         return cfg
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        out = self.model(images)
+        return out if isinstance(out, torch.Tensor) else out.logits  # transformers: ImageClassifierOutput
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = F.cross_entropy(self(batch["image"]), batch["target"])

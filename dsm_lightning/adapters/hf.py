@@ -1,5 +1,7 @@
 """Adapter for Hugging Face ``transformers`` vision encoders (ViT, DeiT, DINOv2 with and without registers, CLIP
-vision, SigLIP vision), ``transformers`` 5.x.
+vision, SigLIP vision), ``transformers>=5.18,<6``: the releases where every one of these families has the unified
+layout read here (``q_proj``/``k_proj``/``v_proj`` attention, the encoder holding its layers, attention through
+``ALL_ATTENTION_FUNCTIONS``). 5.0-5.17 moved these families to it one by one; 4.x used another layout.
 
 The patch swaps the class of the *encoder* (``ViTModel``, ``Dinov2Model``, ``CLIPVisionModel`` ...): its ``forward``
 embeds, runs the layers with merging and unmerges the tokens to the dense layout before the final norm, so
@@ -210,11 +212,11 @@ def _forward(
 
 
 class HuggingFaceViTAdapter(Adapter):
-    """Hugging Face ``transformers`` (5.x) ViT, DeiT, DINOv2 (+ registers), CLIP and SigLIP vision encoders and their
+    """Hugging Face ``transformers`` (>=5.18) ViT, DeiT, DINOv2 (+ registers), CLIP and SigLIP vision encoders and their
     image-classification / projection models."""
 
     name = "transformers"
-    supports = "transformers " + ", ".join(SUPPORTED_HF_CLASSES) + " (transformers>=5)"
+    supports = "transformers " + ", ".join(SUPPORTED_HF_CLASSES) + " (transformers>=5.18,<6)"
     block_args = (None,)  # HF layers take the attention mask positionally (CLIP's and SigLIP's require it)
 
     def matches(self, model: nn.Module) -> bool:
@@ -242,6 +244,13 @@ class HuggingFaceViTAdapter(Adapter):
                 )
             inner: Any = unwrap_block(module)
             attn = inner.self_attn if family.kind == "clip" else inner.attention
+            if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "config", "head_dim")):
+                import transformers
+
+                raise UnsupportedModelError(
+                    f"{family.encoder} from transformers {transformers.__version__} has the older attention layout; "
+                    f"DSM's transformers adapter needs transformers>=5.18,<6: pip install 'dsm-lightning[hf]'"
+                )
             impl = attn.config._attn_implementation
             if impl not in ATTENTION_IMPLEMENTATIONS:
                 raise UnsupportedModelError(
@@ -296,7 +305,9 @@ class HuggingFaceViTAdapter(Adapter):
             )
             return x + layer.dropout(y), metric, cls_attn
         if hasattr(layer, "layer_scale1"):  # DINOv2 (+ registers): LayerScale and drop-path kept
-            y, metric, cls_attn = hf_attention_with_metric(layer.attention, layer.norm1(x), bias, class_attention_prefix)
+            y, metric, cls_attn = hf_attention_with_metric(
+                layer.attention, layer.norm1(x), bias, class_attention_prefix
+            )
             return x + layer.drop_path(layer.layer_scale1(y)), metric, cls_attn
         y, metric, cls_attn = hf_attention_with_metric(  # CLIP, SigLIP
             layer.self_attn, layer.layer_norm1(x), bias, class_attention_prefix
