@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-__all__ = ["PredictionWriter"]
+__all__ = ["PredictionWriter", "MapWriter"]
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -168,3 +168,79 @@ class PredictionWriter(BasePredictionWriter):
             self._fh = None
         self._part(trainer.global_rank).unlink(missing_ok=True)
         self.output.with_name(f".{self.output.name}.tmp").unlink(missing_ok=True)
+
+
+class MapWriter(BasePredictionWriter):
+    """Write one 8-bit grayscale PNG per image from ``predict_step`` dicts holding ``maps`` ``[B, H, W]`` in [0, 1]
+    (:class:`~dsm_lightning.module.SaliencyPredictor`).
+
+    Each map is cropped to the image area of the letterboxed input and resized to the image's own size, then written
+    atomically (a temporary file renamed into place) as ``<output_dir>/<path relative to data.predict_dir>.png``;
+    every rank writes its own images, so DDP needs no merge.
+
+    Args:
+        output_dir: Folder for the maps.
+    """
+
+    def __init__(self, output_dir: str = "outputs/maps") -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self._root: Optional[Path] = None
+        self.written = 0
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise NotADirectoryError(f"writer.output_dir={str(self.output_dir)!r} is a file; pass a folder")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        datamodule = getattr(trainer, "datamodule", None)
+        root = getattr(datamodule, "hparams", {}).get("predict_dir")
+        self._root = Path(root).resolve() if root else None
+        self.written = 0
+
+    def _target(self, path: str) -> Path:
+        source = Path(path).resolve()
+        try:
+            relative = source.relative_to(self._root) if self._root else Path(source.name)
+        except ValueError:
+            relative = Path(source.name)
+        return self.output_dir / relative.with_suffix(".png")
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Dict[str, Any],
+        batch_indices: Optional[Sequence[int]],
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+        from PIL import Image
+
+        for i, path in enumerate(prediction["path"]):
+            with Image.open(path) as source:
+                width, height = source.size
+            m = prediction["maps"][i].float().cpu()
+            side_h, side_w = m.shape
+            ratio = min(side_h / height, side_w / width)  # the letterbox: longer side to the input size, centred
+            rh, rw = max(1, round(height * ratio)), max(1, round(width * ratio))
+            top, left = (side_h - rh) // 2, (side_w - rw) // 2
+            crop = m[top : top + rh, left : left + rw][None, None]
+            full = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+            pixels = (full.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            target = self._target(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
+            os.replace(tmp, target)
+            self.written += 1
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        message = f"MapWriter: {self.written} maps written to {self.output_dir} (rank {trainer.global_rank})"
+        bar = trainer.progress_bar_callback
+        bar.print(message) if bar is not None else print(message)
