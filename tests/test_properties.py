@@ -133,11 +133,21 @@ def test_remove_gives_bit_identical_outputs(cfg):
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
 
 
-@given(configs, st.sampled_from(["cls", "distilled", "registers", "torchvision", "map_pool"]))
-def test_every_adapter_conserves_sizes_and_follows_plan(cfg, name):
-    from tests.conftest import VARIANTS
+HF_MODELS = [
+    "ViTForImageClassification",
+    "DeiTModel",
+    "Dinov2WithRegistersModel",
+    "CLIPVisionModel",
+    "SiglipVisionModel",
+]
+ADAPTER_MODELS = ["cls", "distilled", "registers", "torchvision", "map_pool"] + [f"hf:{n}" for n in HF_MODELS]
 
-    model = VARIANTS[name]()
+
+@given(configs, st.sampled_from(ADAPTER_MODELS))
+def test_every_adapter_conserves_sizes_and_follows_plan(cfg, name):
+    from tests.conftest import VARIANTS, tiny_hf
+
+    model = tiny_hf(name[3:]) if name.startswith("hf:") else VARIANTS[name]()
     try:
         apply_dsm(model, **cfg)
     except ValueError:
@@ -149,6 +159,7 @@ def test_every_adapter_conserves_sizes_and_follows_plan(cfg, name):
         assert tokens.shape[1] == p + plan.blocks[i].tokens_out
         if state.size is not None:
             torch.testing.assert_close(state.size[:, p:].sum(1).squeeze(-1), torch.full((2,), float(n0)))
+            assert torch.equal(state.size[:, :p], torch.ones(2, p, 1)), "prefix tokens never merged"
 
     with torch.no_grad():
         trace_tokens(model, images(), hook=hook)
