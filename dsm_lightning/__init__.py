@@ -3,7 +3,7 @@
 from .adapters import Adapter, UnsupportedModelError, get_adapter, register_adapter
 from .calibrate import CalibrationResult, calibrate
 from .config import DSMConfig
-from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan, trace_tokens
+from .patch import apply_dsm, dense_intermediates, get_config, is_patched, remove_dsm, token_plan, trace_tokens
 from .schedule import BlockPlan, TokenPlan
 
 
@@ -27,6 +27,7 @@ __all__ = [
     "UnsupportedModelError",
     "apply_dsm",
     "calibrate",
+    "dense_intermediates",
     "get_adapter",
     "get_config",
     "is_patched",

@@ -11,7 +11,7 @@ model that was never patched.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple, Type, cast
+from typing import Any, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Type, cast
 
 from torch import Tensor, nn
 
@@ -19,7 +19,7 @@ from .adapters import Adapter, get_adapter, registered_adapters
 from .adapters.base import BLOCK_ORIGINAL, unwrap_block
 from .config import DSMConfig, resolve_config
 from .engine import BlockCall, BlockHook
-from .merge import MergeState
+from .merge import MergeState, unmerge
 from .schedule import TokenPlan, plan_tokens
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "token_plan",
     "trace_tokens",
     "TokenTrace",
+    "dense_intermediates",
 ]
 
 _ORIGINAL = "_dsm_original_class"
@@ -265,3 +266,28 @@ def trace_tokens(model: nn.Module, images: Tensor, hook: Optional[BlockHook] = N
     tokens, grid = adapter.embed(model, images)
     tokens, state = adapter.run(model, tokens, grid, hook)
     return TokenTrace(tokens, state, adapter.plan(model, grid))
+
+
+def dense_intermediates(model: nn.Module, images: Tensor, indices: Optional[Sequence[int]] = None) -> Dict[int, Tensor]:
+    """Block outputs of a patched model, unmerged onto the dense layout ``[B, prefix + N0, C]``, for any adapter
+    (timm, torchvision, transformers, custom): ``{block index: tokens}`` for ``indices`` (every block when None;
+    negative indices count from the end).
+
+    Each input patch position holds the token it was merged into, so necks and heads built for the dense model read
+    them unchanged; outputs of delayed (dense) blocks are exactly the dense model's. Final norms are not applied.
+    timm models also offer timm's own ``forward_intermediates`` while patched.
+    """
+    if not is_patched(model):
+        raise ValueError("dense_intermediates needs a patched model: call apply_dsm(model, ...) first")
+    adapter = get_adapter(model)
+    depth = adapter.depth(model)
+    wanted = set(range(depth)) if indices is None else {i % depth for i in indices}
+    prefix = adapter.num_prefix_tokens(model)
+    taken: Dict[int, Tensor] = {}
+
+    def keep(index: int, tokens: Tensor, state: MergeState) -> None:
+        if index in wanted:
+            taken[index] = unmerge(tokens, state, prefix)
+
+    trace_tokens(model, images, keep)
+    return {i: taken[i] for i in sorted(taken)}

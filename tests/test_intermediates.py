@@ -60,3 +60,33 @@ def test_merged_intermediates_keep_the_dense_grid_and_dense_blocks_are_exact():
     remove_dsm(model)
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(model.forward_intermediates(x)[1], ref_inter))
+
+
+@pytest.mark.parametrize("kind", ["torchvision", "transformers"])
+def test_dense_intermediates_for_every_adapter(kind):
+    """dense_intermediates: at r=0 every block output equals the unpatched model's (read with forward hooks); with
+    merging, delayed blocks are unchanged and later ones keep the dense shape."""
+    from dsm_lightning import dense_intermediates
+    from tests.conftest import tiny_hf, tiny_torchvision
+
+    model = tiny_torchvision() if kind == "torchvision" else tiny_hf("Dinov2WithRegistersModel")
+    blocks = model.encoder.layers if kind == "torchvision" else model.encoder.layer
+    x = images()
+    seen = {}
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o)) for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    apply_dsm(model, r=0, delay=0)
+    with torch.no_grad():
+        exact = dense_intermediates(model, x)
+        assert sorted(exact) == list(range(len(blocks)))
+        for i, tokens in exact.items():
+            assert torch.equal(tokens, seen[i]), i
+        apply_dsm(model, delay=2, r=6)
+        merged = dense_intermediates(model, x, indices=[0, 1, -1])
+    assert sorted(merged) == [0, 1, len(blocks) - 1]
+    assert torch.equal(merged[0], seen[0]) and torch.equal(merged[1], seen[1])
+    assert merged[len(blocks) - 1].shape == seen[len(blocks) - 1].shape
+    assert not torch.equal(merged[len(blocks) - 1], seen[len(blocks) - 1])
