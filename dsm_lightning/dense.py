@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Sequence, Tuple, Union, cast
+from typing import Any, Dict, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +44,11 @@ class SaliencyDecoder(nn.Module):
         return torch.sigmoid(logits)
 
 
-def patch_grid_features(backbone: Any, images: Tensor) -> Tensor:
-    """The final-norm patch tokens of a timm ViT (patched or not) as a feature map ``[B, C, rows, cols]``."""
-    tokens: Tensor = backbone.forward_features(images)
+def patch_grid_features(backbone: Any, images: Tensor, tokens: Optional[Tensor] = None) -> Tensor:
+    """The final-norm patch tokens of a timm ViT (patched or not) as a feature map ``[B, C, rows, cols]``
+    (``tokens``: its ``forward_features`` output, when already computed)."""
+    if tokens is None:
+        tokens = cast(Tensor, backbone.forward_features(images))
     rows, cols = backbone.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
     patches = tokens[:, int(backbone.num_prefix_tokens) :]
     return patches.transpose(1, 2).reshape(images.shape[0], -1, int(rows), int(cols))
@@ -55,17 +57,27 @@ def patch_grid_features(backbone: Any, images: Tensor) -> Tensor:
 class SaliencyModel(nn.Module):
     """A timm ViT ``backbone`` under a :class:`SaliencyDecoder`: images ``[B, 3, H, W]`` to maps ``[B, 1, H, W]``.
 
-    ``apply_dsm(model.backbone, ...)`` (or ``DSMCallback(min_agreement=None)``, which finds the backbone) merges
-    tokens inside the backbone; the decoder sees the dense grid either way.
+    The backbone is called as a module and must return its tokens (timm with ``num_classes=0, global_pool=""``, as
+    :func:`load_saliency` builds it), so forward hooks on it fire: ``DSMCallback(min_agreement=None)`` finds it, merges
+    inside it and times it. ``apply_dsm(model.backbone, ...)`` does the same by hand; the decoder sees the dense grid
+    either way.
     """
 
     def __init__(self, backbone: nn.Module, decoder: SaliencyDecoder) -> None:
         super().__init__()
+        head = cast(Any, backbone)
+        if getattr(head, "global_pool", "") not in ("", None) or int(getattr(head, "num_classes", 0) or 0) != 0:
+            raise ValueError(
+                "SaliencyModel needs a backbone that returns its tokens: create the timm model with num_classes=0 "
+                "and global_pool=''"
+            )
         self.backbone = backbone
         self.decoder = decoder
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.decoder(patch_grid_features(self.backbone, images), (int(images.shape[-2]), int(images.shape[-1])))
+        tokens = self.backbone(images)  # a module call: hooks on the backbone (DSMCallback's timing) see it
+        features = patch_grid_features(self.backbone, images, tokens)
+        return self.decoder(features, (int(images.shape[-2]), int(images.shape[-1])))
 
 
 def load_saliency(checkpoint: Union[str, Path]) -> SaliencyModel:
@@ -84,7 +96,8 @@ def load_saliency(checkpoint: Union[str, Path]) -> SaliencyModel:
     meta: Dict[str, Any] = json.loads(meta_path.read_text())
     if meta.get("task") != "saliency":
         raise ValueError(f"{meta_path} describes a {meta.get('task', 'classification')} model, not a saliency model")
-    backbone = timm.create_model(meta["timm_name"], pretrained=False, **meta["create_kwargs"])
+    create = {**meta["create_kwargs"], "num_classes": 0, "global_pool": ""}  # the backbone returns its tokens
+    backbone = timm.create_model(meta["timm_name"], pretrained=False, **create)
     decoder = SaliencyDecoder(int(cast(Any, backbone).embed_dim), meta["decoder_widths"])
     model = SaliencyModel(backbone, decoder)
     state = {k: v.float() for k, v in load_file(str(path)).items()}

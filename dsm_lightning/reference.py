@@ -441,7 +441,7 @@ def build_saliency(
     start = time.perf_counter()
     path = Path(onnx_path) if onnx_path else fetch_onnx(Path(workdir or tempfile.mkdtemp(prefix="dsm-ref-")))
     graph = onnx.load(str(path))
-    create: Dict[str, Any] = {"img_size": img_size, "num_classes": 0, "global_pool": "token"}
+    create: Dict[str, Any] = {"img_size": img_size, "num_classes": 0, "global_pool": ""}
     backbone = timm.create_model("vit_small_patch14_dinov2", pretrained=False, **create).eval()
     rows, cols = cast(Any, backbone).patch_embed.grid_size
     backbone.load_state_dict(onnx_to_timm(graph, (int(rows), int(cols))), strict=True)

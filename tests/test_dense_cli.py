@@ -20,7 +20,7 @@ def tiny_saliency(folder):
     from dsm_lightning.dense import SaliencyDecoder, SaliencyModel
 
     torch.manual_seed(0)
-    create = {"img_size": 56, "num_classes": 0, "depth": 4, "embed_dim": 32, "num_heads": 2}
+    create = {"img_size": 56, "num_classes": 0, "global_pool": "", "depth": 4, "embed_dim": 32, "num_heads": 2}
     backbone = timm.create_model("vit_small_patch14_dinov2", pretrained=False, **create)
     model = SaliencyModel(backbone, SaliencyDecoder(32, (8, 8, 4)))
     path = folder / "tiny_saliency.safetensors"
@@ -57,7 +57,10 @@ def test_maps_cli_writes_one_png_per_image_at_its_size(tmp_path):
         (images / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(g.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / name)
     out = tmp_path / "maps"
-    maps_cli(["predict", *args(tmp_path, checkpoint, images, out)])
+    run = maps_cli(["predict", *args(tmp_path, checkpoint, images, out)])
+    callback = next(c for c in run.trainer.callbacks if type(c).__name__ == "DSMCallback")
+    assert callback.metrics["dsm/flops_reduction"] > 1.0, "the callback saw the backbone's calls (module hooks)"
+    assert callback.metrics["dsm/images_per_sec"] > 0, "two batches: the second one is timed"
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
     assert written == sorted(str(n.rsplit(".", 1)[0]) + ".png" for n in sizes), "same names, no collisions"
     for name, (w, h) in sizes.items():

@@ -244,7 +244,9 @@ def test_saliency_model_reads_the_dense_grid_of_a_patched_backbone():
     from dsm_lightning.dense import SaliencyDecoder, SaliencyModel
 
     torch.manual_seed(0)
-    backbone = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=56, num_classes=0, depth=4)
+    backbone = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, img_size=56, num_classes=0, global_pool="", depth=4
+    )
     model = SaliencyModel(backbone, SaliencyDecoder(384, (16, 8, 4))).eval()
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
