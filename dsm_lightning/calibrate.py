@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -33,6 +33,10 @@ __all__ = [
     "guard_candidates",
     "collect_batches",
     "logits_of",
+    "output_tensor",
+    "top1_agreement",
+    "token_cosine",
+    "GUARD_MEASURES",
 ]
 
 #: Merge options every schedule family is tried with: ToMe's keys, and token features with protected tokens.
@@ -140,15 +144,25 @@ def logits_of(output: Any) -> Optional[torch.Tensor]:
     return logits if isinstance(logits, torch.Tensor) else None
 
 
+def output_tensor(output: Any) -> Optional[torch.Tensor]:
+    """What the quality guard compares: :func:`logits_of` the output, else a Hugging Face encoder's
+    ``last_hidden_state``; None when neither exists."""
+    logits = logits_of(output)
+    if logits is not None:
+        return logits
+    hidden = output.get("last_hidden_state") if isinstance(output, dict) else getattr(output, "last_hidden_state", None)
+    return hidden if isinstance(hidden, torch.Tensor) else None
+
+
 @torch.no_grad()
 def _logits(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     out = []
     for i in range(0, images.shape[0], batch_size):
-        logits = logits_of(model(images[i : i + batch_size].to(device)))
+        logits = output_tensor(model(images[i : i + batch_size].to(device)))
         if logits is None:
             raise TypeError(
-                f"{type(model).__name__} returns no logits (a tensor or an output with .logits); calibration and the "
-                f"quality guard need a classifier"
+                f"{type(model).__name__} returns no tensor, .logits or .last_hidden_state; calibration and the "
+                f"quality guard compare those"
             )
         out.append(logits.float().cpu())
     return torch.cat(out)
@@ -362,6 +376,24 @@ def _is_tome(c: Dict[str, Any]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- quality guard
+def top1_agreement(outputs: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """Per image, 1.0 where the top-1 class of ``outputs`` ``[B, classes]`` equals the dense model's."""
+    return (outputs.argmax(-1) == dense.argmax(-1)).float()
+
+
+def token_cosine(outputs: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """Per image, the cosine similarity with the dense output along the feature (last) axis, averaged over tokens:
+    ``[B, D]`` pooled features or ``[B, T, C]`` tokens (a patched backbone returns them in the dense layout)."""
+    cos = torch.nn.functional.cosine_similarity(outputs.float(), dense.float(), dim=-1)
+    return cos.reshape(cos.shape[0], -1).mean(dim=1)
+
+
+#: What the guard measures: top-1 agreement for classifiers, token cosine similarity for backbones (a ViT without a
+#: classifier head, e.g. under a dense-prediction decoder).
+GUARD_MEASURES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "top1": top1_agreement,
+    "cosine": token_cosine,
+}
 GUARD_TARGETS = (0.6, 0.65, 0.7, 0.75, 0.8, 0.9)
 GUARD_SCALES = (1.0, 0.75, 0.5, 0.25)
 
@@ -376,6 +408,8 @@ class GuardResult:
         min_agreement: The target.
         images: Images the agreement was measured on (summed over processes).
         trials: The candidates evaluated, in order: ``label``, ``flops_ratio``, ``agreement``.
+        measure: What agreement means: ``"top1"`` (classifiers) or ``"cosine"`` (backbones; see
+            :data:`GUARD_MEASURES`).
     """
 
     config: Optional[DSMConfig]
@@ -383,6 +417,7 @@ class GuardResult:
     min_agreement: float
     images: int
     trials: List[Dict[str, Any]] = field(default_factory=list)
+    measure: str = "top1"
 
     @property
     def chosen(self) -> Optional[Dict[str, Any]]:
@@ -400,7 +435,8 @@ class GuardResult:
     def summary(self) -> str:
         """One line per evaluated candidate, the chosen one marked."""
         chosen = self.chosen
-        lines = [f"DSM quality guard: top-1 agreement with dense >= {self.min_agreement:.3f} on {self.images} images"]
+        what = "top-1 agreement" if self.measure == "top1" else "mean token cosine similarity"
+        lines = [f"DSM quality guard: {what} with dense >= {self.min_agreement:.3f} on {self.images} images"]
         for t in self.trials:
             mark = "->" if t is chosen else "  "
             lines.append(
@@ -447,8 +483,11 @@ def quality_guard(
     *,
     batch_size: int = 32,
     reduce: Optional[Any] = None,
+    measure: str = "top1",
 ) -> GuardResult:
-    """Choose the most merging schedule whose top-1 agreement with the dense model stays >= ``min_agreement``.
+    """Choose the most merging schedule whose agreement with the dense model stays >= ``min_agreement``: top-1
+    agreement for a classifier, or (``measure="cosine"``) the mean per-token cosine similarity of a backbone's
+    outputs.
 
     Candidates come from :func:`guard_candidates` (what the user fixed, e.g. ``delay``, is kept); agreement falls as
     merging grows, so a bisection over them needs about log2(len) evaluations on ``images``. The model is left
@@ -457,16 +496,20 @@ def quality_guard(
     Args:
         model: A supported ViT classifier (unpatched).
         images: Calibration images on the model's device.
-        dense_logits: The dense model's logits for ``images``.
+        dense_logits: The dense model's outputs for ``images`` (logits, or a backbone's features).
         config: The schedule the user asked for (the most merging candidate).
         min_agreement: Target in (0, 1].
         batch_size: Batch size of the evaluation passes.
         reduce: Optional ``fn(tensor) -> tensor`` summing over processes (DDP), so every rank chooses alike.
+        measure: A key of :data:`GUARD_MEASURES`.
     """
     if not 0.0 < min_agreement <= 1.0:
         raise ValueError(f"min_agreement must be in (0, 1], got {min_agreement}")
+    if measure not in GUARD_MEASURES:
+        raise ValueError(f"measure must be one of {sorted(GUARD_MEASURES)}, got {measure!r}")
+    score = GUARD_MEASURES[measure]
     device = images.device
-    reference = dense_logits.argmax(-1).cpu()
+    reference = dense_logits.float().cpu()
     from .adapters import get_adapter
 
     dims = get_adapter(model).dims(model)
@@ -484,7 +527,7 @@ def quality_guard(
             logits = _logits(model, images, batch_size, device)
         finally:
             remove_dsm(model)
-        hits = torch.tensor(float((logits.argmax(-1) == reference).sum()), device=device)
+        hits = torch.tensor(float(score(logits, reference).sum()), device=device)
         if reduce is not None:
             hits = reduce(hits)
         value = float(hits) / total
@@ -506,5 +549,5 @@ def quality_guard(
         else:
             lo = mid + 1
     if lo == len(candidates):
-        return GuardResult(None, 1.0, min_agreement, int(total), trials)
-    return GuardResult(candidates[lo], scores[lo], min_agreement, int(total), trials)
+        return GuardResult(None, 1.0, min_agreement, int(total), trials, measure)
+    return GuardResult(candidates[lo], scores[lo], min_agreement, int(total), trials, measure)

@@ -15,7 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from .adapters import UnsupportedModelError, get_adapter
-from .calibrate import GuardResult, logits_of, quality_guard
+from .calibrate import GuardResult, output_tensor, quality_guard
 from .config import DSMConfig
 from .measure import StageMeter, images_of, num_classes_of, sync
 from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan
@@ -87,7 +87,9 @@ class DSMCallback(Callback):
             are exact); on them the callback measures the top-1 agreement with dense of the requested schedule and
             of schedules that merge less (keeping what you fixed, such as ``delay``), then merges with the most
             merging one that reaches ``min_agreement`` for the rest of the stage (dense if none does), and logs
-            what it chose and measured. ``None`` switches the guard off. Needs a classifier ViT.
+            what it chose and measured. ``None`` switches the guard off. For a ViT without a classifier head (a
+            backbone under a dense-prediction head, an HF encoder) agreement is the mean per-token cosine
+            similarity of its outputs with dense (:func:`~dsm_lightning.calibrate.token_cosine`) instead.
         guard_images: Images (per process) the guard measures on.
     """
 
@@ -148,6 +150,7 @@ class DSMCallback(Callback):
         self.min_agreement = None if min_agreement is None else float(min_agreement)
         self.guard_images = int(guard_images)
         self.guard: Optional[GuardResult] = None
+        self._measure = "top1"  # set in setup: "cosine" for a ViT without a classifier head
         self._guard_inputs: list = []
         self._guard_outputs: list = []
         self._stage: Optional[str] = None
@@ -175,11 +178,8 @@ class DSMCallback(Callback):
 
             num_classes = self._num_classes("compare_dense=True measures top-1 agreement")
             self._agree = MulticlassAccuracy(num_classes=num_classes, average="micro").to(pl_module.device)
-        if self.min_agreement is not None:
-            self._num_classes(
-                "the quality guard (min_agreement) compares top-1 predictions; pass "
-                "min_agreement=None to merge a backbone without it",
-            )
+        # The guard compares top-1 predictions of a classifier, or the output tokens of a backbone (no head).
+        self._measure = "top1" if num_classes_of(self._vit) is not None else "cosine"
 
     @property
     def state_key(self) -> str:
@@ -229,12 +229,12 @@ class DSMCallback(Callback):
         """Collect dense inputs and outputs; once enough are seen, choose and apply the schedule."""
         if self.guard is not None:
             return
-        logits = logits_of(output)
-        if logits is None or logits.ndim != 2:
+        logits = output_tensor(output)
+        if logits is None or logits.ndim < 2 or (self._measure == "top1" and logits.ndim != 2):
+            what = "[batch, classes] logits" if self._measure == "top1" else "a [batch, ...] tensor of features"
             raise ValueError(
-                f"the quality guard (min_agreement) compares top-1 predictions, but {type(self._vit).__name__} "
-                f"returned {type(output).__name__} without [batch, classes] logits; pass min_agreement=None to merge "
-                f"without the guard"
+                f"the quality guard (min_agreement) compares {what}, but {type(self._vit).__name__} returned "
+                f"{type(output).__name__}; pass min_agreement=None to merge without the guard"
             )
         self._guard_inputs.append(images.detach())
         self._guard_outputs.append(logits.detach())
@@ -256,6 +256,7 @@ class DSMCallback(Callback):
             self.min_agreement,
             batch_size=max(1, images.shape[0]),
             reduce=reduce,
+            measure=self._measure,
         )
         self._say(self.guard.summary())
         if self.guard.config is not None:

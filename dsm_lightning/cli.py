@@ -63,13 +63,12 @@ class DSMLightningCLI(LightningCLI):
 
 class MapsCLI(DSMLightningCLI):
     """``python -m dsm_lightning.maps predict``: :class:`SaliencyPredictor` + :class:`ImageFolderDataModule`, with
-    :class:`DSMCallback` under ``dsm`` (quality guard off: it compares class predictions, and a saliency model has
-    none) and :class:`MapWriter` under ``writer`` (one PNG per image)."""
+    :class:`DSMCallback` under ``dsm`` (its quality guard compares the backbone's output tokens with dense by
+    cosine similarity) and :class:`MapWriter` under ``writer`` (one PNG per image)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(DSMCallback, "dsm")
         parser.add_lightning_class_args(MapWriter, "writer")
-        parser.set_defaults({"dsm.min_agreement": None})
 
 
 def _lookup(tree: Any, dotted: str) -> Any:

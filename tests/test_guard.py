@@ -116,17 +116,36 @@ def test_guard_settings_validated():
     assert cb.min_agreement == 0.9 and cb.guard_images == 64 and cb.config == DSMConfig(delay=3)
 
 
-def test_guard_on_a_backbone_names_the_fix(tmp_path):
+def test_guard_on_a_backbone_measures_token_cosine(tmp_path, capsys):
+    """A ViT without a classifier head (a backbone under a dense head) is guarded by the mean per-token cosine
+    similarity of its outputs with dense; a target no schedule meets keeps it dense."""
     from lightning.pytorch import LightningModule
 
     class Backbone(LightningModule):
         def __init__(self):
             super().__init__()
-            self.vit = tiny_vit(num_classes=0)
+            self.vit = tiny_vit(num_classes=0, global_pool="")  # returns its tokens [B, T, C]
 
         def validation_step(self, batch, batch_idx):
             return self.vit(batch["image"]).sum()
 
-    data = tiny_data(make_image_folder(tmp_path))
-    with pytest.raises(ValueError, match="min_agreement=None"):
-        trainer(callbacks=[DSMCallback()]).validate(Backbone(), datamodule=data, verbose=False)
+    data = tiny_data(make_image_folder(tmp_path, per_class=4), img_size=32)
+    loose = DSMCallback(delay=1, r=6, min_agreement=0.5, guard_images=4)
+    out = trainer(callbacks=[loose]).validate(Backbone(), datamodule=data, verbose=False)[0]
+    assert loose.guard is not None and loose.guard.measure == "cosine" and loose.guard.config is not None
+    assert 0.5 <= out["dsm/guard_agreement"] <= 1.0 and out["dsm/guard_flops_ratio"] < 1.0
+    strict = DSMCallback(delay=1, r=6, min_agreement=1.0, guard_images=4)
+    out = trainer(callbacks=[strict]).validate(Backbone(), datamodule=data, verbose=False)[0]
+    assert strict.guard.config is None and out["dsm/guard_flops_ratio"] == 1.0
+    assert "mean token cosine similarity with dense" in capsys.readouterr().out
+
+
+def test_token_cosine_is_per_image_and_exact_for_equal_outputs():
+    from dsm_lightning.calibrate import token_cosine
+
+    x = torch.randn(3, 5, 8)
+    torch.testing.assert_close(token_cosine(x, x), torch.ones(3))
+    y = x.clone()
+    y[1] = -y[1]
+    torch.testing.assert_close(token_cosine(y, x), torch.tensor([1.0, -1.0, 1.0]))
+    assert token_cosine(x[:, 0], x[:, 0]).shape == (3,)

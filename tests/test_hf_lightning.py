@@ -45,7 +45,9 @@ def test_callback_guard_and_metrics_with_a_transformers_model(tmp_path):
     assert all(torch.equal(v, weights[k]) for k, v in module.state_dict().items())
 
 
-def test_guard_refuses_a_model_without_logits(tmp_path):
+def test_guard_on_a_transformers_encoder_compares_its_tokens(tmp_path):
+    """An encoder without a head (``ViTModel``): the guard reads ``last_hidden_state`` and measures token cosine."""
+
     class Backbone(HFModule):
         def __init__(self):
             super().__init__()
@@ -55,8 +57,10 @@ def test_guard_refuses_a_model_without_logits(tmp_path):
             self.model(pixel_values=batch["image"])
 
     data = tiny_data(make_image_folder(tmp_path, classes=3, per_class=2), img_size=32)
-    with pytest.raises(ValueError, match="min_agreement=None"):
-        trainer(callbacks=[DSMCallback(delay=1, r=4)]).validate(Backbone(), datamodule=data, verbose=False)
+    callback = DSMCallback(delay=1, r=4, min_agreement=0.5, guard_images=3)
+    trainer(callbacks=[callback]).validate(Backbone(), datamodule=data, verbose=False)
+    assert callback.guard is not None and callback.guard.measure == "cosine"
+    assert callback.guard.config is not None and 0.5 <= callback.guard.agreement <= 1.0
 
 
 def hf_folder(tmp_path, with_processor=True):
