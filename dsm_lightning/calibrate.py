@@ -145,11 +145,14 @@ def logits_of(output: Any) -> Optional[torch.Tensor]:
 
 
 def output_tensor(output: Any) -> Optional[torch.Tensor]:
-    """What the quality guard compares: :func:`logits_of` the output, else a Hugging Face encoder's
-    ``last_hidden_state``; None when neither exists."""
+    """What the quality guard compares: :func:`logits_of` the output, else a Hugging Face backbone's
+    ``feature_maps`` (as tokens) or an encoder's ``last_hidden_state``; None when there is none of these."""
     logits = logits_of(output)
     if logits is not None:
         return logits
+    maps = output.get("feature_maps") if isinstance(output, dict) else getattr(output, "feature_maps", None)
+    if maps:  # an HF backbone's NCHW feature maps, as tokens [B, sum(H * W), C]
+        return torch.cat([m.flatten(2).transpose(1, 2) if m.ndim == 4 else m for m in maps], dim=1)
     hidden = output.get("last_hidden_state") if isinstance(output, dict) else getattr(output, "last_hidden_state", None)
     return hidden if isinstance(hidden, torch.Tensor) else None
 

@@ -214,3 +214,51 @@ def test_real_dinov2_weights_give_the_same_outputs_in_transformers_and_timm():
                 apply_dsm(vit, **cfg)
                 apply_dsm(hf, **cfg)
             torch.testing.assert_close(hf(x).last_hidden_state, vit.forward_features(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["Dinov2Backbone", "Dinov2WithRegistersBackbone"])
+def test_dinov2_backbone_feature_maps(name):
+    """HF's DINOv2 backbones (DPT, Depth Anything): feature maps exact at r=0, dense NCHW shapes when merging,
+    the stem and delayed stages unchanged."""
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(hidden_size=32, num_hidden_layers=6, num_attention_heads=2, image_size=32, patch_size=4, mlp_ratio=2)
+    cfg.update(layerscale_value=0.5, out_features=["stem", "stage1", "stage4", "stage6"])
+    if "Registers" in name:
+        cfg.update(num_register_tokens=3)
+    config_cls = transformers.Dinov2WithRegistersConfig if "Registers" in name else transformers.Dinov2Config
+    torch.manual_seed(0)
+    model = getattr(transformers, name)(config_cls(**cfg)).eval()
+    x = images()
+    with torch.no_grad():
+        ref = model(x).feature_maps
+        apply_dsm(model, r=0, delay=0)
+        exact = model(x).feature_maps
+        apply_dsm(model, delay=1, r=6)
+        merged = model(x, output_hidden_states=True)
+    assert len(ref) == 4 and all(torch.equal(a, b) for a, b in zip(exact, ref))
+    assert [m.shape for m in merged.feature_maps] == [m.shape for m in ref]
+    assert torch.equal(merged.feature_maps[0], ref[0]) and torch.equal(merged.feature_maps[1], ref[1])
+    assert not torch.equal(merged.feature_maps[-1], ref[-1])
+    assert len(merged.hidden_states) == 7
+
+
+def test_depth_anything_runs_on_a_merged_backbone():
+    transformers = pytest.importorskip("transformers")
+    backbone = transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=28, patch_size=14, mlp_ratio=2,
+        out_indices=[1, 2, 3, 4], reshape_hidden_states=False, apply_layernorm=True,
+    )  # fmt: skip
+    config = transformers.DepthAnythingConfig(
+        backbone_config=backbone, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8,
+        reassemble_hidden_size=32, patch_size=14,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.DepthAnythingForDepthEstimation(config).eval()
+    x = images(size=(56, 56))
+    with torch.no_grad():
+        ref = model(x).predicted_depth
+        apply_dsm(model.backbone, r=0, delay=0)
+        assert torch.equal(model(x).predicted_depth, ref)
+        apply_dsm(model.backbone, delay=1, r=2)
+        merged = model(x).predicted_depth
+    assert merged.shape == ref.shape and torch.isfinite(merged).all()

@@ -121,3 +121,34 @@ def test_cli_predicts_with_a_transformers_folder(tmp_path):
     rows = read_csv(out)
     assert len(rows) == 6 and {r["top1_name"] for r in rows} <= {"cat", "dog", "owl"}
     json.dumps(rows)  # plain strings and numbers
+
+
+def test_callback_guards_a_depth_model_through_its_backbone(tmp_path):
+    """Depth Anything in a LightningModule: the callback finds its Dinov2Backbone, guards it on the feature maps
+    (token cosine), merges, and restores it."""
+    transformers = pytest.importorskip("transformers")
+
+    class Depth(LightningModule):
+        def __init__(self):
+            super().__init__()
+            backbone = transformers.Dinov2Config(
+                hidden_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=28, patch_size=14,
+                mlp_ratio=2, out_indices=[1, 2, 3, 4], reshape_hidden_states=False,
+            )  # fmt: skip
+            config = transformers.DepthAnythingConfig(
+                backbone_config=backbone, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
+                head_hidden_size=8, reassemble_hidden_size=32, patch_size=14,
+            )  # fmt: skip
+            torch.manual_seed(0)
+            self.model = transformers.DepthAnythingForDepthEstimation(config).eval()
+
+        def validation_step(self, batch, batch_idx):
+            self.model(pixel_values=batch["image"]).predicted_depth.mean()
+
+    data = tiny_data(make_image_folder(tmp_path, classes=2, per_class=3, size=56), img_size=56)
+    module = Depth()
+    callback = DSMCallback(delay=1, r=2, min_agreement=0.5, guard_images=3)
+    trainer(callbacks=[callback]).validate(module, datamodule=data, verbose=False)
+    assert type(callback._vit).__name__ == "Dinov2Backbone"
+    assert callback.guard is not None and callback.guard.measure == "cosine" and callback.guard.config is not None
+    assert not is_patched(module.model.backbone)

@@ -66,6 +66,14 @@ _FAMILIES = (
         "dinov2_with_registers", "dinov2", registers=True,
     ),
     _Family(
+        "Dinov2Backbone", "transformers.models.dinov2.modeling_dinov2", "Dinov2Layer", "encoder.layer", (), "",
+        "dinov2",
+    ),
+    _Family(
+        "Dinov2WithRegistersBackbone", "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers",
+        "Dinov2WithRegistersLayer", "encoder.layer", (), "", "dinov2", registers=True,
+    ),
+    _Family(
         "CLIPVisionModel", "transformers.models.clip.modeling_clip", "CLIPEncoderLayer", "encoder.layers",
         ("CLIPVisionModelWithProjection", "CLIPForImageClassification"), "vision_model", "clip",
     ),
@@ -203,6 +211,8 @@ def _forward(
     def keep(index: int, x: Tensor, state: MergeState) -> None:
         hidden.append(unmerge(x, state, prefix))
 
+    if family.encoder.endswith("Backbone"):
+        return _backbone_output(self, pixel_values, tokens, grid, prefix, want_hidden, kwargs.get("return_dict", True))
     tokens, state = adapter.run(self, tokens, grid, keep if want_hidden else None)
     seq, pooled = _tail(self, family, unmerge(tokens, state, prefix))
     out = BaseModelOutputWithPooling(
@@ -211,9 +221,40 @@ def _forward(
     return out if kwargs.get("return_dict", True) is not False else out.to_tuple()
 
 
+def _backbone_output(
+    backbone: Any, pixel_values: Tensor, tokens: Tensor, grid: Tuple[int, int], prefix: int, hidden: bool, ret: Any
+) -> Any:
+    """``Dinov2(WithRegisters)Backbone``'s ``BackboneOutput``: the ``out_features`` stages (``stem`` = embeddings,
+    ``stageN`` = layer N) unmerged to the dense layout, then normed and reshaped to NCHW as its own ``forward``
+    does, so DPT / Depth Anything necks read them unchanged."""
+    from transformers.modeling_outputs import BackboneOutput
+
+    adapter: HuggingFaceViTAdapter = type(backbone)._dsm_adapter
+    states: List[Tensor] = [tokens]
+
+    def keep(index: int, x: Tensor, state: MergeState) -> None:
+        states.append(unmerge(x, state, prefix))
+
+    adapter.run(backbone, tokens, grid, keep)
+    config = backbone.config
+    maps: List[Tensor] = []
+    for stage, state in zip(backbone.stage_names, states):
+        if stage not in backbone.out_features:
+            continue
+        if config.apply_layernorm:
+            state = backbone.layernorm(state)
+        if config.reshape_hidden_states:
+            batch = pixel_values.shape[0]
+            state = state[:, prefix:].reshape(batch, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+        maps.append(state)
+    out = BackboneOutput(feature_maps=cast(Any, tuple(maps)), hidden_states=tuple(states) if hidden else None)
+    return out if ret is not False else out.to_tuple()
+
+
 class HuggingFaceViTAdapter(Adapter):
-    """Hugging Face ``transformers`` (>=5.18) ViT, DeiT, DINOv2 (+ registers), CLIP and SigLIP vision encoders and their
-    image-classification / projection models."""
+    """Hugging Face ``transformers`` (>=5.18) ViT, DeiT, DINOv2 (+ registers), CLIP and SigLIP vision encoders, their
+    image-classification / projection models, and the DINOv2 backbones (``Dinov2Backbone``, as used by DPT and
+    Depth Anything)."""
 
     name = "transformers"
     supports = "transformers " + ", ".join(SUPPORTED_HF_CLASSES) + " (transformers>=5.18,<6)"
