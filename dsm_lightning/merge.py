@@ -83,26 +83,23 @@ def bipartite_soft_matching(
         a_new = torch.empty(batch, na, dtype=torch.long, device=device)
         a_new.scatter_(1, unm_idx, torch.arange(na - r, device=device).expand(batch, -1))
         a_new.scatter_(1, src_idx, dst_idx + (na - r))
-        b_new = (torch.arange(nb, device=device) + (na - r)).expand(batch, -1)
+        b_new = torch.arange(na - r, na - r + nb, device=device).expand(batch, -1)
         new_index = torch.stack([a_new[:, :nb], b_new], dim=-1).reshape(batch, 2 * nb)
         if na > nb:
             new_index = torch.cat([new_index, a_new[:, nb:]], dim=1)
         # Flat row indices into x.reshape(batch * t, C), t = num_prefix + n: the kept tokens in output order (prefix,
         # unmerged a, every b), the merged-away a tokens, and the output rows they add into. index_select / index_add_
         # on one flat axis are several times faster than gather / scatter_add with expanded indices on CPU, and
-        # carrying the prefix through saves splitting it off and concatenating it back.
+        # carrying the prefix through saves splitting it off and concatenating it back. Each index is built with as
+        # few small ops as possible: at batch 1 their count, not their size, is what costs.
         p, t, m = num_prefix, num_prefix + n, num_prefix + n - r
-        keep = torch.cat(
-            [
-                torch.arange(p, device=device).expand(batch, -1),
-                p + 2 * unm_idx,
-                (p + 1 + 2 * torch.arange(nb, device=device)).expand(batch, -1),
-            ],
-            dim=1,
-        )
-        keep = (keep + torch.arange(batch, device=device).unsqueeze(1) * t).flatten()
-        src = (p + 2 * src_idx + torch.arange(batch, device=device).unsqueeze(1) * t).flatten()
-        dst = (p + (na - r) + dst_idx + torch.arange(batch, device=device).unsqueeze(1) * m).flatten()
+        row_t = torch.arange(0, batch * t, t, device=device).unsqueeze(1)  # first flat row of each image
+        parts = [torch.arange(p, device=device).expand(batch, -1)] if p else []
+        parts += [unm_idx * 2 + p, torch.arange(p + 1, p + 2 * nb, 2, device=device).expand(batch, -1)]
+        keep = (torch.cat(parts, dim=1) + row_t).flatten()
+        src = (src_idx * 2 + row_t + p).flatten()
+        first_dst = p + na - r  # output row of the first b token; one start per image, m rows apart
+        dst = (dst_idx + torch.arange(first_dst, first_dst + batch * m, m, device=device).unsqueeze(1)).flatten()
 
     def merge(x: Tensor) -> Tensor:
         c = x.shape[-1]
