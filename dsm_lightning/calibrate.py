@@ -135,12 +135,17 @@ def collect_batches(dataloader: Iterable, max_images: int) -> Tuple[torch.Tensor
     return images, labels
 
 
+def _field(output: Any, name: str) -> Any:
+    """``output[name]`` of a dict or ``output.name`` of a (Hugging Face) output object; None when absent."""
+    return output.get(name) if isinstance(output, dict) else getattr(output, name, None)
+
+
 def logits_of(output: Any) -> Optional[torch.Tensor]:
     """The logits in a model's output: the output itself if it is a tensor, else its ``logits`` (a Hugging Face
     ``ImageClassifierOutput`` or a dict); None when there are none."""
     if isinstance(output, torch.Tensor):
         return output
-    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    logits = _field(output, "logits")
     return logits if isinstance(logits, torch.Tensor) else None
 
 
@@ -150,10 +155,10 @@ def output_tensor(output: Any) -> Optional[torch.Tensor]:
     logits = logits_of(output)
     if logits is not None:
         return logits
-    maps = output.get("feature_maps") if isinstance(output, dict) else getattr(output, "feature_maps", None)
+    maps = _field(output, "feature_maps")
     if maps:  # an HF backbone's NCHW feature maps, as tokens [B, sum(H * W), C]
         return torch.cat([m.flatten(2).transpose(1, 2) if m.ndim == 4 else m for m in maps], dim=1)
-    hidden = output.get("last_hidden_state") if isinstance(output, dict) else getattr(output, "last_hidden_state", None)
+    hidden = _field(output, "last_hidden_state")
     return hidden if isinstance(hidden, torch.Tensor) else None
 
 

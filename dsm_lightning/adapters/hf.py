@@ -203,39 +203,32 @@ def _forward(
         want_hidden = bool(getattr(config, "output_hidden_states", False))
     adapter: HuggingFaceViTAdapter = type(self)._dsm_adapter  # set on the patched class by apply_dsm
     family = adapter.family(self)
+    backbone = family.encoder.endswith("Backbone")  # its feature maps read every stage's output
     prefix = adapter.num_prefix_tokens(self)
     tokens = _embed(self, family, pixel_values, bool(interpolate_pos_encoding))
     grid = adapter.grid(self, (int(pixel_values.shape[-2]), int(pixel_values.shape[-1])))
-    hidden: List[Tensor] = [tokens]
-
-    def keep(index: int, x: Tensor, state: MergeState) -> None:
-        hidden.append(unmerge(x, state, prefix))
-
-    if family.encoder.endswith("Backbone"):
-        return _backbone_output(self, pixel_values, tokens, grid, prefix, want_hidden, kwargs.get("return_dict", True))
-    tokens, state = adapter.run(self, tokens, grid, keep if want_hidden else None)
-    seq, pooled = _tail(self, family, unmerge(tokens, state, prefix))
-    out = BaseModelOutputWithPooling(
-        last_hidden_state=seq, pooler_output=pooled, hidden_states=tuple(hidden) if want_hidden else None
-    )
-    return out if kwargs.get("return_dict", True) is not False else out.to_tuple()
-
-
-def _backbone_output(
-    backbone: Any, pixel_values: Tensor, tokens: Tensor, grid: Tuple[int, int], prefix: int, hidden: bool, ret: Any
-) -> Any:
-    """``Dinov2(WithRegisters)Backbone``'s ``BackboneOutput``: the ``out_features`` stages (``stem`` = embeddings,
-    ``stageN`` = layer N) unmerged to the dense layout, then normed and reshaped to NCHW as its own ``forward``
-    does, so DPT / Depth Anything necks read them unchanged."""
-    from transformers.modeling_outputs import BackboneOutput
-
-    adapter: HuggingFaceViTAdapter = type(backbone)._dsm_adapter
-    states: List[Tensor] = [tokens]
+    states: List[Tensor] = [tokens]  # embeddings, then every layer's output unmerged to the dense layout
 
     def keep(index: int, x: Tensor, state: MergeState) -> None:
         states.append(unmerge(x, state, prefix))
 
-    adapter.run(backbone, tokens, grid, keep)
+    tokens, state = adapter.run(self, tokens, grid, keep if want_hidden or backbone else None)
+    hidden = tuple(states) if want_hidden else None
+    out: Any
+    if backbone:
+        from transformers.modeling_outputs import BackboneOutput
+
+        out = BackboneOutput(feature_maps=_feature_maps(self, states, grid, prefix), hidden_states=hidden)
+    else:
+        seq, pooled = _tail(self, family, unmerge(tokens, state, prefix))
+        out = BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled, hidden_states=hidden)
+    return out if kwargs.get("return_dict", True) is not False else out.to_tuple()
+
+
+def _feature_maps(backbone: Any, states: List[Tensor], grid: Tuple[int, int], prefix: int) -> Any:
+    """``Dinov2(WithRegisters)Backbone``'s ``feature_maps``: the ``out_features`` stages (``stem`` = embeddings,
+    ``stageN`` = layer N) of the dense-layout ``states``, normed and reshaped to NCHW as its own ``forward`` does, so
+    DPT / Depth Anything necks read them unchanged."""
     config = backbone.config
     maps: List[Tensor] = []
     for stage, state in zip(backbone.stage_names, states):
@@ -244,11 +237,9 @@ def _backbone_output(
         if config.apply_layernorm:
             state = backbone.layernorm(state)
         if config.reshape_hidden_states:
-            batch = pixel_values.shape[0]
-            state = state[:, prefix:].reshape(batch, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+            state = state[:, prefix:].reshape(state.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
         maps.append(state)
-    out = BackboneOutput(feature_maps=cast(Any, tuple(maps)), hidden_states=tuple(states) if hidden else None)
-    return out if ret is not False else out.to_tuple()
+    return tuple(maps)
 
 
 class HuggingFaceViTAdapter(Adapter):
