@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, markdown_table, write_rows
 
 from dsm_lightning import apply_dsm, get_adapter, remove_dsm, token_plan
-from dsm_lightning.dense import load_saliency
+from dsm_lightning.dense import load_saliency, patch_grid_features
 from dsm_lightning.flops import count_flops
 from dsm_lightning.reference import MEAN, STD, letterbox
 
@@ -56,10 +56,11 @@ def map_metrics(dense: torch.Tensor, merged: torch.Tensor, box) -> Dict[str, flo
 
 
 def run(model, x: torch.Tensor):
+    """Saliency maps ``[B, H, W]`` and the backbone's class token ``[B, C]`` from one backbone pass."""
     with torch.no_grad():
-        maps = model(x)[:, 0]
-        cls = model.backbone.forward_features(x)[:, 0]
-    return maps, cls
+        tokens = model.backbone(x)  # the dense-layout tokens SaliencyModel.forward decodes
+        maps = model.decoder(patch_grid_features(model.backbone, x, tokens), tuple(x.shape[-2:]))[:, 0]
+    return maps, tokens[:, 0]
 
 
 def picture(image: torch.Tensor, dense: torch.Tensor, merged: torch.Tensor, model, box, out: Path) -> None:
