@@ -2,12 +2,16 @@
 
     python benchmarks/latency.py                      # CPU, eager + compiled, ViT-S/16 and DINOv2-S/14 shapes
     python benchmarks/latency.py --device cuda        # GPU: CUDA-event timing, fp32 and bf16 autocast
+    python benchmarks/latency.py --modes compiled blocks --oracle   # + the compiled oracle, regional compilation
 
 Random-init weights (latency does not depend on them). Per model, batch and mode, the dense and the merged model
 (``apply_dsm`` with the default config: 0.55x the dense block FLOPs) run interleaved after warm-up; the table shows
 median milliseconds per batch, speedup = dense / merged time, and efficiency = speedup / FLOP reduction (1.0 =
-merging costs nothing beyond the FLOPs it removes). Compiled rows use ``torch.compile(fullgraph=True)`` and report
-the cold compile time of each variant. Writes ``<out>.csv`` / ``<out>.json`` and prints a Markdown table.
+merging costs nothing beyond the FLOPs it removes). ``compiled`` rows use ``torch.compile(fullgraph=True)`` on the
+whole model (the oracle too, with ``--oracle``), ``blocks`` rows regional compilation (``compile_blocks``, the dense
+model compiled the same way); both report each variant's first-call time in this process (cold only for the first
+model and mode: ``benchmarks/compile_time.py`` measures cold compile time properly, one fresh process each).
+Writes ``<out>.csv`` / ``<out>.json`` and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, markdown_table, median, write_rows
 
-from dsm_lightning import apply_dsm, token_plan
+from dsm_lightning import apply_dsm, compile_blocks, token_plan
 from dsm_lightning.flops import count_flops
 from dsm_lightning.module import build_model
 
@@ -78,10 +82,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16, 64])
-    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled", "blocks"])
     parser.add_argument("--dtypes", nargs="+", default=None, help="fp32 and/or bf16 (autocast); GPU default both")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: more for small batches)")
-    parser.add_argument("--oracle", action="store_true", help="also time the token-dropping oracle (eager, timm)")
+    parser.add_argument("--oracle", action="store_true", help="also time the token-dropping oracle (timm)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
@@ -109,18 +113,21 @@ def main(argv=None) -> int:
                     else contextlib.nullcontext()
                 )
                 fns, compile_s = {"dense": dense, "dsm": merged}, {}
-                if args.oracle and mode == "eager":
+                if args.oracle and mode != "blocks":
                     fns["oracle"] = token_dropping_oracle(dense, token_plan(merged))
-                if mode == "compiled":
+                if mode != "eager":
                     torch._dynamo.reset()
+                if mode == "compiled":
                     fns = {k: torch.compile(m, fullgraph=True) for k, m in fns.items()}
+                elif mode == "blocks":  # each variant on its own copy: compile_blocks changes the model in place
+                    fns = {k: compile_blocks(copy.deepcopy(m)) for k, m in fns.items()}
                 for batch in args.batches:
                     x = torch.randn(batch, 3, *size, device=args.device)
                     with torch.inference_mode(), autocast:
                         for key, fn in fns.items():  # warm-up; the first call of a compiled variant compiles it
                             t0 = time.perf_counter()
                             fn(x)
-                            if mode == "compiled" and key not in compile_s:
+                            if mode != "eager" and key not in compile_s:
                                 compile_s[key] = time.perf_counter() - t0
                             for _ in range(2):
                                 fn(x)

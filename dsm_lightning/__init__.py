@@ -3,7 +3,17 @@
 from .adapters import Adapter, UnsupportedModelError, get_adapter, register_adapter
 from .calibrate import CalibrationResult, calibrate
 from .config import DSMConfig
-from .patch import apply_dsm, dense_intermediates, get_config, is_patched, remove_dsm, token_plan, trace_tokens
+from .patch import (
+    apply_dsm,
+    compile_blocks,
+    dense_intermediates,
+    get_config,
+    is_patched,
+    remove_dsm,
+    token_plan,
+    trace_tokens,
+    uncompile_blocks,
+)
 from .schedule import BlockPlan, TokenPlan
 
 
@@ -27,6 +37,7 @@ __all__ = [
     "UnsupportedModelError",
     "apply_dsm",
     "calibrate",
+    "compile_blocks",
     "dense_intermediates",
     "get_adapter",
     "get_config",
@@ -35,4 +46,5 @@ __all__ = [
     "remove_dsm",
     "token_plan",
     "trace_tokens",
+    "uncompile_blocks",
 ]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .calibrate import logits_of
-from .patch import unpatched
+from .patch import eager_blocks, unpatched
 
 if TYPE_CHECKING:
     from torchmetrics import Metric
@@ -70,13 +70,13 @@ class Throughput:
 
 def count_flops_pair(module: nn.Module, image: torch.Tensor) -> Tuple[float, float]:
     """GFLOPs of one image through a patched ``module``, merged and dense (``torch.utils.flop_counter``), using the
-    class forward so a compiled ``forward`` is not traced."""
+    class forward and eager blocks so nothing compiled is traced."""
     from .flops import count_flops
 
     def eager(x: torch.Tensor) -> Any:
         return type(module).forward(module, x)
 
-    with torch.no_grad():
+    with torch.no_grad(), eager_blocks(module):
         merged = count_flops(eager, image) / 1e9
         with unpatched(module):
             dense = count_flops(eager, image) / 1e9

@@ -69,7 +69,7 @@ def bipartite_soft_matching(
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[:, ::2], metric[:, 1::2]
-        scores = a @ b.transpose(-1, -2)
+        scores = torch.bmm(a, b.transpose(1, 2))  # = a @ b^T; matmul's decomposition would guard on n's parity
         if protected is not None:
             blocked = protected[:, ::2, None] | protected[:, None, 1::2]
             scores = scores.masked_fill(blocked, -2.0)  # below any cosine similarity
@@ -83,10 +83,11 @@ def bipartite_soft_matching(
         a_new = torch.empty(batch, na, dtype=torch.long, device=device)
         a_new.scatter_(1, unm_idx, torch.arange(na - r, device=device).expand(batch, -1))
         a_new.scatter_(1, src_idx, dst_idx + (na - r))
-        b_new = torch.arange(na - r, na - r + nb, device=device).expand(batch, -1)
-        new_index = torch.stack([a_new[:, :nb], b_new], dim=-1).reshape(batch, 2 * nb)
-        if na > nb:
-            new_index = torch.cat([new_index, a_new[:, nb:]], dim=1)
+        # a tokens sit at even positions, b tokens at odd ones; written by slice so that no branch depends on the
+        # parity of n (a branch would give every parity its own compiled graph under dynamic shapes)
+        new_index = torch.empty(batch, n, dtype=torch.long, device=device)
+        new_index[:, ::2] = a_new
+        new_index[:, 1::2] = torch.arange(na - r, na - r + nb, device=device)
         # Flat row indices into x.reshape(batch * t, C), t = num_prefix + n: the kept tokens in output order (prefix,
         # unmerged a, every b), the merged-away a tokens, and the output rows they add into. index_select / index_add_
         # on one flat axis are several times faster than gather / scatter_add with expanded indices on CPU, and

@@ -1,13 +1,24 @@
-"""torch.compile: fullgraph for every variant, bounded graph count, inductor equals eager, callback switch."""
+"""torch.compile: fullgraph for every variant, bounded graph count, inductor equals eager, callback switch; regional
+compilation (compile_blocks): graphs shared across blocks, hooks kept, reversible."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.testing import CompileCounter
 
-from dsm_lightning import DSMCallback, apply_dsm, is_patched
+from dsm_lightning import (
+    DSMCallback,
+    apply_dsm,
+    compile_blocks,
+    is_patched,
+    remove_dsm,
+    token_plan,
+    uncompile_blocks,
+)
 from tests.conftest import images, tiny_vit
 
 
@@ -66,20 +77,30 @@ def test_callback_compile_switch(tmp_path):
     original = module.validation_step
 
     def spy(batch, batch_idx):
-        seen.append("forward" in module.model.__dict__)
+        blocks = module.model.blocks
+        seen.append(("forward" in module.model.__dict__, all("forward" in b.__dict__ for b in blocks)))
         return original(batch, batch_idx)
 
     module.validation_step = spy
 
     def run(compile_opt):
+        seen.clear()
         callback = DSMCallback(delay=1, r=2, compare_dense=True, compile=compile_opt, min_agreement=None)
-        return trainer(callbacks=[callback]).validate(module, datamodule=data, verbose=False)[0]
+        metrics = trainer(callbacks=[callback]).validate(module, datamodule=data, verbose=False)[0]
+        assert not is_patched(module.model) and "forward" not in module.model.__dict__
+        assert not any("forward" in b.__dict__ for b in module.model.blocks)  # compiled forwards are gone after
+        return metrics, list(seen)
 
-    eager = run(False)
-    compiled = run({"backend": "eager", "fullgraph": True})
-    assert any(seen) and not is_patched(module.model) and "forward" not in module.model.__dict__
-    assert compiled["val/loss"] == pytest.approx(eager["val/loss"], rel=1e-5)
-    assert compiled["dsm/agreement_top1"] == pytest.approx(eager["dsm/agreement_top1"])
+    eager, seen_eager = run(False)
+    compiled, seen_compiled = run({"backend": "eager", "fullgraph": True})
+    regional, seen_regional = run("blocks")  # compile_blocks: inductor, dynamic token counts
+    assert not any(any(s) for s in seen_eager)
+    assert all(whole and not blocks for whole, blocks in seen_compiled)
+    assert all(blocks and not whole for whole, blocks in seen_regional)
+    for metrics in (compiled, regional):
+        assert metrics["val/loss"] == pytest.approx(eager["val/loss"], rel=1e-5)
+        assert metrics["dsm/agreement_top1"] == pytest.approx(eager["dsm/agreement_top1"])
+        assert metrics["dsm/flops_reduction"] == pytest.approx(eager["dsm/flops_reduction"])
     with pytest.raises(ValueError, match="compile must be"):
         DSMCallback(compile="yes")
 
@@ -101,3 +122,92 @@ def test_fullgraph_transformers_models(name):
     key = "logits" if getattr(ref, "logits", None) is not None else "last_hidden_state"
     torch.testing.assert_close(getattr(out, key), getattr(ref, key), rtol=1e-5, atol=1e-5)
     assert counter.frame_count == 1, f"{name}: one graph, no breaks"
+
+
+# ---------------------------------------------------------------- regional compilation (compile_blocks)
+
+
+def _graphs_and_outputs(model, inputs, **options):
+    """Compile ``model``'s blocks with a counting backend; return (graph count, compiled outputs, eager outputs)."""
+    with torch.no_grad():
+        eager = [model(x) for x in inputs]
+    counter = CompileCounter()
+    compile_blocks(model, backend=counter, **options)
+    with torch.no_grad():
+        out = [model(x) for x in inputs]
+    return counter.frame_count, out, eager
+
+
+@pytest.mark.parametrize(
+    "overrides, graphs",
+    [
+        ({}, 2),  # the first merging block (no size bias yet), then every later block whatever its token count
+        ({"delay": 2}, 3),  # + the dense blocks, which run their original forward
+        # ToMe: odd and even token counts alike (r=3 keeps every size above 1, which Dynamo always specialises)
+        ({"r": 3, "metric": "keys", "protect": 0.0}, 2),
+    ],
+)
+def test_compile_blocks_shares_graphs_across_blocks(overrides, graphs):
+    """Every block runs the same code, so all blocks and batch sizes share a fixed, small set of graphs."""
+    model = apply_dsm(tiny_vit(), **{"flops_target": 0.5, **overrides})
+    count, out, eager = _graphs_and_outputs(model, [images(batch=b) for b in (2, 3, 5)])
+    assert count == graphs
+    for o, e in zip(out, eager):
+        torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_blocks_local_phase_and_uneven_grid():
+    """Local (windowed) merging on an uneven grid compiles per block too, and equals eager."""
+    model = apply_dsm(tiny_vit(dynamic_img_size=True), delay=1, r=6, local_blocks=2, windows=4)
+    count, out, eager = _graphs_and_outputs(model, [images(size=(36, 32)), images(batch=3, size=(36, 32))])
+    assert count <= 6
+    for o, e in zip(out, eager):
+        torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_blocks_keeps_hooks_and_is_reversible():
+    """Hooks stay eager and see merged token counts; uncompile/remove give back bit-identical models."""
+    model = tiny_vit()
+    x = images()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        dense = model(x)
+    apply_dsm(model, r=4)
+    seen = []
+    handle = model.blocks[2].register_forward_hook(lambda mod, args, out: seen.append(out.shape[1]))
+    compile_blocks(model, backend="eager")
+    assert all("forward" in block.__dict__ for block in model.blocks)
+    with torch.no_grad():
+        model(x)
+    assert seen == [token_plan(model).blocks[2].tokens_out + 1]  # + cls
+    handle.remove()
+    clone = copy.deepcopy(model)  # compiled forwards are run-time state: not copied or pickled
+    assert is_patched(clone) and not any("forward" in block.__dict__ for block in clone.blocks)
+    uncompile_blocks(model)
+    assert not any("forward" in block.__dict__ for block in model.blocks) and is_patched(model)
+    compile_blocks(model, backend="eager")
+    remove_dsm(model)  # also takes the compiled forwards away (they were traced through the patched class)
+    assert not any("forward" in block.__dict__ for block in model.blocks)
+    with torch.no_grad():
+        assert torch.equal(model(x), dense)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_compile_blocks_inductor_matches_eager():
+    model = apply_dsm(tiny_vit(depth=2), r=0.25)
+    x = images(batch=3)
+    with torch.no_grad():
+        ref = model(x)
+        compile_blocks(model)
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_blocks_transformers_model():
+    from tests.conftest import tiny_hf
+
+    model = apply_dsm(tiny_hf("Dinov2WithRegistersModel"), delay=1, r=0.2)
+    count, out, eager = _graphs_and_outputs(model, [images(batch=b) for b in (2, 3)])
+    assert count == 3
+    for o, e in zip(out, eager):
+        torch.testing.assert_close(o.last_hidden_state, e.last_hidden_state, rtol=1e-5, atol=1e-5)
