@@ -83,8 +83,9 @@ class DSMCallback(Callback):
             ``fullgraph=True`` with the default inductor backend, or a dict of ``torch.compile`` keyword arguments);
             the uncompiled model is restored at stage end. Graphs are reused across batches (the batch dimension
             becomes dynamic after the first change) and there is one per input resolution. ``"blocks"`` compiles
-            each block instead (:func:`~dsm_lightning.compile_blocks`): about half the cold compile time, two
-            graphs for every input size, a little slower per batch (README, "Small batches").
+            each block instead (:func:`~dsm_lightning.compile_blocks`): about 40% of the cold compile time, two
+            graphs whatever the input size, a little slower per batch (README, "Small batches"); the dense comparison
+            (``compare_dense``) then runs through the same compiled blocks, so both sides are compiled alike.
         min_agreement: Quality guard. The first ``guard_images`` images of each stage run dense (their outputs
             are exact); on them the callback measures the top-1 agreement with dense of the requested schedule and
             of schedules that merge less (keeping what you fixed, such as ``delay``), then merges with the most

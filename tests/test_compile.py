@@ -142,15 +142,18 @@ def _graphs_and_outputs(model, inputs, **options):
     "overrides, graphs",
     [
         ({}, 2),  # the first merging block (no size bias yet), then every later block whatever its token count
-        ({"delay": 2}, 3),  # + the dense blocks, which run their original forward
-        # ToMe: odd and even token counts alike (r=3 keeps every size above 1, which Dynamo always specialises)
-        ({"r": 3, "metric": "keys", "protect": 0.0}, 2),
+        # + the dense blocks, which run their original forward. An explicit r keeps every merge's sizes above 1:
+        # Dynamo always specialises sizes 0 and 1 (one more graph where a block keeps a single unmerged token)
+        ({"delay": 2, "r": 3}, 3),
+        ({"r": 3, "metric": "keys", "protect": 0.0}, 2),  # ToMe: odd and even token counts alike
     ],
 )
 def test_compile_blocks_shares_graphs_across_blocks(overrides, graphs):
-    """Every block runs the same code, so all blocks and batch sizes share a fixed, small set of graphs."""
-    model = apply_dsm(tiny_vit(), **{"flops_target": 0.5, **overrides})
-    count, out, eager = _graphs_and_outputs(model, [images(batch=b) for b in (2, 3, 5)])
+    """Every block runs the same code, so all blocks, batch sizes and input sizes share a fixed, small set of
+    graphs."""
+    model = apply_dsm(tiny_vit(dynamic_img_size=True), **{"flops_target": 0.5, **overrides})
+    inputs = [images(batch=2), images(batch=3), images(batch=5, size=(40, 40)), images(batch=2, size=(32, 40))]
+    count, out, eager = _graphs_and_outputs(model, inputs)
     assert count == graphs
     for o, e in zip(out, eager):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
