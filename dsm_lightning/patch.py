@@ -39,7 +39,8 @@ __all__ = [
 ]
 
 _ORIGINAL = "_dsm_original_class"
-#: Attribute set on a block's compiled ``forward`` (see :func:`compile_blocks`), so only that one is ever removed.
+#: Attribute of a block's compiled ``forward`` (:func:`compile_blocks`): the block class it was traced through. Only
+#: forwards carrying it are ever removed, and they are dropped once the block's class changes.
 _COMPILED_MARK = "_dsm_compiled_block"
 _CLASS_CACHE: Dict[Tuple[type, type], type] = {}
 _BLOCK_CLASS_CACHE: Dict[Tuple[type, type], type] = {}
@@ -165,6 +166,7 @@ def apply_dsm(model: nn.Module, config: Optional[DSMConfig] = None, **overrides:
         core.__dict__[_ORIGINAL] = core.__class__
         core.__class__ = _patched_class(core.__class__, adapter)
     _patch_blocks(model, adapter)  # idempotent: also after unpickling, which restores blocks unpatched
+    _drop_stale_compiled(model)
     core.__dict__["_dsm_config"] = config
     return model
 
@@ -174,8 +176,8 @@ def remove_dsm(model: nn.Module) -> nn.Module:
     if is_patched(model):
         adapter = get_adapter(model)
         core = adapter.core(model)
-        uncompile_blocks(model)  # a compiled forward was traced through the patched class
         _unpatch_blocks(model, adapter)
+        _drop_stale_compiled(model)
         core.__class__ = core.__dict__.pop(_ORIGINAL)
         core.__dict__.pop("_dsm_config", None)
     return model
@@ -311,8 +313,10 @@ def compile_blocks(model: nn.Module, **options: Any) -> nn.Module:
     token, a size Dynamo always specialises) instead of one specialised copy of every block, which cuts cold compile
     time to about 40% (README, "torch.compile"). The rest of the model (embedding, unmerge, norm, head) stays eager, and
     so do hooks on blocks: only ``forward`` is compiled, as an instance attribute. Works patched or not (compile the
-    dense model the same way for a like-for-like baseline); :func:`uncompile_blocks` and :func:`remove_dsm` take the
-    compiled forwards away again, and pickling leaves them out.
+    dense model the same way for a like-for-like baseline), but compile *after* :func:`apply_dsm`: a compiled forward
+    was traced through its block's class, so :func:`apply_dsm` and :func:`remove_dsm` drop it once that class
+    changes (re-configuring a patched model keeps it). :func:`uncompile_blocks` takes it away; pickling leaves it
+    out.
 
     Args:
         model: A supported ViT.
@@ -323,7 +327,7 @@ def compile_blocks(model: nn.Module, **options: Any) -> nn.Module:
     for block in get_adapter(model).blocks(model):
         inner = unwrap_block(block)
         compiled = torch.compile(inner.forward, **options)
-        setattr(compiled, _COMPILED_MARK, True)
+        setattr(compiled, _COMPILED_MARK, type(inner))
         inner.__dict__["forward"] = compiled  # shadows the class's forward; __call__ (and its hooks) stay eager
     return model
 
@@ -332,6 +336,14 @@ def _compiled_blocks(model: nn.Module) -> List[nn.Module]:
     """The (unwrapped) blocks of ``model`` whose ``forward`` :func:`compile_blocks` compiled."""
     inner = [unwrap_block(block) for block in get_adapter(model).blocks(model)]
     return [block for block in inner if hasattr(block.__dict__.get("forward"), _COMPILED_MARK)]
+
+
+def _drop_stale_compiled(model: nn.Module) -> None:
+    """Drop compiled block forwards traced through a class the block no longer has (after (un)patching): calling
+    them would run the old class's forward."""
+    for block in _compiled_blocks(model):
+        if getattr(block.__dict__["forward"], _COMPILED_MARK) is not type(block):
+            del block.__dict__["forward"]
 
 
 def uncompile_blocks(model: nn.Module) -> nn.Module:

@@ -176,6 +176,8 @@ def test_compile_blocks_keeps_hooks_and_is_reversible():
     with torch.no_grad():
         dense = model(x)
     apply_dsm(model, r=4)
+    with torch.no_grad():
+        merged = model(x)
     seen = []
     handle = model.blocks[2].register_forward_hook(lambda mod, args, out: seen.append(out.shape[1]))
     compile_blocks(model, backend="eager")
@@ -189,11 +191,18 @@ def test_compile_blocks_keeps_hooks_and_is_reversible():
     uncompile_blocks(model)
     assert not any("forward" in block.__dict__ for block in model.blocks) and is_patched(model)
     compile_blocks(model, backend="eager")
-    remove_dsm(model)  # also takes the compiled forwards away (they were traced through the patched class)
+    apply_dsm(model, r=3)  # re-configuring keeps the compiled forwards (same patched class)
+    assert all("forward" in block.__dict__ for block in model.blocks)
+    remove_dsm(model)  # takes them away: they were traced through the patched class
     assert not any("forward" in block.__dict__ for block in model.blocks)
     with torch.no_grad():
         assert torch.equal(model(x), dense)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    compile_blocks(model, backend="eager")  # compiled dense, then patched: the dense forwards are dropped
+    apply_dsm(model, r=4)
+    assert not any("forward" in block.__dict__ for block in model.blocks)
+    with torch.no_grad():
+        assert torch.equal(model(x), merged)
 
 
 @pytest.mark.slow
