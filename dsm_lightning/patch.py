@@ -11,6 +11,8 @@ model that was never patched.
 from __future__ import annotations
 
 import contextlib
+import types
+import weakref
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type, cast
 
 import torch
@@ -42,6 +44,8 @@ _ORIGINAL = "_dsm_original_class"
 #: Attribute of a block's compiled ``forward`` (:func:`compile_blocks`): the block class it was traced through. Only
 #: forwards carrying it are ever removed, and they are dropped once the block's class changes.
 _COMPILED_MARK = "_dsm_compiled_block"
+#: Per model, its own copy of :func:`_call_block_forward` (see :func:`_block_entry`).
+_BLOCK_ENTRIES: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 _CLASS_CACHE: Dict[Tuple[type, type], type] = {}
 _BLOCK_CLASS_CACHE: Dict[Tuple[type, type], type] = {}
 
@@ -324,12 +328,34 @@ def compile_blocks(model: nn.Module, **options: Any) -> nn.Module:
     """
     options = {"fullgraph": True, "dynamic": True, **options}
     uncompile_blocks(model)
+    entry = _block_entry(model)
     for block in get_adapter(model).blocks(model):
         inner = unwrap_block(block)
-        compiled = torch.compile(inner.forward, **options)
+        compiled = torch.compile(types.MethodType(entry, inner), **options)
         setattr(compiled, _COMPILED_MARK, type(inner))
         inner.__dict__["forward"] = compiled  # shadows the class's forward; __call__ (and its hooks) stay eager
     return model
+
+
+def _call_block_forward(block: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+    """What a compiled block runs: its class's ``forward`` (patched or not; the instance attribute is bypassed)."""
+    return type(block).forward(block, x, *args, **kwargs)
+
+
+def _block_entry(model: nn.Module) -> Any:
+    """``model``'s own copy of :func:`_call_block_forward`, with a code object of its own.
+
+    ``torch.compile`` keeps its graphs, and counts recompilations against ``recompile_limit`` (8), per code object.
+    Sharing one entry across models would pile every model's and config's graphs onto it, and ``fullgraph=True``
+    turns the ninth into a hard error; a copy per model keeps each model's graphs apart, while a model compiled again
+    (every validation epoch) still finds its own.
+    """
+    entry = _BLOCK_ENTRIES.get(model)
+    if entry is None:
+        code = _call_block_forward.__code__.replace()  # a new code object, hence a graph cache of its own
+        entry = types.FunctionType(code, _call_block_forward.__globals__, code.co_name)
+        _BLOCK_ENTRIES[model] = entry
+    return entry
 
 
 def _compiled_blocks(model: nn.Module) -> List[nn.Module]:

@@ -159,6 +159,26 @@ def test_compile_blocks_shares_graphs_across_blocks(overrides, graphs):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
 
 
+def test_compile_blocks_graphs_are_kept_per_model():
+    """Each model has its own graph cache: many models and configs in one process never reach Dynamo's recompile
+    limit (with fullgraph=True that would be a hard error), and a model compiled again reuses its graphs."""
+    counter = CompileCounter()
+    x = images()
+    models = [apply_dsm(tiny_vit(seed=i), r=2 + i % 3, protect=0.1 * (i % 2), delay=i % 2) for i in range(6)]
+    for model in models:
+        with torch.no_grad():
+            ref = model(x)
+            compile_blocks(model, backend=counter)
+            torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count > torch._dynamo.config.recompile_limit  # more graphs in all than one cache allows
+    before = counter.frame_count
+    for model in models:  # compiled again (as DSMCallback does at every stage start): graphs reused
+        compile_blocks(model, backend=counter)
+        with torch.no_grad():
+            model(x)
+    assert counter.frame_count == before
+
+
 def test_compile_blocks_local_phase_and_uneven_grid():
     """Local (windowed) merging on an uneven grid compiles per block too, and equals eager."""
     model = apply_dsm(tiny_vit(dynamic_img_size=True), delay=1, r=6, local_blocks=2, windows=4)
