@@ -320,7 +320,8 @@ def compile_blocks(model: nn.Module, **options: Any) -> nn.Module:
     dense model the same way for a like-for-like baseline), but compile *after* :func:`apply_dsm`: a compiled forward
     was traced through its block's class, so :func:`apply_dsm` and :func:`remove_dsm` drop it once that class
     changes (re-configuring a patched model keeps it). :func:`uncompile_blocks` takes it away; pickling leaves it
-    out.
+    out. Each model has a graph cache of its own (Dynamo's ``recompile_limit`` counts per model), and a model compiled
+    again reuses its graphs.
 
     Args:
         model: A supported ViT.
@@ -365,8 +366,8 @@ def _compiled_blocks(model: nn.Module) -> List[nn.Module]:
 
 
 def _drop_stale_compiled(model: nn.Module) -> None:
-    """Drop compiled block forwards traced through a class the block no longer has (after (un)patching): calling
-    them would run the old class's forward."""
+    """Drop compiled block forwards traced through a class the block no longer has (after (un)patching): their
+    graphs belong to the old class, and keeping them would only pile recompilations onto the model's cache."""
     for block in _compiled_blocks(model):
         if getattr(block.__dict__["forward"], _COMPILED_MARK) is not type(block):
             del block.__dict__["forward"]
