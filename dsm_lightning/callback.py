@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from .adapters import UnsupportedModelError, get_adapter
@@ -174,6 +175,16 @@ class DSMCallback(Callback):
 
     # ------------------------------------------------------------------ setup / state
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        try:
+            self._bind(pl_module)
+        except (UnsupportedModelError, AttributeError):
+            if not is_overridden("configure_model", pl_module, LightningModule):
+                raise
+            # the ViT may be made in configure_model, which Lightning calls after setup: _start looks again
+
+    def _bind(self, pl_module: LightningModule) -> None:
+        """Find the ViT and check the config against it (again at every stage start: ``configure_model`` runs after
+        ``setup`` and may create or replace it)."""
         self._vit_name, self._vit = find_vit(pl_module, self.model_attr)
         adapter = get_adapter(self._vit)
         adapter.check(self._vit)
@@ -196,8 +207,10 @@ class DSMCallback(Callback):
 
     # ------------------------------------------------------------------ patch / restore
     def _start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage not in self.stages or self._vit is None:
+        if stage not in self.stages:
             return
+        self._bind(pl_module)
+        assert self._vit is not None
         self._stage, self._trainer = stage, trainer
         if self._agree is not None:
             self._agree = self._agree.to(pl_module.device)

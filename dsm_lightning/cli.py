@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import yaml
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from .callback import DSMCallback
 from .console import run_console
@@ -37,6 +38,17 @@ DESCRIPTION = (
     "Spatial Merging / ToMe), never touching training. DSM settings: --dsm.* (see --print_config); "
     "predictions: --writer.output."
 )
+
+
+class LogDirConfigCallback(SaveConfigCallback):
+    """Save the resolved config into the logger's (versioned) folder only, never into the working directory: without
+    a logger (``--trainer.logger=false``) nothing is written, so a user's own ``config.yaml`` is never replaced, and
+    an existing file is never overwritten."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        super().setup(trainer, pl_module, stage)
 
 
 class DSMLightningCLI(LightningCLI):
@@ -104,7 +116,7 @@ def cli(args: Optional[List[str]] = None) -> DSMLightningCLI:
         ImageClassifier,
         ImageFolderDataModule,
         args=args,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=LogDirConfigCallback,
         auto_configure_optimizers=False,
         parser_kwargs={"description": DESCRIPTION},
     )
@@ -116,7 +128,7 @@ def maps_cli(args: Optional[List[str]] = None) -> MapsCLI:
         SaliencyPredictor,
         ImageFolderDataModule,
         args=args,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=LogDirConfigCallback,
         auto_configure_optimizers=False,
         parser_kwargs={"description": "dsm-lightning maps: saliency maps from a merged ViT backbone, one PNG each."},
     )

@@ -14,7 +14,13 @@ __all__ = ["TRACEBACK_ENV", "USER_ERRORS", "one_line", "run_console"]
 #: Environment variable that turns full tracebacks back on.
 TRACEBACK_ENV = "DSM_LIGHTNING_TRACEBACK"
 #: Exceptions that mean "the input is wrong": the package raises these with the fix in the message.
-USER_ERRORS = (ValueError, TypeError, OSError, KeyError, RuntimeError)
+USER_ERRORS: tuple = (ValueError, TypeError, OSError, KeyError, RuntimeError)
+try:  # Lightning's own "bad setting" error (e.g. trainer.limit_predict_batches=-1)
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    USER_ERRORS = (*USER_ERRORS, MisconfigurationException)
+except ImportError:  # pragma: no cover - lightning is a dependency
+    pass
 
 T = TypeVar("T")
 

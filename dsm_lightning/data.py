@@ -6,14 +6,26 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-__all__ = ["ImageFolderDataModule", "ImageFiles", "IMG_EXTENSIONS", "collate_skipping", "transform_from_config"]
+__all__ = [
+    "ImageFolderDataModule",
+    "ImageFiles",
+    "IMG_EXTENSIONS",
+    "collate_skipping",
+    "load_rgb",
+    "transform_from_config",
+]
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+#: File types read as images (an animated GIF gives its first frame). In predict, other files (except hidden ones,
+#: whose names start with a dot) are listed as skipped, with the reason, instead of being ignored.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+#: Pillow modes of 16-bit (and 32-bit integer) single-channel images, scaled to 8 bits by 1/257 before RGB.
+WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 BadImages = Literal["auto", "skip", "stop"]
 
 
@@ -44,9 +56,26 @@ def transform_from_config(cfg: Dict[str, Any], training: bool = False) -> Callab
     return create_transform(**{k: cfg[k] for k in keys if k in cfg}, is_training=training)
 
 
-def image_files(root: Path) -> List[str]:
-    """Image files under ``root``, sorted, following symbolic links safely: a directory reached twice (a link
-    loop such as ``up -> ..``, or two links to one place) is walked once, and each file is listed once."""
+def load_rgb(file: Any) -> Image.Image:
+    """An image file as 8-bit RGB, the way viewers show it: EXIF orientation applied, 16-bit grayscale scaled to
+    8 bits (Pillow's own ``convert("RGB")`` clips it, turning most pixels white), palette and alpha modes converted.
+
+    Raises:
+        ValueError: For a floating-point image (mode ``F``), whose value range is unknown.
+    """
+    with Image.open(file) as opened:
+        image = ImageOps.exif_transpose(opened)
+    if image.mode in WIDE_INT_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        raise ValueError("a floating-point image (mode F) has no known value range; save it as an 8- or 16-bit file")
+    return image.convert("RGB")
+
+
+def _all_files(root: Path) -> List[str]:
+    """Every file under ``root``, sorted, following symbolic links safely: a directory reached twice (a link loop
+    such as ``up -> ..``, or two links to one place) is walked once, and each file is listed once."""
     seen_dirs, seen_files, found = set(), set(), []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -57,13 +86,27 @@ def image_files(root: Path) -> List[str]:
         dirnames.sort()
         for name in sorted(filenames):
             file = os.path.join(dirpath, name)
-            if Path(name).suffix.lower() not in IMG_EXTENSIONS or not os.path.isfile(file):
-                continue
             key = os.path.realpath(file)
-            if key not in seen_files:
+            if os.path.isfile(file) and key not in seen_files:
                 seen_files.add(key)
                 found.append(file)
     return sorted(found)
+
+
+def image_files(root: Path) -> List[str]:
+    """Image files (:data:`IMG_EXTENSIONS`) under ``root``, sorted, each listed once (see :func:`_all_files`)."""
+    return [f for f in _all_files(root) if Path(f).suffix.lower() in IMG_EXTENSIONS]
+
+
+def other_files(root: Path) -> List[str]:
+    """Files under ``root`` that :func:`image_files` does not list (no image extension); hidden files and files
+    in hidden folders (a name starting with a dot) are left out."""
+    return [
+        f
+        for f in _all_files(root)
+        if Path(f).suffix.lower() not in IMG_EXTENSIONS
+        and not any(part.startswith(".") for part in Path(f).relative_to(root).parts)
+    ]
 
 
 class ImageFiles(Dataset):
@@ -90,8 +133,10 @@ class ImageFiles(Dataset):
                 f"images (ImageFolder layout <root>/<class>/<image> for validate/test)"
             )
         subdirs = sorted(d.name for d in path.iterdir() if d.is_dir())
-        if labelled is None:
-            labelled = bool(subdirs)
+        if labelled is None:  # class folders and nothing beside them; a loose image makes it a plain folder
+            labelled = bool(subdirs) and not any(
+                f.is_file() and f.suffix.lower() in IMG_EXTENSIONS for f in path.iterdir()
+            )
         self.transform = transform
         if labelled:
             if not subdirs:
@@ -108,15 +153,20 @@ class ImageFiles(Dataset):
             self.samples = [(f, -1) for f in image_files(path)]
         if not self.samples:
             raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root!r}")
+        #: Files that are not images, listed as skipped (predict) rather than silently left out.
+        self.not_images = other_files(path) if skip_bad and not labelled else []
+        self.samples += [(f, -2) for f in self.not_images]
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         path, target = self.samples[index]
+        if target == -2:
+            reason = f"not an image file ({Path(path).suffix or 'no extension'}; read: {' '.join(IMG_EXTENSIONS)})"
+            return {"skipped": (path, reason), "index": index}
         try:
-            with open(path, "rb") as fh:
-                image = Image.open(fh).convert("RGB")
+            image = load_rgb(path)
         except Exception as err:  # PIL raises several types for broken files
             if self.skip_bad:
                 return {"skipped": (path, f"{type(err).__name__}: {err}"), "index": index}
@@ -172,6 +222,12 @@ class ImageFolderDataModule(LightningDataModule):
         super().__init__()
         if bad_images not in ("auto", "skip", "stop"):
             raise ValueError(f"bad_images={bad_images!r}: use 'auto', 'skip' or 'stop'")
+        if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
+            raise ValueError(f"crop_pct={crop_pct!r}: pass a fraction in (0, 1] (1.0 resizes without cropping)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: pass a whole number >= 1")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers!r}: pass 0 (load in the main process) or more")
         self.save_hyperparameters()
         self.datasets: Dict[str, ImageFiles] = {}
         self._check_dirs()

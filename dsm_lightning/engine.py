@@ -7,9 +7,10 @@ created inside the call and threaded through the loop in a per-block :class:`Blo
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from .merge import MergeState, merge_step, size_bias
 from .schedule import BlockPlan, TokenPlan
@@ -27,14 +28,20 @@ class BlockCall:
     The engine passes it as ``block(x, dsm=call)``; the patched block runs attention, then :meth:`merge` (which
     records the new :class:`MergeState` in :attr:`state`), then its MLP.
 
+    A recomputed block (activation checkpointing runs a block's forward again in backward) merges from the same
+    input state as the first call, so it produces the same tokens: :meth:`merge` always starts from
+    :attr:`before`.
+
     Attributes:
-        state: Sizes and patch-to-token map before the block; after :meth:`merge`, after it.
+        before: Sizes and patch-to-token map before the block (never changed).
+        state: :attr:`before` until :meth:`merge` runs; after it, the state after the block.
         bias: Additive attention bias, None while all sizes are equal.
         block: This block's :class:`BlockPlan`.
         plan: The whole :class:`TokenPlan`.
     """
 
     def __init__(self, state: MergeState, bias: Optional[Tensor], block: BlockPlan, plan: TokenPlan) -> None:
+        self.before = state
         self.state = state
         self.bias = bias
         self.block = block
@@ -58,7 +65,7 @@ class BlockCall:
         keeps their state in :attr:`state`."""
         plan = self.plan
         tokens, self.state = merge_step(
-            tokens, metric, self.state, self.block, plan.grid, plan.num_prefix_tokens, plan.config, cls_attn
+            tokens, metric, self.before, self.block, plan.grid, plan.num_prefix_tokens, plan.config, cls_attn
         )
         return tokens
 
@@ -69,6 +76,7 @@ def run_blocks(
     plan: TokenPlan,
     hook: Optional[BlockHook] = None,
     block_args: Tuple[Any, ...] = (),
+    checkpoint: bool = False,
 ) -> Tuple[Tensor, MergeState]:
     """Run ``blocks`` on tokens ``x`` ``[B, prefix + N, C]`` following ``plan``.
 
@@ -83,6 +91,8 @@ def run_blocks(
         hook: Optional per-block observer.
         block_args: Positional arguments after the tokens that the family's blocks require (HF layers take their
             attention mask positionally: ``(None,)``).
+        checkpoint: Run every block under activation checkpointing (``torch.utils.checkpoint``, non-reentrant), as
+            timm's ``set_grad_checkpointing(True)`` does for the dense model.
 
     Returns:
         The tokens after the last block and the final :class:`MergeState`.
@@ -90,12 +100,14 @@ def run_blocks(
     state = MergeState()
     for blk, bp in zip(blocks, plan.blocks):
         bias = size_bias(state, x.dtype) if bp.size_bias else None
-        if bp.merges or bias is not None:
-            call = BlockCall(state, bias, bp, plan)
-            x = blk(x, *block_args, dsm=call)
-            state = call.state
+        call = BlockCall(state, bias, bp, plan) if bp.merges or bias is not None else None
+        kwargs: Dict[str, Any] = {} if call is None else {"dsm": call}
+        if checkpoint:
+            x = activation_checkpoint(blk, x, *block_args, use_reentrant=False, **kwargs)
         else:
-            x = blk(x, *block_args)
+            x = blk(x, *block_args, **kwargs)
+        if call is not None:
+            state = call.state
         if hook is not None:
             hook(bp.index, x, state)
     return x, state

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, cast
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +18,63 @@ __all__ = ["ImageClassifier", "SaliencyPredictor", "build_model", "load_checkpoi
 DEFAULT_MODEL = "vit_small_patch16_224"
 
 
+#: Constructor arguments a side-car's ``create_kwargs`` may set, each with its accepted values: a type and, for
+#: numbers, an inclusive range wide enough for any published ViT. Anything else is refused before a model is built.
+SIDECAR_CREATE_KWARGS: Dict[str, Tuple[Tuple[type, ...], Optional[Tuple[float, float]]]] = {
+    "img_size": ((int, list), (1, 4096)),
+    "patch_size": ((int,), (1, 64)),
+    "num_classes": ((int,), (0, 100_000)),
+    "global_pool": ((str,), None),
+    "class_token": ((bool,), None),
+    "reg_tokens": ((int,), (0, 64)),
+    "no_embed_class": ((bool,), None),
+    "embed_dim": ((int,), (1, 8192)),
+    "depth": ((int,), (1, 64)),
+    "num_heads": ((int,), (1, 128)),
+    "mlp_ratio": ((int, float), (0.25, 16)),
+    "qkv_bias": ((bool,), None),
+    "qk_norm": ((bool,), None),
+    "init_values": ((int, float, type(None)), (0, 10)),
+    "pre_norm": ((bool,), None),
+    "final_norm": ((bool,), None),
+    "fc_norm": ((bool, type(None)), None),
+    "dynamic_img_size": ((bool,), None),
+    "dynamic_img_pad": ((bool,), None),
+}
+
+
+def _check_create_kwarg(meta: Path, key: str, value: Any) -> None:
+    if key not in SIDECAR_CREATE_KWARGS:
+        raise ValueError(
+            f"{meta}: create_kwargs[{key!r}] is not a constructor argument a side-car may set (allowed: "
+            f"{', '.join(SIDECAR_CREATE_KWARGS)}); pass it yourself with --model.model_kwargs if you trust it"
+        )
+    kinds, bounds = SIDECAR_CREATE_KWARGS[key]
+    items = value if isinstance(value, list) else [value]
+    numeric = (int, float)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if ok and isinstance(value, list):
+        ok = 1 <= len(value) <= 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if ok and bounds is not None:
+        ok = all(not isinstance(v, numeric) or isinstance(v, bool) or bounds[0] <= v <= bounds[1] for v in items)
+    if not ok:
+        limit = f" in [{bounds[0]:g}, {bounds[1]:g}]" if bounds else ""
+        names = "/".join(k.__name__ for k in kinds)
+        raise ValueError(f"{meta}: create_kwargs[{key!r}] = {value!r} is out of range; expected {names}{limit}")
+
+
 def read_sidecar(checkpoint_path: str) -> Dict[str, Any]:
     """The JSON file next to a checkpoint (same name, ``.json``), or ``{}`` when there is none.
 
-    Keys read: ``timm_name`` (model name), ``create_kwargs`` (constructor arguments, e.g. ``img_size``,
-    ``num_classes``, ``global_pool``) and ``classes`` (class names, one per output). Other keys are ignored.
+    Keys read: ``timm_name`` (a timm or ``torchvision:`` model name), ``create_kwargs`` (constructor arguments from
+    :data:`SIDECAR_CREATE_KWARGS`, e.g. ``img_size``, ``num_classes``, ``global_pool``, each within its range) and
+    ``classes`` (class names, one per output). Other keys are ignored. A side-car describes weights; it can never
+    name a ``transformers`` folder (``hf:``, whose loader can import code), enable remote code or build a model far
+    larger than any real ViT.
 
     Raises:
-        ValueError: If the file is not valid JSON or a key has the wrong type (the message names the file).
+        ValueError: If the file is not valid JSON or a key has the wrong type or value (the message names the file
+            and the key).
     """
     meta = Path(checkpoint_path).with_suffix(".json")
     if not meta.is_file():
@@ -49,6 +98,13 @@ def read_sidecar(checkpoint_path: str) -> Dict[str, Any]:
             raise ValueError(f"{meta}: {key!r} must be {what}, got {data[key]!r}")
     if "classes" in data and not all(isinstance(c, str) for c in data["classes"]):
         raise ValueError(f"{meta}: 'classes' must be a list of class-name strings")
+    if str(data.get("timm_name", "")).startswith("hf:"):
+        raise ValueError(
+            f"{meta}: 'timm_name' names a transformers folder ({data['timm_name']!r}); a side-car may only name a "
+            f"timm or torchvision model. Load a transformers model with --model.model_name=hf:<folder> instead"
+        )
+    for key, value in data.get("create_kwargs", {}).items():
+        _check_create_kwarg(meta, key, value)
     return data
 
 
@@ -71,7 +127,12 @@ def _build_hf(model_name: str, num_classes: Optional[int], pretrained: bool, **m
     if pretrained:
         raise ValueError("pretrained=True has no meaning for hf:<folder>; the folder's weights are loaded")
     folder = _hf_folder(model_name)
-    kwargs = {"attn_implementation": "sdpa", **model_kwargs}
+    if model_kwargs.get("trust_remote_code"):
+        raise ValueError(
+            "trust_remote_code=True would import Python files from the model folder; dsm-lightning loads only "
+            "transformers' built-in ViT families, without remote code. Remove trust_remote_code"
+        )
+    kwargs = {"attn_implementation": "sdpa", **model_kwargs, "trust_remote_code": False}
     model: nn.Module = AutoModelForImageClassification.from_pretrained(str(folder), local_files_only=True, **kwargs)
     labels = int(cast(Any, model).config.num_labels)
     if num_classes is not None and num_classes != labels:
@@ -254,6 +315,8 @@ class ImageClassifier(LightningModule):
         lr: float = 1e-4,
     ) -> None:
         super().__init__()
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k={top_k!r}: pass a whole number >= 1 (how many classes to predict per image)")
         self.save_hyperparameters()
         meta = read_sidecar(checkpoint_path) if checkpoint_path else {}
         kwargs = dict(model_kwargs or {})
@@ -336,7 +399,7 @@ class ImageClassifier(LightningModule):
 
     def _warn_skipped(self, batch: Dict[str, Any]) -> None:
         for path, reason in batch.get("skipped", ()):
-            warnings.warn(f"skipped unreadable image {path!r} ({reason})", stacklevel=2)
+            warnings.warn(f"skipped {path!r}: {reason}", stacklevel=2)
 
     def _eval_step(self, batch: Dict[str, Any], metrics) -> None:
         self._warn_skipped(batch)

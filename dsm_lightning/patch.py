@@ -291,11 +291,17 @@ def dense_intermediates(model: nn.Module, images: Tensor, indices: Optional[Sequ
     Each input patch position holds the token it was merged into, so necks and heads built for the dense model read
     them unchanged; outputs of delayed (dense) blocks are exactly the dense model's. Final norms are not applied.
     timm models also offer timm's own ``forward_intermediates`` while patched.
+
+    Raises:
+        IndexError: For an index outside ``[-depth, depth)``, as timm's ``forward_intermediates`` does.
     """
     if not is_patched(model):
         raise ValueError("dense_intermediates needs a patched model: call apply_dsm(model, ...) first")
     adapter = get_adapter(model)
     depth = adapter.depth(model)
+    bad = [i for i in indices or () if not -depth <= i < depth]
+    if bad:
+        raise IndexError(f"dense_intermediates: block indices {bad} out of range for a model of depth {depth}")
     wanted = set(range(depth)) if indices is None else {i % depth for i in indices}
     prefix = adapter.num_prefix_tokens(model)
     taken: Dict[int, Tensor] = {}

@@ -9,6 +9,7 @@ local phase and the image-wide groups of the global phase are both visible.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -131,9 +132,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     )
     parser.add_argument("--num-classes", type=int, default=None, help="None: the side-car's, else the model's")
     parser.add_argument("--img-size", type=int, default=None, help="input size; None: the side-car's, else the model's")
-    parser.add_argument("--delay", type=int, default=2, help="dense leading blocks")
+    parser.add_argument("--delay", type=int, default=DSMConfig.delay, help="dense leading blocks")
     parser.add_argument(
-        "--local-blocks", type=int, default=2, help="merging blocks inside windows (shown as a middle panel)"
+        "--local-blocks",
+        type=int,
+        default=DSMConfig.local_blocks,
+        help="merging blocks inside windows (shown as a middle panel when > 0)",
     )
     parser.add_argument("--windows", type=int, default=DSMConfig.windows, help="windows of the local phase")
     parser.add_argument(
@@ -180,7 +184,9 @@ def _write_pictures(args: argparse.Namespace) -> None:
     for i in range(min(args.limit, len(files))):
         item = files[i]
         figure = merge_figure(module.model, item["image"], cfg["mean"], cfg["std"])
-        target = out / (Path(item["path"]).stem + "_dsm.png")
+        relative = Path(os.path.relpath(item["path"], args.images))  # sub-folders kept: names never collide
+        target = out / relative.parent / (relative.name + "_dsm.png")
+        target.parent.mkdir(parents=True, exist_ok=True)
         figure.save(target)
         print(target)
 

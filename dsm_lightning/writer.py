@@ -2,9 +2,11 @@
 
 Every rank appends its rows to its own part file as batches finish. At the end of predict, rank zero merges the
 parts (one row per image, in dataset order, duplicates from padded samplers dropped) into a temporary file and
-renames it into place, so the output is never half-written; on an exception the parts are removed. Images the data
-module skipped as unreadable (``data.bad_images``) are listed, with the reason, in ``<output stem>.skipped.tsv``
-next to the output.
+renames it into place, so the output is never half-written; on an exception the parts are removed. Part and
+temporary files carry a per-run id, and a lock file next to the output (``.<name>.lock``, holding the owner's
+process id) refuses a second run writing the same output at the same time, before any work starts. Files the data
+module skipped (unreadable, or not images; ``data.bad_images``) are listed, with the reason, in
+``<output stem>.skipped.tsv`` next to the output (tab-separated, quoted where a name holds a tab or a newline).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
@@ -37,9 +40,39 @@ class PredictionWriter(BasePredictionWriter):
         self.overwrite = overwrite
         self._fh: Optional[TextIO] = None
         self._classes: Optional[List[str]] = None
+        self._run = uuid.uuid4().hex[:12]
+        self._locked = False
 
     def _part(self, rank: int) -> Path:
-        return self.output.with_name(f".{self.output.name}.rank{rank}.part")
+        return self.output.with_name(f".{self.output.name}.{self._run}.rank{rank}.part")
+
+    @property
+    def _lock(self) -> Path:
+        return self.output.with_name(f".{self.output.name}.lock")
+
+    def _take_lock(self) -> None:
+        """Create the lock file atomically; a lock whose process is gone (a killed run) is taken over."""
+        for _ in range(2):
+            try:
+                fd = os.open(self._lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._lock.read_text().strip() if self._lock.exists() else ""
+                if owner.isdigit() and _alive(int(owner)):
+                    raise FileExistsError(
+                        f"another run (process {owner}) is writing {self.output}; wait for it to finish or pass "
+                        f"another --writer.output (delete {self._lock} if no such run is alive)"
+                    ) from None
+                self._lock.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            self._locked = True
+            return
+
+    def _release(self) -> None:
+        if self._locked:
+            self._lock.unlink(missing_ok=True)
+            self._locked = False
 
     @property
     def skipped_path(self) -> Path:
@@ -56,7 +89,15 @@ class PredictionWriter(BasePredictionWriter):
             )
         if self.output.exists() and not self.overwrite:
             raise FileExistsError(f"{self.output} exists; delete it or set overwrite=True")
+        if trainer.limit_predict_batches == 0:
+            raise ValueError(
+                f"trainer.limit_predict_batches=0 predicts no image, so {self.output} would not be written; "
+                f"remove the setting or pass a positive number"
+            )
         self.output.parent.mkdir(parents=True, exist_ok=True)
+        self._run = trainer.strategy.broadcast(uuid.uuid4().hex[:12])  # every rank names its part with one id
+        if trainer.is_global_zero:
+            self._take_lock()
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._classes = getattr(pl_module, "class_names", None)
@@ -109,9 +150,10 @@ class PredictionWriter(BasePredictionWriter):
             written, skipped = self._merge(trainer.world_size)
             message = f"PredictionWriter: {written} predictions written to {self.output}"
             if skipped:
-                message += f"; {skipped} unreadable images skipped (listed in {self.skipped_path})"
+                message += f"; {skipped} files skipped: unreadable or not images (listed in {self.skipped_path})"
             bar = trainer.progress_bar_callback
             bar.print(message) if bar is not None else print(message)
+            self._release()
         trainer.strategy.barrier("dsm_prediction_writer_done")
 
     def _merge(self, world_size: int) -> Tuple[int, int]:
@@ -127,7 +169,7 @@ class PredictionWriter(BasePredictionWriter):
                     else:
                         rows.setdefault(row["index"], row)
         ordered = [rows[k] for k in sorted(rows)]
-        tmp = self.output.with_name(f".{self.output.name}.tmp")
+        tmp = self._tmp
         with open(tmp, "w", newline="") as fh:
             if self.output.suffix == ".jsonl":
                 for row in ordered:
@@ -153,8 +195,11 @@ class PredictionWriter(BasePredictionWriter):
                     writer.writerow(flat)
         os.replace(tmp, self.output)
         if skipped:
-            tmp = self.skipped_path.with_name(f".{self.skipped_path.name}.tmp")
-            tmp.write_text("".join(f"{path}\t{' '.join(reason.split())}\n" for path, reason in sorted(skipped.items())))
+            tmp = self.skipped_path.with_name(f".{self.skipped_path.name}.{self._run}.tmp")
+            with open(tmp, "w", newline="") as fh:
+                table = csv.writer(fh, dialect="excel-tab")
+                table.writerow(["path", "reason"])
+                table.writerows((path, " ".join(reason.split())) for path, reason in sorted(skipped.items()))
             os.replace(tmp, self.skipped_path)
         else:
             self.skipped_path.unlink(missing_ok=True)  # a list from an earlier run would mislead
@@ -162,12 +207,31 @@ class PredictionWriter(BasePredictionWriter):
             self._part(rank).unlink(missing_ok=True)
         return len(ordered), len(skipped)
 
+    @property
+    def _tmp(self) -> Path:
+        return self.output.with_name(f".{self.output.name}.{self._run}.tmp")
+
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
         self._part(trainer.global_rank).unlink(missing_ok=True)
-        self.output.with_name(f".{self.output.name}.tmp").unlink(missing_ok=True)
+        self._tmp.unlink(missing_ok=True)
+        self._release()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._release()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 class MapWriter(BasePredictionWriter):
@@ -175,8 +239,10 @@ class MapWriter(BasePredictionWriter):
     (:class:`~dsm_lightning.module.SaliencyPredictor`).
 
     Each map is cropped to the image area of the letterboxed input and resized to the image's own size, then written
-    atomically (a temporary file renamed into place) as ``<output_dir>/<path relative to data.predict_dir>.png``;
-    every rank writes its own images, so DDP needs no merge.
+    atomically (a temporary file renamed into place) as ``<output_dir>/<path relative to the image folder>.png``:
+    the input's own extension stays in the name (``cat.jpg`` gives ``cat.jpg.png``, ``cat.png`` gives
+    ``cat.png.png``) and sub-folders (class folders, symbolic links) are kept, so two inputs never share a map.
+    Every rank writes its own images, so DDP needs no merge.
 
     Args:
         output_dir: Folder for the maps.
@@ -186,7 +252,12 @@ class MapWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self._root: Optional[Path] = None
-        self.written = 0
+        self._targets: Dict[Path, str] = {}
+
+    @property
+    def written(self) -> int:
+        """Maps written in this predict stage (by this rank)."""
+        return len(self._targets)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "predict":
@@ -194,18 +265,21 @@ class MapWriter(BasePredictionWriter):
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise NotADirectoryError(f"writer.output_dir={str(self.output_dir)!r} is a file; pass a folder")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        datamodule = getattr(trainer, "datamodule", None)
-        root = getattr(datamodule, "hparams", {}).get("predict_dir")
-        self._root = Path(root).resolve() if root else None
-        self.written = 0
+        hparams = getattr(getattr(trainer, "datamodule", None), "hparams", {})
+        root = hparams.get("predict_dir") or hparams.get("val_dir")  # the folder the data module predicts on
+        self._root = Path(os.path.abspath(root)) if root else None  # abspath: symbolic links stay as they are
+        self._targets = {}
 
     def _target(self, path: str) -> Path:
-        source = Path(path).resolve()
-        try:
-            relative = source.relative_to(self._root) if self._root else Path(source.name)
-        except ValueError:
-            relative = Path(source.name)
-        return self.output_dir / relative.with_suffix(".png")
+        source = Path(os.path.abspath(path))
+        if self._root is None or not source.is_relative_to(self._root):
+            raise ValueError(f"MapWriter: {path} is not under the image folder {self._root}; pass data.predict_dir")
+        target = self.output_dir / source.relative_to(self._root)
+        target = target.with_name(target.name + ".png")
+        if target in self._targets and self._targets[target] != path:
+            raise FileExistsError(f"MapWriter: {path} and {self._targets[target]} would both write {target}")
+        self._targets[target] = path
+        return target
 
     def write_on_batch_end(
         self,
@@ -238,7 +312,6 @@ class MapWriter(BasePredictionWriter):
             tmp = target.with_name(f".{target.name}.tmp")
             Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
             os.replace(tmp, target)
-            self.written += 1
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         message = f"MapWriter: {self.written} maps written to {self.output_dir} (rank {trainer.global_rank})"

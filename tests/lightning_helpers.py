@@ -18,6 +18,14 @@ def read_csv(path) -> list:
         return list(csv.DictReader(fh))
 
 
+def read_tsv(path) -> list:
+    """Rows of a tab-separated file with a header (the writer's ``.skipped.tsv``) as dicts."""
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh, dialect="excel-tab"))
+
+
 def make_image_folder(root: Path, classes=3, per_class=4, size=32, seed=0, labelled=True) -> Path:
     """Write small random RGB PNGs in ImageFolder layout (or flat when not labelled)."""
     g = torch.Generator().manual_seed(seed)

@@ -11,7 +11,7 @@ import torch
 from dsm_lightning.cli import cli as main
 from dsm_lightning.data import ImageFiles
 from dsm_lightning.module import ImageClassifier
-from tests.lightning_helpers import TINY_KW, make_image_folder, read_csv
+from tests.lightning_helpers import TINY_KW, make_image_folder, read_csv, read_tsv
 
 
 def cli_args(tmp_path: Path, data_dir: Path, output: Path, *extra: str):
@@ -76,19 +76,19 @@ def test_predict_skips_unreadable_images_by_default_and_lists_them(tmp_path, cap
     good = next(iter(sorted(data.glob("*.png"))))
     (data / "d_truncated.png").write_bytes(good.read_bytes()[:40])  # a real header, cut short
     out = tmp_path / "preds.csv"
-    with pytest.warns(UserWarning, match="skipped unreadable image"):
+    with pytest.warns(UserWarning, match="skipped .*broken"):
         main(["predict", *cli_args(tmp_path, data, out)])
     rows = read_csv(out)
     assert len(rows) == 12 and not any("broken" in r["path"] or "truncated" in r["path"] for r in rows)
-    listed = (tmp_path / "preds.skipped.tsv").read_text().splitlines()
-    assert sorted(Path(line.split("\t")[0]).name for line in listed) == [
+    listed = read_tsv(tmp_path / "preds.skipped.tsv")
+    assert sorted(Path(row["path"]).name for row in listed) == [
         "a_broken.png",
         "b_broken.jpg",
         "c_truncated.png",
         "d_truncated.png",
     ]
-    assert all(len(line.split("\t")) == 2 and line.split("\t")[1] for line in listed), "each with its reason"
-    assert "4 unreadable images skipped" in capsys.readouterr().out
+    assert all(len(row) == 2 and row["reason"] for row in listed), "each with its reason"
+    assert "4 files skipped" in capsys.readouterr().out
 
 
 def test_batch_of_only_unreadable_images_is_skipped_whole(tmp_path):
@@ -99,7 +99,7 @@ def test_batch_of_only_unreadable_images_is_skipped_whole(tmp_path):
     with pytest.warns(UserWarning):
         main(["predict", *cli_args(tmp_path, data, out)])
     assert len(out.read_text().splitlines()) == 3
-    assert len((tmp_path / "preds.skipped.tsv").read_text().splitlines()) == 6
+    assert len(read_tsv(tmp_path / "preds.skipped.tsv")) == 6
 
 
 def test_validate_stops_on_unreadable_image_by_default(tmp_path):

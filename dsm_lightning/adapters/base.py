@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from ..config import DSMConfig
@@ -138,10 +139,14 @@ class Adapter(abc.ABC):
     def run(
         self, model: nn.Module, x: Tensor, grid: Tuple[int, int], hook: Optional[BlockHook] = None
     ) -> Tuple[Tensor, MergeState]:
-        """Run the blocks of ``model`` on embedded tokens ``x`` with merging; returns merged ``(tokens, state)``."""
+        """Run the blocks of ``model`` on embedded tokens ``x`` with merging; returns merged ``(tokens, state)``.
+
+        Blocks run under activation checkpointing when the model asks for it (timm's ``grad_checkpointing``, set by
+        ``set_grad_checkpointing(True)``) and gradients are on, as the unpatched forward does."""
         plan = self.plan(model, grid)
         check_tokens(x, plan)
-        return run_blocks(self.blocks(model), x, plan, hook, self.block_args)
+        checkpoint = bool(getattr(model, "grad_checkpointing", False)) and torch.is_grad_enabled()
+        return run_blocks(self.blocks(model), x, plan, hook, self.block_args, checkpoint)
 
 
 _REGISTRY: List[Adapter] = []

@@ -1,0 +1,120 @@
+"""Files a user did not make: side-cars never run code or build giant models; images read as they look."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dsm_lightning.data import ImageFiles, load_rgb
+from dsm_lightning.module import ImageClassifier, read_sidecar
+from tests.lightning_helpers import TINY_KW
+
+
+def _bundle(tmp_path, sidecar: dict):
+    weights = tmp_path / "bundle" / "model.safetensors"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    weights.write_bytes(b"")
+    weights.with_suffix(".json").write_text(json.dumps(sidecar))
+    return weights
+
+
+def _remote_code_folder(tmp_path):
+    """A transformers folder whose config asks for its own Python code; the code leaves a marker file."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    marker = tmp_path / "PWNED"
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "x", "auto_map": {"AutoConfig": "cfg.C", "AutoModelForImageClassification": "cfg.M"}})
+    )
+    (folder / "cfg.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PretrainedConfig, PreTrainedModel\n"
+        "class C(PretrainedConfig): model_type = 'x'\n"
+        "class M(PreTrainedModel): config_class = C\n"
+    )
+    return folder, marker
+
+
+def test_sidecar_naming_a_transformers_folder_with_remote_code_is_refused_before_any_import(tmp_path):
+    folder, marker = _remote_code_folder(tmp_path)
+    weights = _bundle(tmp_path, {"timm_name": f"hf:{folder}", "create_kwargs": {"trust_remote_code": True}})
+    with pytest.raises(ValueError, match=r"model\.json.*(timm_name|trust_remote_code)"):
+        ImageClassifier(checkpoint_path=str(weights))
+    assert not marker.exists(), "no code from the side-car's folder ran"
+
+
+def test_trust_remote_code_is_refused_even_when_the_user_passes_it(tmp_path):
+    pytest.importorskip("transformers")
+    folder, marker = _remote_code_folder(tmp_path)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        ImageClassifier(model_name=f"hf:{folder}", model_kwargs={"trust_remote_code": True})
+    with pytest.raises(ValueError):  # transformers refuses the folder's code when remote code is off
+        ImageClassifier(model_name=f"hf:{folder}")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("create_kwargs", "match"),
+    [
+        ({"depth": 1_000_000}, r"create_kwargs\['depth'\].*\[1, 64\]"),
+        ({"embed_dim": 10**9}, r"'embed_dim'"),
+        ({"img_size": [224, 10**6]}, r"'img_size'"),
+        ({"depth": "12"}, r"'depth'.*expected int"),
+        ({"depth": True}, r"'depth'"),
+        ({"pretrained_cfg_overlay": {"file": "/etc/passwd"}}, r"\['pretrained_cfg_overlay'\] is not a constructor"),
+        ({"act_layer": "os.system"}, r"\['act_layer'\] is not a constructor"),
+    ],
+)
+def test_sidecar_constructor_arguments_are_whitelisted_and_bounded(tmp_path, create_kwargs, match):
+    weights = _bundle(tmp_path, {"timm_name": "vit_tiny_patch16_224", "create_kwargs": create_kwargs})
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=match):
+        ImageClassifier(checkpoint_path=str(weights))
+    assert time.perf_counter() - start < 5, "refused before any model is built"
+
+
+def test_sidecar_of_a_real_model_still_reads(tmp_path):
+    create = {**TINY_KW, "num_classes": 3, "global_pool": "token"}
+    weights = _bundle(tmp_path, {"timm_name": "vit_tiny_patch16_224", "create_kwargs": create, "classes": list("abc")})
+    assert read_sidecar(str(weights))["create_kwargs"] == create
+
+
+def test_sixteen_bit_png_keeps_its_tones(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 64), (64, 1)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    rgb = np.asarray(ImageFiles(str(tmp_path), labelled=False)[0]["image"]).astype(float)
+    assert rgb.shape == (64, 64, 3)
+    assert (rgb == 255).mean() < 0.05 and abs(rgb.mean() - 127.5) < 1.5, "the ramp stays a ramp, not white"
+    np.testing.assert_allclose(rgb[0, :, 0], np.rint(ramp[0] / 257.0), atol=0)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.fromarray(np.zeros((20, 40, 3), np.uint8))  # 40 wide, 20 high as stored
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_rgb(tmp_path / "rotated.jpg").size == (20, 40), "shown as a viewer shows it: 20 wide, 40 high"
+
+
+def test_float_image_is_refused_with_a_reason(tmp_path):
+    Image.fromarray(np.random.rand(8, 8).astype(np.float32), mode="F").save(tmp_path / "float.tif")
+    item = ImageFiles(str(tmp_path), labelled=False, skip_bad=True)[0]
+    assert "floating-point" in item["skipped"][1]
+
+
+def test_every_file_in_a_predict_folder_is_predicted_or_listed(tmp_path):
+    frames = [Image.fromarray(np.full((16, 16, 3), v, np.uint8)) for v in (10, 200)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    files = ImageFiles(str(tmp_path), labelled=False, skip_bad=True)
+    items = [files[i] for i in range(len(files))]
+    predicted = [i["path"] for i in items if "image" in i]
+    skipped = {i["skipped"][0]: i["skipped"][1] for i in items if "skipped" in i}
+    assert [p.endswith("anim.gif") for p in predicted] == [True], "a GIF is read (its first frame)"
+    assert np.asarray(items[0]["image"])[0, 0, 0] == 10
+    assert list(skipped) == [str(tmp_path / "notes.txt")] and "not an image" in skipped[str(tmp_path / "notes.txt")]
