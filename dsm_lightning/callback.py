@@ -73,6 +73,8 @@ class DSMCallback(Callback):
         schedule: ``"proportional"`` or ``"constant"`` family when ``r`` is None.
         metric: ``"tokens"`` or ``"keys"``: what pairs are matched on.
         protect: Fraction of the most class-attended tokens that never merge.
+        matching: ``"dsm"`` or ``"tome"``: the bipartite sets and the order of unmerged tokens (``"tome"`` is
+            official ToMe's).
         config: A full :class:`~dsm_lightning.DSMConfig` instead of the fields above (they must then keep their
             defaults).
         stages: Which of ``"validate"`` (includes validation during fit and the sanity check), ``"test"``,
@@ -108,6 +110,7 @@ class DSMCallback(Callback):
         schedule: str = DSMConfig.schedule,
         metric: str = DSMConfig.metric,
         protect: float = DSMConfig.protect,
+        matching: str = DSMConfig.matching,
         *,
         config: Optional[DSMConfig] = None,
         stages: Sequence[str] = _STAGES,
@@ -128,6 +131,7 @@ class DSMCallback(Callback):
             schedule=schedule,
             metric=metric,
             protect=protect,
+            matching=matching,
         )
         changed = sorted(k for k, v in fields.items() if v != getattr(DSMConfig, k))
         if config is not None and changed:

@@ -48,12 +48,18 @@ class Matching(NamedTuple):
 
 
 def bipartite_soft_matching(
-    metric: Tensor, r: int, protected: Optional[Tensor] = None, num_prefix: int = 0
+    metric: Tensor,
+    r: int,
+    protected: Optional[Tensor] = None,
+    num_prefix: int = 0,
+    parity: int = 0,
+    sort_unmerged: bool = False,
 ) -> Matching:
     """ToMe's bipartite soft matching, on patch tokens only.
 
-    Tokens alternate between set ``a`` (even positions) and ``b`` (odd). Each ``a`` token proposes its most similar
-    ``b`` token (cosine similarity of ``metric``); the ``r`` most similar proposals are merged.
+    Tokens alternate between set ``a`` and set ``b``; set ``a`` starts at patch ``parity`` (0: even positions, 1:
+    odd ones). Each ``a`` token proposes its most similar ``b`` token (cosine similarity of ``metric``); the ``r``
+    most similar proposals are merged.
 
     Args:
         metric: ``[B, N, D]`` similarity features.
@@ -62,20 +68,28 @@ def bipartite_soft_matching(
             proposals rank last, so they merge only when fewer than ``r`` unprotected ``a`` tokens exist.
         num_prefix: Prefix tokens in front of the patch tokens in what ``merge`` is applied to; they are copied
             through first (so the caller need not split them off and concatenate them back).
+        parity: Patch index where set ``a`` starts (0 or 1). Official ToMe alternates over the whole sequence with
+            the class token first in set ``a``, which is ``parity=1`` on the patch tokens of a model with a class
+            token.
+        sort_unmerged: Keep the unmerged ``a`` tokens in their input order (official ToMe, which re-sorts them
+            whenever there is a class token) instead of the order of their best similarity.
     """
     batch, n, _ = metric.shape
-    na = (n + 1) // 2
-    nb = n // 2
+    odd = parity % 2
+    na = (n + 1 - odd) // 2
+    nb = n - na
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[:, ::2], metric[:, 1::2]
+        a, b = metric[:, odd::2], metric[:, 1 - odd :: 2]
         scores = torch.bmm(a, b.transpose(1, 2))  # = a @ b^T; matmul's decomposition would guard on n's parity
         if protected is not None:
-            blocked = protected[:, ::2, None] | protected[:, None, 1::2]
+            blocked = protected[:, odd::2, None] | protected[:, None, 1 - odd :: 2]
             scores = scores.masked_fill(blocked, -2.0)  # below any cosine similarity
         node_max, node_idx = scores.max(dim=-1)
         edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)  # ties (protected) keep order
         unm_idx = edge_idx[:, r:]  # [B, na - r]
+        if sort_unmerged:
+            unm_idx = unm_idx.sort(dim=-1).values
         src_idx = edge_idx[:, :r]  # [B, r]
         dst_idx = node_idx.gather(1, src_idx)  # [B, r]
 
@@ -83,11 +97,11 @@ def bipartite_soft_matching(
         a_new = torch.empty(batch, na, dtype=torch.long, device=device)
         a_new.scatter_(1, unm_idx, torch.arange(na - r, device=device).expand(batch, -1))
         a_new.scatter_(1, src_idx, dst_idx + (na - r))
-        # a tokens sit at even positions, b tokens at odd ones; written by slice so that no branch depends on the
-        # parity of n (a branch would give every parity its own compiled graph under dynamic shapes)
+        # a and b tokens sit at alternate positions, written by slice so that no branch depends on the parity of n
+        # (a branch would give every parity its own compiled graph under dynamic shapes)
         new_index = torch.empty(batch, n, dtype=torch.long, device=device)
-        new_index[:, ::2] = a_new
-        new_index[:, 1::2] = torch.arange(na - r, na - r + nb, device=device)
+        new_index[:, odd::2] = a_new
+        new_index[:, 1 - odd :: 2] = torch.arange(na - r, na - r + nb, device=device)
         # Flat row indices into x.reshape(batch * t, C), t = num_prefix + n: the kept tokens in output order (prefix,
         # unmerged a, every b), the merged-away a tokens, and the output rows they add into. index_select / index_add_
         # on one flat axis are several times faster than gather / scatter_add with expanded indices on CPU, and
@@ -96,9 +110,10 @@ def bipartite_soft_matching(
         p, t, m = num_prefix, num_prefix + n, num_prefix + n - r
         row_t = torch.arange(0, batch * t, t, device=device).unsqueeze(1)  # first flat row of each image
         parts = [torch.arange(p, device=device).expand(batch, -1)] if p else []
-        parts += [unm_idx * 2 + p, torch.arange(p + 1, p + 2 * nb, 2, device=device).expand(batch, -1)]
+        first_b = p + 1 - odd
+        parts += [unm_idx * 2 + (p + odd), torch.arange(first_b, first_b + 2 * nb, 2, device=device).expand(batch, -1)]
         keep = (torch.cat(parts, dim=1) + row_t).flatten()
-        src = (src_idx * 2 + row_t + p).flatten()
+        src = (src_idx * 2 + row_t + (p + odd)).flatten()
         first_dst = p + na - r  # output row of the first b token; one start per image, m rows apart
         dst = (dst_idx + torch.arange(first_dst, first_dst + batch * m, m, device=device).unsqueeze(1)).flatten()
 
@@ -133,12 +148,21 @@ def window_order(grid: Tuple[int, int], groups: Sequence[WindowGroup], device: t
 
 
 def merge_global(
-    x: Tensor, size: Tensor, metric: Tensor, r: int, protected: Optional[Tensor] = None, num_prefix: int = 0
+    x: Tensor,
+    size: Tensor,
+    metric: Tensor,
+    r: int,
+    protected: Optional[Tensor] = None,
+    num_prefix: int = 0,
+    tome_order: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Merge ``r`` tokens over the whole image. ``x`` and ``size`` may start with ``num_prefix`` prefix tokens,
-    which pass through unchanged; ``metric`` and ``protected`` cover the patch tokens only. Returns
-    ``(x, size, new_index)``."""
-    m = bipartite_soft_matching(metric, r, protected, num_prefix)
+    which pass through unchanged; ``metric`` and ``protected`` cover the patch tokens only. ``tome_order`` matches
+    as official ToMe does (:attr:`DSMConfig.matching <dsm_lightning.DSMConfig>` ``"tome"``): set ``a`` alternates
+    over the whole sequence, prefix tokens included, and unmerged tokens keep their order when there is a prefix.
+    Returns ``(x, size, new_index)``."""
+    parity, sort = (num_prefix % 2, num_prefix > 0) if tome_order else (0, False)
+    m = bipartite_soft_matching(metric, r, protected, num_prefix, parity, sort)
     x, size = merge_wavg(m.merge, x, size)
     return x, size, m.new_index
 
@@ -213,8 +237,9 @@ def protected_mask(cls_attn: Tensor, fraction: float) -> Tensor:
     batch, n = cls_attn.shape
     k = int(fraction * n)
     mask = torch.zeros(batch, n, dtype=torch.bool, device=cls_attn.device)
-    if k:
-        mask.scatter_(1, cls_attn.topk(k, dim=-1).indices, True)
+    if k:  # a tensor source, not a Python bool: TorchScript tracing and ONNX export have no scatter with a scalar bool
+        top = cls_attn.topk(k, dim=-1).indices
+        mask = mask.scatter(1, top, torch.ones_like(top, dtype=torch.bool))
     return mask
 
 
@@ -256,7 +281,8 @@ def merge_step(
         pos = torch.arange(grid[0] * grid[1], device=x.device).expand(batch, -1)
 
     if plan.mode != "local":  # global: the prefix tokens ride along in the merge, no split and concatenation
-        x, size, new_index = merge_global(x, size, metric, plan.r, protected, num_prefix)
+        tome_order = config is not None and config.matching == "tome"
+        x, size, new_index = merge_global(x, size, metric, plan.r, protected, num_prefix, tome_order)
         return x, MergeState(size, new_index.gather(1, pos))
     size_prefix, size = size[:, :num_prefix], size[:, num_prefix:]
     if state.pos is None:

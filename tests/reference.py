@@ -179,13 +179,23 @@ def ops_for(model):
 
 
 def ref_match(
-    tokens: List[Token], metric: List[torch.Tensor], r: int, protected: Sequence[bool] = ()
+    tokens: List[Token],
+    metric: List[torch.Tensor],
+    r: int,
+    protected: Sequence[bool] = (),
+    parity: int = 0,
+    sort_unmerged: bool = False,
 ) -> Tuple[List[Token], List[torch.Tensor]]:
     """Bipartite soft matching on one list of patch tokens; returns the new tokens (unmerged a's, then b's).
 
-    A pair that involves a ``protected`` token scores -2 (below any cosine), so it is proposed last."""
-    a = list(range(0, len(tokens), 2))
-    b = list(range(1, len(tokens), 2))
+    Set a starts at token ``parity``. A pair that involves a ``protected`` token scores -2 (below any cosine), so it
+    is proposed last. Unmerged a's leave by falling score, or in their input order with ``sort_unmerged``.
+
+    Official ToMe alternates over the whole sequence with the class token first in set a (never merged, as its
+    score is -inf) and re-sorts the unmerged a's by position whenever there is a class token: on the patch tokens
+    behind ``p`` prefix tokens that is ``parity = p % 2`` and ``sort_unmerged = p > 0``."""
+    a = list(range(parity, len(tokens), 2))
+    b = list(range(1 - parity, len(tokens), 2))
     unit = [m / m.norm() for m in metric]
     guard = list(protected) or [False] * len(tokens)
     best = []  # (score, a index, b index)
@@ -201,7 +211,8 @@ def ref_match(
         acc[ib][0] = acc[ib][0] + vec * size
         acc[ib][1] += size
         acc[ib][2] |= src
-    out = [tokens[best[n][1]] for n in order[r:]]
+    kept = sorted(order[r:], key=lambda n: best[n][1]) if sort_unmerged else order[r:]
+    out = [tokens[best[n][1]] for n in kept]
     out += [(acc[ib][0] / acc[ib][1], acc[ib][1], acc[ib][2]) for ib in b]
     return out, None
 
@@ -231,7 +242,8 @@ def ref_forward_tokens(model, image: torch.Tensor, plan: TokenPlan) -> Tuple[tor
             top = sorted(range(len(patches)), key=lambda i: -cls_attn[i])[: int(plan.config.protect * len(patches))]
             guard = [i in top for i in range(len(patches))]
         if bp.mode == "global":
-            patches, _ = ref_match(patches, metric, bp.r, guard)
+            tome = plan.config.matching == "tome"
+            patches, _ = ref_match(patches, metric, bp.r, guard, p % 2 if tome else 0, tome and p > 0)
         elif bp.mode == "local":
             new = []
             for g in bp.groups:

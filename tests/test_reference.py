@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsm_lightning import apply_dsm, token_plan
+from dsm_lightning import DSMConfig, apply_dsm, token_plan, trace_tokens
 from tests.conftest import images, tiny_vit
 from tests.reference import ref_forward
 
@@ -19,6 +19,8 @@ CASES = {
     "token_metric": dict(delay=1, r=6, local_blocks=1, metric="tokens"),
     "protect": dict(delay=0, r=0.25, local_blocks=1, protect=0.2),
     "protect_tokens_windows": dict(delay=1, r=6, local_blocks=2, windows=(2, 3), metric="tokens", protect=0.1),
+    "official_tome": DSMConfig.tome(6).to_dict(),
+    "tome_matching_dsm_options": dict(delay=1, r=0.3, local_blocks=1, protect=0.2, matching="tome"),
 }
 
 
@@ -39,7 +41,7 @@ def test_matches_reference(case, model_kw):
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["tome_like", "dsm_default_windows", "proportional", "protect"])
+@pytest.mark.parametrize("case", ["tome_like", "dsm_default_windows", "proportional", "protect", "official_tome"])
 def test_torchvision_matches_reference(case):
     from tests.conftest import tiny_torchvision
 
@@ -49,3 +51,15 @@ def test_torchvision_matches_reference(case):
     plan = token_plan(model)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref_forward(model, x, plan), rtol=1e-4, atol=1e-4)
+
+
+def test_tome_matching_changes_the_merges():
+    """The two matchings are different arbitrary choices (set parity, order of unmerged tokens), not one: different
+    patches end up sharing a token."""
+    x = images(batch=2, size=(36, 32))
+    groups = []
+    for matching in ("dsm", "tome"):
+        model = apply_dsm(tiny_vit(dynamic_img_size=True), r=6, matching=matching)
+        with torch.no_grad():
+            groups.append(trace_tokens(model, x).state.pos)
+    assert not torch.equal(groups[0], groups[1])
