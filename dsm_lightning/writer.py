@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-__all__ = ["PredictionWriter", "MapWriter"]
+__all__ = ["PredictionWriter"]
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -232,88 +232,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by another user
         return True
     return True
-
-
-class MapWriter(BasePredictionWriter):
-    """Write one 8-bit grayscale PNG per image from ``predict_step`` dicts holding ``maps`` ``[B, H, W]`` in [0, 1]
-    (:class:`~dsm_lightning.module.SaliencyPredictor`).
-
-    Each map is cropped to the image area of the letterboxed input and resized to the image's own size, then written
-    atomically (a temporary file renamed into place) as ``<output_dir>/<path relative to the image folder>.png``:
-    the input's own extension stays in the name (``cat.jpg`` gives ``cat.jpg.png``, ``cat.png`` gives
-    ``cat.png.png``) and sub-folders (class folders, symbolic links) are kept, so two inputs never share a map.
-    Every rank writes its own images, so DDP needs no merge.
-
-    Args:
-        output_dir: Folder for the maps.
-    """
-
-    def __init__(self, output_dir: str = "outputs/maps") -> None:
-        super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
-        self._root: Optional[Path] = None
-        self._targets: Dict[Path, str] = {}
-
-    @property
-    def written(self) -> int:
-        """Maps written in this predict stage (by this rank)."""
-        return len(self._targets)
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "predict":
-            return
-        if self.output_dir.exists() and not self.output_dir.is_dir():
-            raise NotADirectoryError(f"writer.output_dir={str(self.output_dir)!r} is a file; pass a folder")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        hparams = getattr(getattr(trainer, "datamodule", None), "hparams", {})
-        root = hparams.get("predict_dir") or hparams.get("val_dir")  # the folder the data module predicts on
-        self._root = Path(os.path.abspath(root)) if root else None  # abspath: symbolic links stay as they are
-        self._targets = {}
-
-    def _target(self, path: str) -> Path:
-        source = Path(os.path.abspath(path))
-        if self._root is None or not source.is_relative_to(self._root):
-            raise ValueError(f"MapWriter: {path} is not under the image folder {self._root}; pass data.predict_dir")
-        target = self.output_dir / source.relative_to(self._root)
-        target = target.with_name(target.name + ".png")
-        if target in self._targets and self._targets[target] != path:
-            raise FileExistsError(f"MapWriter: {path} and {self._targets[target]} would both write {target}")
-        self._targets[target] = path
-        return target
-
-    def write_on_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        prediction: Dict[str, Any],
-        batch_indices: Optional[Sequence[int]],
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        import numpy as np
-        import torch
-        import torch.nn.functional as F
-        from PIL import Image
-
-        for i, path in enumerate(prediction["path"]):
-            with Image.open(path) as source:
-                width, height = source.size
-            m = prediction["maps"][i].float().cpu()
-            side_h, side_w = m.shape
-            ratio = min(side_h / height, side_w / width)  # the letterbox: longer side to the input size, centred
-            rh, rw = max(1, round(height * ratio)), max(1, round(width * ratio))
-            top, left = (side_h - rh) // 2, (side_w - rw) // 2
-            crop = m[top : top + rh, left : left + rw][None, None]
-            full = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-            pixels = (full.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-            target = self._target(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp")
-            Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
-            os.replace(tmp, target)
-
-    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        message = f"MapWriter: {self.written} maps written to {self.output_dir} (rank {trainer.global_rank})"
-        bar = trainer.progress_bar_callback
-        bar.print(message) if bar is not None else print(message)

@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 
 from dsm_lightning.cli import cli as main
-from dsm_lightning.cli import maps_cli
 from dsm_lightning.writer import PredictionWriter
+from examples.saliency.app import maps_cli
 from tests.lightning_helpers import make_image_folder, read_csv, read_tsv
 from tests.test_cli_writer import cli_args
-from tests.test_dense_cli import args as maps_args
-from tests.test_dense_cli import tiny_saliency
+from tests.test_saliency_example import args as maps_args
+from tests.test_saliency_example import tiny_saliency
 
 
 def test_cli_never_writes_or_replaces_config_yaml_in_the_working_directory(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 onnx = pytest.importorskip("onnx")
 from onnx import helper, numpy_helper  # noqa: E402
 
-from dsm_lightning.reference import fit_linear_head, onnx_to_timm, read_idx  # noqa: E402
+from tools.build_reference import fit_linear_head, onnx_to_timm, read_idx  # noqa: E402
 
 D, HEADS, DEPTH, SIDE = 8, 2, 2, 3  # pos embed stored for a 3x3 grid, model runs at 2x2 (img 28, patch 14)
 
@@ -193,8 +193,8 @@ def synthetic_decoder_onnx(dim=8, widths=(6, 5, 4), seed=0):
 
 
 def test_saliency_decoder_conversion_equals_an_independent_forward():
-    from dsm_lightning.dense import SaliencyDecoder
-    from dsm_lightning.reference import onnx_to_saliency_decoder
+    from examples.saliency.model import SaliencyDecoder
+    from tools.build_reference import onnx_to_saliency_decoder
 
     model, a = synthetic_decoder_onnx()
     sd, widths = onnx_to_saliency_decoder(model)
@@ -220,8 +220,8 @@ def test_saliency_decoder_conversion_equals_an_independent_forward():
 
 
 def test_saliency_decoder_conversion_equals_onnxruntime():
-    from dsm_lightning.dense import SaliencyDecoder
-    from dsm_lightning.reference import onnx_to_saliency_decoder
+    from examples.saliency.model import SaliencyDecoder
+    from tools.build_reference import onnx_to_saliency_decoder
 
     ort = pytest.importorskip("onnxruntime")
     model, _ = synthetic_decoder_onnx(seed=1)
@@ -241,7 +241,7 @@ def test_saliency_model_reads_the_dense_grid_of_a_patched_backbone():
     import timm
 
     from dsm_lightning import apply_dsm, remove_dsm
-    from dsm_lightning.dense import SaliencyDecoder, SaliencyModel
+    from examples.saliency.model import SaliencyDecoder, SaliencyModel
 
     torch.manual_seed(0)
     backbone = timm.create_model(

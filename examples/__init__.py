@@ -1,0 +1,1 @@
+"""Example applications built on dsm-lightning (not part of the installed package)."""

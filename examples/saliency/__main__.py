@@ -1,0 +1,3 @@
+from .app import maps_main
+
+maps_main()
