@@ -41,7 +41,8 @@ from dsm_lightning.module import ImageClassifier, read_sidecar
 TARGETS = (0.65, 0.55, 0.4)
 #: Schedule families compared at every budget. ``default`` is whatever ``DSMConfig()`` is today.
 FAMILIES: Dict[str, Dict[str, Any]] = {
-    "tome": dict(delay=0, local_blocks=0, schedule="constant", metric="keys", protect=0.0),
+    # official ToMe (DSMConfig.tome) at the r that meets each budget
+    "tome": dict(delay=0, local_blocks=0, schedule="constant", metric="keys", protect=0.0, matching="tome"),
     "tome-prop": dict(delay=0, local_blocks=0, schedule="proportional", metric="keys", protect=0.0),
     "dsm-d2-keys": dict(delay=2, local_blocks=2, schedule="proportional", metric="keys", protect=0.0),
     "dsm-d4-keys": dict(delay=4, local_blocks=2, schedule="proportional", metric="keys", protect=0.0),

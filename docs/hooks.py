@@ -1,9 +1,9 @@
-"""MkDocs hook: pages are sections of README.md (one source of truth for the guide).
+"""MkDocs hook: the home page is README.md; the other pages are written in docs/.
 
-A page holding ``--8<-- "README.md:<name>"`` gets the README text between ``--8<-- [start:<name>]`` and
-``--8<-- [end:<name>]``. Paths relative to the repository root are rewritten for the site (the PNGs under
-``benchmarks/results/`` are published under ``results/``), and ``#anchor`` links to a heading that landed on another
-page point at that page, so ``mkdocs build --strict`` can check every link.
+``docs/index.md`` holds ``--8<-- "README.md"`` and gets the README. Paths relative to the repository root are
+rewritten for the site (the PNGs under ``benchmarks/results/`` are published under ``results/``, ``docs/x.md`` is
+``x.md``), and ``#anchor`` links to a heading on another page point at that page, so ``mkdocs build --strict`` can
+check every link.
 """
 
 from __future__ import annotations
@@ -15,25 +15,20 @@ from markdown.extensions.toc import slugify
 from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parents[1]
-INCLUDE = re.compile(r'^--8<-- "README\.md:(\w+)"$', flags=re.M)
-#: Repository folders whose images the README shows, and where they are in the site.
-IMAGE_DIRS = {"benchmarks/results/": "results/", "docs/": ""}
-
-
-def _sections() -> dict:
-    text = (ROOT / "README.md").read_text()
-    found = re.findall(r"--8<-- \[start:(\w+)\] -->\n(.*?)\n<!-- --8<-- \[end:\1\]", text, flags=re.S)
-    return dict(found)
+INCLUDE = re.compile(r'^--8<-- "README\.md"$', flags=re.M)
+#: Repository folders whose files the pages link to, and where they are in the site.
+SITE_PATHS = {"benchmarks/results/": "results/", "docs/": ""}
 
 
 def _anchor_pages(config) -> dict:
-    """Heading slug -> the page that includes it."""
-    sections = _sections()
+    """Heading slug -> the page that holds it."""
     pages = {}
     for md in Path(config["docs_dir"]).glob("*.md"):
-        for name in INCLUDE.findall(md.read_text()):
-            for heading in re.findall(r"^#+ (.+)$", sections.get(name, ""), flags=re.M):
-                pages[slugify(heading, "-")] = md.name
+        text = md.read_text()
+        if INCLUDE.search(text):
+            text = (ROOT / "README.md").read_text()
+        for heading in re.findall(r"^#+ (.+)$", text, flags=re.M):
+            pages.setdefault(slugify(heading, "-"), md.name)
     return pages
 
 
@@ -44,17 +39,11 @@ def on_files(files, config):
 
 
 def on_page_markdown(markdown, page, config, files):
-    sections = _sections()
-
-    def include(match):
-        name = match.group(1)
-        if name not in sections:
-            raise KeyError(f"README.md has no section {name!r} (markers --8<-- [start:{name}] / [end:{name}])")
-        return sections[name]
-
-    markdown = INCLUDE.sub(include, markdown)
-    for repo_dir, site_dir in IMAGE_DIRS.items():
+    markdown = INCLUDE.sub(lambda _: (ROOT / "README.md").read_text(), markdown)
+    for repo_dir, site_dir in SITE_PATHS.items():
         markdown = markdown.replace(f"]({repo_dir}", f"]({site_dir}")
+    # files of the repository outside the site: named, not linked
+    markdown = re.sub(r"\[([^\]]+)\]\((?:CHANGELOG\.md|LICENSE|examples/[^)]*)\)", r"`\1`", markdown)
     pages = _anchor_pages(config)
 
     def anchor(match):

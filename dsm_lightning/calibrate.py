@@ -454,6 +454,24 @@ class GuardResult:
             lines.append("-> no merging schedule met the target: running dense")
         return "\n".join(lines)
 
+    def reason(self) -> str:
+        """One sentence: what the guard chose and why."""
+        what = "top-1 agreement" if self.measure == "top1" else "token cosine"
+        if self.config is None:
+            return f"the guard ran dense: no schedule reached {what} {self.min_agreement:.3f} on {self.images} images."
+        chosen = self.chosen
+        assert chosen is not None
+        missed = [t for t in self.trials if t["flops_ratio"] < chosen["flops_ratio"]]
+        text = (
+            f"the guard chose {chosen['label']} ({what} {self.agreement:.3f} >= {self.min_agreement:.3f} on the "
+            f"first {self.images} images, run dense)"
+        )
+        if missed:
+            text += "; schedules that merge more reached only " + ", ".join(
+                f"{t['agreement']:.3f} ({t['label']})" for t in missed
+            )
+        return text + "."
+
 
 def guard_candidates(config: DSMConfig) -> List[DSMConfig]:
     """The schedules the guard may choose from, most merging first, keeping every field the user fixed.

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
@@ -390,10 +391,11 @@ class DSMCallback(Callback):
             return
         if self.min_agreement is not None and self.guard is None:
             seen = sum(x.shape[0] for x in self._guard_inputs)
-            self._say(
-                f"DSM quality guard: the {stage} stage ended after {seen} images, fewer than "
-                f"guard_images={self.guard_images}, so it ran dense throughout; lower guard_images or "
-                f"pass min_agreement=None to merge without the guard"
+            rank_zero_warn(
+                f"DSM did not merge: the {stage} stage ended after {seen} images, fewer than the quality guard's "
+                f"guard_images={self.guard_images}, so every image ran dense and no dsm/* metric was logged. For "
+                f"a small folder, calibrate a config once on images like it (dsm_lightning.calibrate; README, 'Small "
+                f"folders and the quality guard') and pass it with --dsm.config, or lower guard_images"
             )
             self._guard_inputs, self._guard_outputs = [], []
             return
@@ -406,6 +408,7 @@ class DSMCallback(Callback):
                 "(timing needs 2 or more merged batches)"
             )
         self.metrics = {k: float(v) for k, v in metrics.items()}
+        self._say(self.summary(stage))
         if stage == "predict":  # self.log is not available in predict: write to the loggers directly
             if trainer.is_global_zero:
                 for logger in trainer.loggers:
@@ -415,6 +418,15 @@ class DSMCallback(Callback):
             return
         for key, value in metrics.items():
             pl_module.log(key, value, sync_dist=not key.startswith("dsm/agreement"), on_epoch=True)
+
+    def summary(self, stage: str) -> str:
+        """The stage in a few sentences: how many images merged, FLOPs, agreement, speed, and the guard's choice."""
+        lines = [f"DSM {stage} summary (this process):", *self._meter.describe(self.metrics)]
+        if self.guard is not None:
+            lines.append(self.guard.reason()[0].upper() + self.guard.reason()[1:])
+        elif self.min_agreement is None:
+            lines.append("The quality guard was off (min_agreement=None): nothing checked the merged outputs.")
+        return "\n  ".join(lines)
 
     def on_validation_epoch_end(self, trainer, pl_module):
         self._log_epoch(trainer, pl_module, "validate")

@@ -13,21 +13,24 @@ directory. User errors (a missing folder, a bad value) end the command with one 
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+import sys
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, NoReturn, Optional
 
 import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from .callback import DSMCallback
-from .console import run_console
+from .console import TRACEBACK_ENV, run_console
 from .data import ImageFolderDataModule
 from .module import ImageClassifier
 from .writer import PredictionWriter
 
-__all__ = ["DSMLightningCLI", "LogDirConfigCallback", "cli", "config_relative_paths", "main"]
+__all__ = ["DSMLightningCLI", "LogDirConfigCallback", "OneLineErrorParser", "cli", "config_relative_paths", "main"]
 
 #: Input paths that resolve relative to the config file that sets them.
 CONFIG_RELATIVE_KEYS = ("data.train_dir", "data.val_dir", "data.test_dir", "data.predict_dir", "model.checkpoint_path")
@@ -38,6 +41,30 @@ DESCRIPTION = (
     "Spatial Merging / ToMe), never touching training. DSM settings: --dsm.* (see --print_config); "
     "predictions: --writer.output."
 )
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """LightningCLI's parser with argument errors on one line, naming the fix (a close match for a misspelt option
+    and the help command) instead of the full usage text. ``DSM_LIGHTNING_TRACEBACK=1`` restores jsonargparse's
+    own report."""
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        text = " ".join(message.split())
+        unknown = re.findall(r"(--[\w.]+)", text) if "nrecognized" in text else []
+        options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+        hints = []
+        for flag in unknown:
+            close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
+            if close:
+                hints.append(f"did you mean {close[0]}?")
+        prog = parser.prog.replace(" [options]", "")
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        text = text if len(text) <= 400 else text[:397] + "..."
+        sys.stderr.write(f"{prog}: error: {text}{hint}\n(options: {prog} --help)\n")
+        self.exit(2)
 
 
 class LogDirConfigCallback(SaveConfigCallback):
@@ -108,7 +135,8 @@ def cli(args: Optional[List[str]] = None) -> DSMLightningCLI:
         args=args,
         save_config_callback=LogDirConfigCallback,
         auto_configure_optimizers=False,
-        parser_kwargs={"description": DESCRIPTION},
+        parser_class=OneLineErrorParser,
+        parser_kwargs={"description": DESCRIPTION, "prog": "dsm-lightning"},
     )
 
 

@@ -8,7 +8,7 @@ model on the same batch right after it.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -91,6 +91,7 @@ class StageMeter:
         self.agreement = agreement
         self.merged = Throughput()
         self.dense = Throughput()
+        self.merged_images = 0  # every merged image, the untimed warm-up batch included
         self.flops: Dict[Tuple[int, ...], Tuple[float, float]] = {}
         if agreement is not None:
             agreement.reset()
@@ -106,6 +107,7 @@ class StageMeter:
         """Account one timed merged forward (``call`` = its ``(args, kwargs)``), count FLOPs for a new input shape,
         compare with dense if asked."""
         self.merged.add(seconds, images.shape[0])
+        self.merged_images += images.shape[0]
         shape = tuple(images.shape[1:])
         if shape not in self.flops:
             self.flops[shape] = count_flops_pair(module, images[:1])
@@ -137,3 +139,23 @@ class StageMeter:
         if self.compare_dense and self.agreement is not None and self.agreement.update_count:
             out["dsm/agreement_top1"] = float(self.agreement.compute())
         return out
+
+    def describe(self, metrics: Dict[str, float]) -> List[str]:
+        """What :meth:`metrics` measured, in sentences a person can read (one per line)."""
+        lines = [f"{self.merged_images} images ran merged."]
+        if "dsm/flops_reduction" in metrics:
+            lines.append(
+                f"FLOPs: {metrics['dsm/gflops_per_image']:.2f} GFLOPs per image against "
+                f"{metrics['dsm/dense_gflops_per_image']:.2f} dense ({metrics['dsm/flops_reduction']:.2f}x fewer)."
+            )
+        if "dsm/agreement_top1" in metrics:
+            lines.append(
+                f"Top-1 agreement with the dense model on the merged images: {metrics['dsm/agreement_top1']:.3f}."
+            )
+        if "dsm/speedup" in metrics:
+            lines.append(
+                f"Speed: {metrics['dsm/images_per_sec']:.2f} images/s merged against "
+                f"{metrics['dsm/dense_images_per_sec']:.2f} dense on the same batches ({metrics['dsm/speedup']:.2f}x; "
+                f"{self.merged.images} images timed, the first batch left out as warm-up)."
+            )
+        return lines

@@ -167,6 +167,15 @@ def build_model(
     kwargs = dict(model_kwargs)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    if not timm.is_model(model_name):
+        import difflib
+
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=3, cutoff=0.8)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        raise ValueError(
+            f"unknown timm model {model_name!r}; {hint}(timm.list_models('vit_*') lists ViTs; "
+            f"torchvision:<name> and hf:<folder> name other families)"
+        )
     return timm.create_model(model_name, pretrained=pretrained, **kwargs)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -101,3 +103,35 @@ def test_user_attn_mask_refused():
     model = apply_dsm(tiny_vit(), r=2)
     with pytest.raises(ValueError, match="remove_dsm"):
         model.forward_features(images(), attn_mask=torch.zeros(1))
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (
+            ["predict", "--dsm.delya=4"],
+            r"^dsm-lightning predict: error: .*--dsm\.delya=4 \(did you mean --dsm\.delay\?\)$",
+        ),
+        (["predict", "--data.batch_size=abc"], r"^dsm-lightning predict: error: .*data\.batch_size.*abc$"),
+        (["predict", "--config=missing.yaml"], r"^dsm-lightning predict: error: .*missing\.yaml'?$"),
+    ],
+)
+def test_command_line_mistakes_print_one_line_and_the_help_command(argv, match, capsys, tmp_path, monkeypatch):
+    from dsm_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[1] == "(options: dsm-lightning predict --help)", lines
+    assert re.match(match, lines[0]), lines[0]
+
+
+def test_misspelt_model_name_suggests_close_timm_names():
+    from dsm_lightning.module import build_model
+
+    with pytest.raises(
+        ValueError, match=r"unknown timm model 'vit_smal_patch16_224'; did you mean 'vit_small_patch16_"
+    ):
+        build_model("vit_smal_patch16_224")

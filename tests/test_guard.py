@@ -70,13 +70,15 @@ def test_callback_guard_runs_dense_first_then_merges_and_logs(tmp_path):
     assert not is_patched(module.model)
 
 
-def test_callback_guard_too_few_images_stays_dense_and_says_so(tmp_path, capsys):
+def test_callback_guard_too_few_images_stays_dense_and_warns(tmp_path):
     data = tiny_data(make_image_folder(tmp_path))  # 12 images
     module = tiny_classifier()
     seen = spy_patched(module)
-    trainer(callbacks=[DSMCallback(delay=1, r=2)]).validate(module, datamodule=data, verbose=False)
+    cb = DSMCallback(delay=1, r=2)
+    with pytest.warns(UserWarning, match=r"DSM did not merge.*12 images, fewer than .*guard_images=128"):
+        out = trainer(callbacks=[cb]).validate(module, datamodule=data, verbose=False)[0]
     assert seen and not any(seen)
-    assert "fewer than guard_images=128" in capsys.readouterr().out
+    assert not any(k.startswith("dsm/") for k in out) and cb.metrics == {}, "nothing looks like merging"
 
 
 def test_guard_returns_dense_when_no_schedule_agrees():

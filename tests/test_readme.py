@@ -1,4 +1,5 @@
-"""The README's Python snippets run verbatim, with the names they leave to the reader bound to tiny stand-ins."""
+"""The Python snippets of the README and the docs pages run verbatim, with the names they leave to the reader bound to
+tiny stand-ins."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ from tests.conftest import images, tiny_vit
 from tests.lightning_helpers import TINY_KW, make_image_folder, tiny_data
 
 ROOT = Path(__file__).resolve().parents[1]
-SNIPPETS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SNIPPETS = [
+    (page.relative_to(ROOT).as_posix(), snippet)
+    for page in PAGES
+    for snippet in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+]
 
 
 def bindings(tmp_path: Path) -> dict:
@@ -39,15 +45,15 @@ def kind(snippet: str) -> str:
     return "plain"
 
 
-@pytest.mark.parametrize("index", range(len(SNIPPETS)))
+@pytest.mark.parametrize("index", range(len(SNIPPETS)), ids=[f"{page}-{i}" for i, (page, _) in enumerate(SNIPPETS)])
 def test_readme_snippet_runs(index, tmp_path, monkeypatch):
-    snippet = SNIPPETS[index]
+    page, snippet = SNIPPETS[index]
     from dsm_lightning.adapters import base as adapters
 
     monkeypatch.chdir(tmp_path)  # snippets may write files (dsm.yaml, lightning_logs)
     namespace = dict(bindings(tmp_path)[kind(snippet)])
     registered = adapters.registered_adapters()  # built-ins loaded first, so restoring keeps them
     try:
-        exec(compile(snippet, f"README.md snippet {index + 1}", "exec"), namespace)
+        exec(compile(snippet, f"{page} snippet {index + 1}", "exec"), namespace)
     finally:
         adapters._REGISTRY[:] = registered  # an example adapter the snippet registers goes away

