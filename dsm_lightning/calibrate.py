@@ -14,6 +14,7 @@ worse than ToMe on data it did not choose on. ``stable`` says whether the check 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -418,6 +419,8 @@ class GuardResult:
         trials: The candidates evaluated, in order: ``label``, ``flops_ratio``, ``agreement``.
         measure: What agreement means: ``"top1"`` (classifiers) or ``"cosine"`` (backbones; see
             :data:`GUARD_MEASURES`).
+        confidence: The confidence of the binomial test a schedule had to pass (:func:`binomial_pass`), or None
+            when the observed agreement was compared with the target.
     """
 
     config: Optional[DSMConfig]
@@ -426,6 +429,7 @@ class GuardResult:
     images: int
     trials: List[Dict[str, Any]] = field(default_factory=list)
     measure: str = "top1"
+    confidence: Optional[float] = None
 
     @property
     def chosen(self) -> Optional[Dict[str, Any]]:
@@ -444,7 +448,8 @@ class GuardResult:
         """One line per evaluated candidate, the chosen one marked."""
         chosen = self.chosen
         what = "top-1 agreement" if self.measure == "top1" else "mean token cosine similarity"
-        lines = [f"DSM quality guard: {what} with dense >= {self.min_agreement:.3f} on {self.images} images"]
+        test = "" if self.confidence is None else f" (binomial test, {self.confidence:.0%} confidence)"
+        lines = [f"DSM quality guard: {what} with dense >= {self.min_agreement:.3f}{test} on {self.images} images"]
         for t in self.trials:
             mark = "->" if t is chosen else "  "
             lines.append(
@@ -462,9 +467,10 @@ class GuardResult:
         chosen = self.chosen
         assert chosen is not None
         missed = [t for t in self.trials if t["flops_ratio"] < chosen["flops_ratio"]]
+        shown = "" if self.confidence is None else f", shown at {self.confidence:.0%} confidence"
         text = (
-            f"the guard chose {chosen['label']} ({what} {self.agreement:.3f} >= {self.min_agreement:.3f} on the "
-            f"first {self.images} images, run dense)"
+            f"the guard chose {chosen['label']} ({what} {self.agreement:.3f} >= {self.min_agreement:.3f}{shown} "
+            f"on the first {self.images} images, run dense)"
         )
         if missed:
             text += "; schedules that merge more reached only " + ", ".join(
@@ -500,6 +506,33 @@ def guard_candidates(config: DSMConfig) -> List[DSMConfig]:
 
 
 @torch.no_grad()
+def binomial_pass(hits: float, n: int, target: float, confidence: Optional[float]) -> bool:
+    """Whether ``hits`` agreements out of ``n`` show an agreement of at least ``target``.
+
+    With ``confidence=None``, the point estimate: ``hits / n >= target``. Otherwise a one-sided exact binomial test:
+    pass only when seeing ``hits`` or more agreements would have probability at most ``1 - confidence`` if the
+    true agreement were only ``target``, so a schedule whose true agreement is below the target passes with
+    probability at most ``1 - confidence``.
+
+    Example:
+        >>> binomial_pass(125, 128, 0.97, None), binomial_pass(125, 128, 0.97, 0.9)
+        (True, False)
+    """
+    if n <= 0 or hits < target * n:
+        return False
+    if confidence is None:
+        return True
+    if target >= 1.0:
+        return hits >= n
+    k0 = math.ceil(hits - 1e-9)
+    log_t, log_f = math.log(target), math.log1p(-target)
+    tail = sum(
+        math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * log_t + (n - k) * log_f)
+        for k in range(k0, n + 1)
+    )
+    return tail <= 1.0 - confidence
+
+
 def quality_guard(
     model: nn.Module,
     images: torch.Tensor,
@@ -510,6 +543,7 @@ def quality_guard(
     batch_size: int = 32,
     reduce: Optional[Any] = None,
     measure: str = "top1",
+    confidence: Optional[float] = None,
 ) -> GuardResult:
     """Choose the most merging schedule whose agreement with the dense model stays >= ``min_agreement``: top-1
     agreement for a classifier, or (``measure="cosine"``) the mean per-token cosine similarity of a backbone's
@@ -528,6 +562,9 @@ def quality_guard(
         batch_size: Batch size of the evaluation passes.
         reduce: Optional ``fn(tensor) -> tensor`` summing over processes (DDP), so every rank chooses alike.
         measure: A key of :data:`GUARD_MEASURES`.
+        confidence: For ``measure="top1"``, choose a schedule only if a one-sided binomial test shows its agreement
+            is at least ``min_agreement`` with this confidence (:func:`binomial_pass`); None compares the point
+            estimate. Ignored for ``"cosine"``, whose scores are not counts.
     """
     if not 0.0 < min_agreement <= 1.0:
         raise ValueError(f"min_agreement must be in (0, 1], got {min_agreement}")
@@ -567,13 +604,14 @@ def quality_guard(
 
     lo, hi = 0, len(candidates)  # candidates[hi:] pass (index len = dense); find the first passing index
     scores: Dict[int, float] = {}
+    level = confidence if measure == "top1" else None
     while lo < hi:
         mid = (lo + hi) // 2
         scores[mid] = agreement(candidates[mid])
-        if scores[mid] >= min_agreement:
+        if binomial_pass(scores[mid] * total, round(total), min_agreement, level):
             hi = mid
         else:
             lo = mid + 1
     if lo == len(candidates):
-        return GuardResult(None, 1.0, min_agreement, int(total), trials, measure)
-    return GuardResult(candidates[lo], scores[lo], min_agreement, int(total), trials, measure)
+        return GuardResult(None, 1.0, min_agreement, int(total), trials, measure, level)
+    return GuardResult(candidates[lo], scores[lo], min_agreement, int(total), trials, measure, level)

@@ -30,6 +30,8 @@ __all__ = ["DSMCallback", "find_vit"]
 _STAGES = ("validate", "test", "predict")
 #: Default of ``DSMCallback(min_agreement=...)``: chosen from held-out measurements (README, "Accuracy vs speed").
 DEFAULT_MIN_AGREEMENT: Optional[float] = 0.97
+#: Default of ``DSMCallback(guard_confidence=...)`` (README, "Small folders and the quality guard").
+DEFAULT_GUARD_CONFIDENCE: Optional[float] = None
 
 
 def find_vit(module: nn.Module, attr: Optional[str] = None) -> Tuple[str, nn.Module]:
@@ -98,6 +100,16 @@ class DSMCallback(Callback):
             backbone under a dense-prediction head, an HF encoder) agreement is the mean per-token cosine
             similarity of its outputs with dense (:func:`~dsm_lightning.calibrate.token_cosine`) instead.
         guard_images: Images (per process) the guard measures on.
+        guard_confidence: With a classifier, the guard takes a schedule only when a one-sided binomial test on its
+            images shows agreement >= ``min_agreement`` at this confidence
+            (:func:`~dsm_lightning.calibrate.binomial_pass`), so a schedule whose true agreement is below the target
+            is chosen with probability at most ``1 - guard_confidence``; ``None`` compares the observed agreement
+            with the target (faster, no guarantee: README, "Small folders and the quality guard").
+
+    Example:
+        >>> callback = DSMCallback(delay=4, compare_dense=True)  # Trainer(callbacks=[callback])
+        >>> callback.config.delay, callback.min_agreement, callback.stages
+        (4, 0.97, ('validate', 'test', 'predict'))
     """
 
     def __init__(
@@ -121,6 +133,7 @@ class DSMCallback(Callback):
         compile: Any = False,
         min_agreement: Optional[float] = DEFAULT_MIN_AGREEMENT,
         guard_images: int = 128,
+        guard_confidence: Optional[float] = DEFAULT_GUARD_CONFIDENCE,
     ) -> None:
         fields = dict(
             delay=delay,
@@ -158,8 +171,11 @@ class DSMCallback(Callback):
             raise ValueError(f"min_agreement must be in (0, 1] or None (guard off), got {min_agreement!r}")
         if guard_images < 1:
             raise ValueError(f"guard_images must be >= 1, got {guard_images}")
+        if guard_confidence is not None and not 0.0 < float(guard_confidence) < 1.0:
+            raise ValueError(f"guard_confidence must be in (0, 1) or None (point estimate), got {guard_confidence!r}")
         self.min_agreement = None if min_agreement is None else float(min_agreement)
         self.guard_images = int(guard_images)
+        self.guard_confidence = None if guard_confidence is None else float(guard_confidence)
         self.guard: Optional[GuardResult] = None
         self._measure = "top1"  # set in setup: "cosine" for a ViT without a classifier head
         self._guard_inputs: list = []
@@ -282,6 +298,7 @@ class DSMCallback(Callback):
             batch_size=max(1, images.shape[0]),
             reduce=reduce,
             measure=self._measure,
+            confidence=self.guard_confidence,
         )
         self._say(self.guard.summary())
         if self.guard.config is not None:

@@ -156,6 +156,17 @@ def apply_dsm(model: nn.Module, config: Optional[DSMConfig] = None, **overrides:
     Raises:
         UnsupportedModelError: For a model or block type no adapter supports.
         ValueError: For a config that cannot work on this model at its default input size.
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64).eval()
+        >>> x = torch.randn(2, 3, 64, 64)
+        >>> dense = model(x)
+        >>> model = apply_dsm(model, r=4)  # 16 patch tokens -> 12 after the first block
+        >>> is_patched(model), tuple(model(x).shape)
+        (True, (2, 1000))
+        >>> torch.equal(remove_dsm(model)(x), dense)  # removed: bit-identical to never patched
+        True
     """
     adapter = get_adapter(model)
     adapter.check(model)
@@ -234,6 +245,11 @@ def token_plan(
 
     Raises:
         ValueError: With the limit that was broken (delay >= depth, r too large, too many windows, ...).
+
+    Example:
+        >>> plan = token_plan(depth=12, grid=(14, 14), num_prefix_tokens=1, config=DSMConfig.tome(16))
+        >>> [b.tokens_out for b in plan.blocks][:3], plan.tokens_out
+        ([180, 164, 148], 10)
     """
     if model is not None:
         adapter = get_adapter(model)

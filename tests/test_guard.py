@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dsm_lightning import DSMCallback, DSMConfig, apply_dsm, is_patched, remove_dsm, token_plan
 from dsm_lightning.calibrate import guard_candidates, quality_guard
@@ -151,3 +153,31 @@ def test_token_cosine_is_per_image_and_exact_for_equal_outputs():
     y[1] = -y[1]
     torch.testing.assert_close(token_cosine(y, x), torch.tensor([1.0, -1.0, 1.0]))
     assert token_cosine(x[:, 0], x[:, 0]).shape == (3,)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(8, 300), target=st.floats(0.5, 0.99), confidence=st.sampled_from([0.8, 0.9, 0.95]))
+def test_binomial_pass_keeps_its_error_rate(n, target, confidence):
+    """If the true agreement is exactly the target, the test passes with probability at most 1 - confidence (the
+    exact binomial probability of every passing count, summed); and it never passes below the point estimate."""
+    from math import comb
+
+    from dsm_lightning.calibrate import binomial_pass
+
+    passing = [k for k in range(n + 1) if binomial_pass(k, n, target, confidence)]
+    assert all(binomial_pass(k, n, target, None) for k in passing), "stricter than the point estimate"
+    if passing:
+        assert passing == list(range(passing[0], n + 1)), "monotone in the count"
+    risk = sum(comb(n, k) * target**k * (1 - target) ** (n - k) for k in passing)
+    assert risk <= 1 - confidence + 1e-9
+
+
+def test_guard_with_confidence_merges_no_more_than_the_point_estimate():
+    model = tiny_vit()
+    x = images(batch=32)
+    with torch.no_grad():
+        dense = model(x)
+    plain = quality_guard(model, x, dense, DSMConfig(flops_target=0.55), 0.9)
+    strict = quality_guard(model, x, dense, DSMConfig(flops_target=0.55), 0.9, confidence=0.9)
+    assert strict.flops_ratio >= plain.flops_ratio and strict.confidence == 0.9
+    assert "binomial test, 90% confidence" in strict.summary()
