@@ -30,7 +30,7 @@ from common import environment
 from pareto import load, run
 
 from dsm_lightning import DSMConfig, apply_dsm, remove_dsm, token_plan
-from dsm_lightning.calibrate import binomial_pass, guard_candidates
+from dsm_lightning.guard import binomial_pass, guard_candidates
 
 
 def choose(hits: torch.Tensor, n: int, target: float, confidence: Optional[float]) -> int:

@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, forward_fn, median, time_interleaved, write_rows
 
 from dsm_lightning import DSMConfig, apply_dsm, calibrate, remove_dsm, token_plan
-from dsm_lightning.calibrate import collect_batches
 from dsm_lightning.data import ImageFiles, transform_from_config
 from dsm_lightning.flops import count_flops
 from dsm_lightning.module import ImageClassifier, read_sidecar
+from dsm_lightning.outputs import collect_batches
 
 TARGETS = (0.65, 0.55, 0.4)
 #: Schedule families compared at every budget. ``default`` is whatever ``DSMConfig()`` is today.

@@ -1,7 +1,7 @@
 """dsm-lightning: training-free ViT acceleration with Delayed Spatial Merging, as a PyTorch Lightning plugin."""
 
 from .adapters import Adapter, UnsupportedModelError, get_adapter, register_adapter
-from .calibrate import CalibrationResult, calibrate
+from .calibration import CalibrationResult, calibrate
 from .config import DSMConfig
 from .patch import (
     apply_dsm,

@@ -17,9 +17,10 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from .adapters import UnsupportedModelError, get_adapter
-from .calibrate import GuardResult, output_tensor, quality_guard
 from .config import DSMConfig
+from .guard import GuardResult, quality_guard
 from .measure import StageMeter, images_of, num_classes_of, sync
+from .outputs import output_tensor
 from .patch import apply_dsm, compile_blocks, get_config, is_patched, remove_dsm, token_plan
 
 if TYPE_CHECKING:
@@ -98,11 +99,11 @@ class DSMCallback(Callback):
             merging one that reaches ``min_agreement`` for the rest of the stage (dense if none does), and logs
             what it chose and measured. ``None`` switches the guard off. For a ViT without a classifier head (a
             backbone under a dense-prediction head, an HF encoder) agreement is the mean per-token cosine
-            similarity of its outputs with dense (:func:`~dsm_lightning.calibrate.token_cosine`) instead.
+            similarity of its outputs with dense (:func:`~dsm_lightning.outputs.token_cosine`) instead.
         guard_images: Images (per process) the guard measures on.
         guard_confidence: With a classifier, the guard takes a schedule only when a one-sided binomial test on its
             images shows agreement >= ``min_agreement`` at this confidence
-            (:func:`~dsm_lightning.calibrate.binomial_pass`), so a schedule whose true agreement is below the target
+            (:func:`~dsm_lightning.guard.binomial_pass`), so a schedule whose true agreement is below the target
             is chosen with probability at most ``1 - guard_confidence``; ``None`` compares the observed agreement
             with the target (faster, no guarantee: README, "Small folders and the quality guard").
 
@@ -411,7 +412,7 @@ class DSMCallback(Callback):
             rank_zero_warn(
                 f"DSM did not merge: the {stage} stage ended after {seen} images, fewer than the quality guard's "
                 f"guard_images={self.guard_images}, so every image ran dense and no dsm/* metric was logged. For "
-                f"a small folder, calibrate a config once on images like it (dsm_lightning.calibrate; README, 'Small "
+                f"a small folder, calibrate a config once on images like it (dsm_lightning.calibrate(); README, 'Small "
                 f"folders and the quality guard') and pass it with --dsm.config, or lower guard_images"
             )
             self._guard_inputs, self._guard_outputs = [], []

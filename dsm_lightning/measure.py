@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .calibrate import logits_of
+from .outputs import logits_of
 from .patch import eager_blocks, unpatched
 
 if TYPE_CHECKING:

@@ -10,7 +10,10 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dsm_lightning"
-LAYERS = ["config", "schedule", "merge", "engine", "adapters", "patch", "calibrate", "measure", "callback", "cli"]
+LAYERS = [
+    *("config", "schedule", "merge", "engine", "adapters", "patch"),
+    *("outputs", "guard", "calibration", "measure", "callback", "cli"),
+]
 
 
 def module_name(path: Path) -> str:
@@ -76,3 +79,17 @@ def test_core_layers_import_only_downwards():
         for target in targets:
             if layer(target) >= 0:
                 assert layer(target) <= layer(module), f"{module} imports {target}, a layer above it"
+
+
+def test_every_module_attribute_of_the_package_is_the_module():
+    """``import dsm_lightning.<module> as m`` gives the module: no function or class re-exported by the package
+    shadows a module of the same name."""
+    import importlib
+
+    import dsm_lightning
+
+    for path in PACKAGE.glob("*.py"):
+        if path.stem.startswith("_"):
+            continue
+        module = importlib.import_module(f"dsm_lightning.{path.stem}")
+        assert getattr(dsm_lightning, path.stem) is module, f"dsm_lightning.{path.stem} is shadowed"

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["dsm_lightning.config", "dsm_lightning.calibrate", "dsm_lightning.patch", "dsm_lightning.callback"]
+MODULES = ["dsm_lightning.config", "dsm_lightning.guard", "dsm_lightning.patch", "dsm_lightning.callback"]
 
 
 @pytest.mark.parametrize("name", MODULES)

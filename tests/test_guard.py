@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsm_lightning import DSMCallback, DSMConfig, apply_dsm, is_patched, remove_dsm, token_plan
-from dsm_lightning.calibrate import guard_candidates, quality_guard
+from dsm_lightning.guard import guard_candidates, quality_guard
 from tests.conftest import images, tiny_vit
 from tests.lightning_helpers import make_image_folder, spy_patched, tiny_classifier, tiny_data, trainer
 
@@ -96,7 +96,7 @@ def test_guard_returns_dense_when_no_schedule_agrees():
 
 def test_callback_guard_dense_fallback_runs_dense_and_logs_it(tmp_path, monkeypatch):
     from dsm_lightning import callback as callback_module
-    from dsm_lightning.calibrate import GuardResult
+    from dsm_lightning.guard import GuardResult
 
     def no_schedule(model, images, dense, config, target, **kwargs):
         return GuardResult(None, 1.0, target, images.shape[0], [])
@@ -145,7 +145,7 @@ def test_guard_on_a_backbone_measures_token_cosine(tmp_path, capsys):
 
 
 def test_token_cosine_is_per_image_and_exact_for_equal_outputs():
-    from dsm_lightning.calibrate import token_cosine
+    from dsm_lightning.outputs import token_cosine
 
     x = torch.randn(3, 5, 8)
     torch.testing.assert_close(token_cosine(x, x), torch.ones(3))
@@ -162,7 +162,7 @@ def test_binomial_pass_keeps_its_error_rate(n, target, confidence):
     exact binomial probability of every passing count, summed); and it never passes below the point estimate."""
     from math import comb
 
-    from dsm_lightning.calibrate import binomial_pass
+    from dsm_lightning.guard import binomial_pass
 
     passing = [k for k in range(n + 1) if binomial_pass(k, n, target, confidence)]
     assert all(binomial_pass(k, n, target, None) for k in passing), "stricter than the point estimate"

@@ -1,5 +1,4 @@
-"""calibrate(): choose the DSM schedule that stays closest to the dense model under a FLOP budget; and the quality
-guard (:func:`quality_guard`) that backs off merging until agreement with dense meets a target.
+"""calibrate(): choose the DSM schedule that stays closest to the dense model under a FLOP budget.
 
 Calibration is training-free. Every candidate (delay x local phase x schedule family x merge options) gets the ``r``
 that meets the budget, so candidates cost the same planned FLOPs and differ only in quality. Quality is *fidelity to
@@ -14,31 +13,18 @@ worse than ToMe on data it did not choose on. ``stable`` says whether the check 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .config import DSMConfig
+from .outputs import collect_batches, model_outputs
 from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan
 
-__all__ = [
-    "calibrate",
-    "CalibrationResult",
-    "default_search_space",
-    "quality_guard",
-    "GuardResult",
-    "guard_candidates",
-    "collect_batches",
-    "logits_of",
-    "output_tensor",
-    "top1_agreement",
-    "token_cosine",
-    "GUARD_MEASURES",
-]
+__all__ = ["CalibrationResult", "calibrate", "default_search_space"]
 
 #: Merge options every schedule family is tried with: ToMe's keys, and token features with protected tokens.
 MERGE_OPTIONS: Tuple[Dict[str, Any], ...] = ({"metric": "keys", "protect": 0.0}, {"metric": "tokens", "protect": 0.2})
@@ -109,74 +95,6 @@ def default_search_space(depth: int) -> List[Dict[str, Any]]:
     return space
 
 
-def collect_batches(dataloader: Iterable, max_images: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The first ``max_images`` images (and labels, None when absent or negative) of a dataloader yielding images,
-    ``(images, labels)`` or dicts with ``image`` / ``target``."""
-    xs, ys = [], []
-    seen = 0
-    for batch in dataloader:
-        if isinstance(batch, dict):
-            x, y = batch["image"], batch.get("target")
-        elif isinstance(batch, (tuple, list)):
-            x, y = batch[0], batch[1] if len(batch) > 1 else None
-        else:
-            x, y = batch, None
-        xs.append(x)
-        if y is not None and torch.is_tensor(y):
-            ys.append(y)
-        seen += x.shape[0]
-        if seen >= max_images:
-            break
-    if not xs:
-        raise ValueError("calibrate got an empty dataloader")
-    images = torch.cat(xs)[:max_images]
-    labels = torch.cat(ys)[:max_images] if len(ys) == len(xs) else None
-    if labels is not None and (labels < 0).any():
-        labels = None
-    return images, labels
-
-
-def _field(output: Any, name: str) -> Any:
-    """``output[name]`` of a dict or ``output.name`` of a (Hugging Face) output object; None when absent."""
-    return output.get(name) if isinstance(output, dict) else getattr(output, name, None)
-
-
-def logits_of(output: Any) -> Optional[torch.Tensor]:
-    """The logits in a model's output: the output itself if it is a tensor, else its ``logits`` (a Hugging Face
-    ``ImageClassifierOutput`` or a dict); None when there are none."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = _field(output, "logits")
-    return logits if isinstance(logits, torch.Tensor) else None
-
-
-def output_tensor(output: Any) -> Optional[torch.Tensor]:
-    """What the quality guard compares: :func:`logits_of` the output, else a Hugging Face backbone's
-    ``feature_maps`` (as tokens) or an encoder's ``last_hidden_state``; None when there is none of these."""
-    logits = logits_of(output)
-    if logits is not None:
-        return logits
-    maps = _field(output, "feature_maps")
-    if maps:  # an HF backbone's NCHW feature maps, as tokens [B, sum(H * W), C]
-        return torch.cat([m.flatten(2).transpose(1, 2) if m.ndim == 4 else m for m in maps], dim=1)
-    hidden = _field(output, "last_hidden_state")
-    return hidden if isinstance(hidden, torch.Tensor) else None
-
-
-@torch.no_grad()
-def _logits(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    out = []
-    for i in range(0, images.shape[0], batch_size):
-        logits = output_tensor(model(images[i : i + batch_size].to(device)))
-        if logits is None:
-            raise TypeError(
-                f"{type(model).__name__} returns no tensor, .logits or .last_hidden_state; calibration and the "
-                f"quality guard compare those"
-            )
-        out.append(logits.float().cpu())
-    return torch.cat(out)
-
-
 def calibrate(
     model: nn.Module,
     dataloader: Iterable,
@@ -230,7 +148,7 @@ def calibrate(
         raise ValueError(f"calibrate needs at least 2 images (a search and a check half), got {images.shape[0]}")
     model.eval()
     try:
-        dense_logits = _logits(model, images, batch_size, device)
+        dense_logits = model_outputs(model, images, batch_size, device)
         bad = (~torch.isfinite(dense_logits).all(dim=-1)).nonzero().flatten().tolist()
         if bad:
             raise ValueError(
@@ -279,7 +197,7 @@ def calibrate(
             """Per image of images[idx]: hit vs the metric's reference, top-1 agreement with dense, KL to dense."""
             apply_dsm(model, cand["_fixed"])
             try:
-                logits = _logits(model, images[idx], batch_size, device)
+                logits = model_outputs(model, images[idx], batch_size, device)
             finally:
                 remove_dsm(model)
             top1 = logits.argmax(-1)
@@ -382,236 +300,3 @@ def _matches(c: Dict[str, Any], fields: Dict[str, Any]) -> bool:
 
 def _is_tome(c: Dict[str, Any]) -> bool:
     return _matches(c, _TOME)
-
-
-# ---------------------------------------------------------------------------------------------- quality guard
-def top1_agreement(outputs: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """Per image, 1.0 where the top-1 class of ``outputs`` ``[B, classes]`` equals the dense model's."""
-    return (outputs.argmax(-1) == dense.argmax(-1)).float()
-
-
-def token_cosine(outputs: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """Per image, the cosine similarity with the dense output along the feature (last) axis, averaged over tokens:
-    ``[B, D]`` pooled features or ``[B, T, C]`` tokens (a patched backbone returns them in the dense layout)."""
-    cos = torch.nn.functional.cosine_similarity(outputs.float(), dense.float(), dim=-1)
-    return cos.reshape(cos.shape[0], -1).mean(dim=1)
-
-
-#: What the guard measures: top-1 agreement for classifiers, token cosine similarity for backbones (a ViT without a
-#: classifier head, e.g. under a dense-prediction decoder).
-GUARD_MEASURES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "top1": top1_agreement,
-    "cosine": token_cosine,
-}
-GUARD_TARGETS = (0.6, 0.65, 0.7, 0.75, 0.8, 0.9)
-GUARD_SCALES = (1.0, 0.75, 0.5, 0.25)
-
-
-@dataclass
-class GuardResult:
-    """Outcome of :func:`quality_guard`.
-
-    Attributes:
-        config: The most-merging candidate whose agreement met the target, or None when only the dense model did.
-        agreement: Its top-1 agreement with the dense model (1.0 for dense).
-        min_agreement: The target.
-        images: Images the agreement was measured on (summed over processes).
-        trials: The candidates evaluated, in order: ``label``, ``flops_ratio``, ``agreement``.
-        measure: What agreement means: ``"top1"`` (classifiers) or ``"cosine"`` (backbones; see
-            :data:`GUARD_MEASURES`).
-        confidence: The confidence of the binomial test a schedule had to pass (:func:`binomial_pass`), or None
-            when the observed agreement was compared with the target.
-    """
-
-    config: Optional[DSMConfig]
-    agreement: float
-    min_agreement: float
-    images: int
-    trials: List[Dict[str, Any]] = field(default_factory=list)
-    measure: str = "top1"
-    confidence: Optional[float] = None
-
-    @property
-    def chosen(self) -> Optional[Dict[str, Any]]:
-        """The trial of the chosen schedule (None when running dense)."""
-        if self.config is None:
-            return None
-        return next(t for t in self.trials if t["config"] == self.config.to_dict())
-
-    @property
-    def flops_ratio(self) -> float:
-        """Planned block FLOPs of the choice relative to dense (1.0 when running dense)."""
-        chosen = self.chosen
-        return 1.0 if chosen is None else float(chosen["flops_ratio"])
-
-    def summary(self) -> str:
-        """One line per evaluated candidate, the chosen one marked."""
-        chosen = self.chosen
-        what = "top-1 agreement" if self.measure == "top1" else "mean token cosine similarity"
-        test = "" if self.confidence is None else f" (binomial test, {self.confidence:.0%} confidence)"
-        lines = [f"DSM quality guard: {what} with dense >= {self.min_agreement:.3f}{test} on {self.images} images"]
-        for t in self.trials:
-            mark = "->" if t is chosen else "  "
-            lines.append(
-                f"{mark} {t['label']:<22} block FLOPs {t['flops_ratio']:.3f}x dense  agreement {t['agreement']:.4f}"
-            )
-        if self.config is None:
-            lines.append("-> no merging schedule met the target: running dense")
-        return "\n".join(lines)
-
-    def reason(self) -> str:
-        """One sentence: what the guard chose and why."""
-        what = "top-1 agreement" if self.measure == "top1" else "token cosine"
-        if self.config is None:
-            return f"the guard ran dense: no schedule reached {what} {self.min_agreement:.3f} on {self.images} images."
-        chosen = self.chosen
-        assert chosen is not None
-        missed = [t for t in self.trials if t["flops_ratio"] < chosen["flops_ratio"]]
-        shown = "" if self.confidence is None else f", shown at {self.confidence:.0%} confidence"
-        text = (
-            f"the guard chose {chosen['label']} ({what} {self.agreement:.3f} >= {self.min_agreement:.3f}{shown} "
-            f"on the first {self.images} images, run dense)"
-        )
-        if missed:
-            text += "; schedules that merge more reached only " + ", ".join(
-                f"{t['agreement']:.3f} ({t['label']})" for t in missed
-            )
-        return text + "."
-
-
-def guard_candidates(config: DSMConfig) -> List[DSMConfig]:
-    """The schedules the guard may choose from, most merging first, keeping every field the user fixed.
-
-    With ``r=None`` the FLOP budget relaxes from ``config.flops_target`` through :data:`GUARD_TARGETS`; with an
-    explicit ``r`` it is scaled by :data:`GUARD_SCALES`.
-    """
-    if config.r is None:
-        targets = sorted({config.flops_target, *(t for t in GUARD_TARGETS if t > config.flops_target)})
-        return [config.replace(flops_target=t) for t in targets]
-    out: List[DSMConfig] = []
-    for s in GUARD_SCALES:
-        r = config.r
-        if isinstance(r, tuple):
-            new: Any = tuple(int(v * s) for v in r)
-        elif isinstance(r, float):
-            new = max(r * s, 1 / 256)
-        elif isinstance(r, int):
-            new = int(r * s)
-        else:
-            raise TypeError(f"guard_candidates needs an int, fraction or per-block tuple r, got {r!r}")
-        merges = any(new) if isinstance(new, tuple) else new > 0
-        if merges and config.replace(r=new) not in out:
-            out.append(config.replace(r=new))
-    return out
-
-
-@torch.no_grad()
-def binomial_pass(hits: float, n: int, target: float, confidence: Optional[float]) -> bool:
-    """Whether ``hits`` agreements out of ``n`` show an agreement of at least ``target``.
-
-    With ``confidence=None``, the point estimate: ``hits / n >= target``. Otherwise a one-sided exact binomial test:
-    pass only when seeing ``hits`` or more agreements would have probability at most ``1 - confidence`` if the
-    true agreement were only ``target``, so a schedule whose true agreement is below the target passes with
-    probability at most ``1 - confidence``.
-
-    Example:
-        >>> binomial_pass(125, 128, 0.97, None), binomial_pass(125, 128, 0.97, 0.9)
-        (True, False)
-    """
-    if n <= 0 or hits < target * n:
-        return False
-    if confidence is None:
-        return True
-    if target >= 1.0:
-        return hits >= n
-    k0 = math.ceil(hits - 1e-9)
-    log_t, log_f = math.log(target), math.log1p(-target)
-    tail = sum(
-        math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * log_t + (n - k) * log_f)
-        for k in range(k0, n + 1)
-    )
-    return tail <= 1.0 - confidence
-
-
-def quality_guard(
-    model: nn.Module,
-    images: torch.Tensor,
-    dense_logits: torch.Tensor,
-    config: DSMConfig,
-    min_agreement: float,
-    *,
-    batch_size: int = 32,
-    reduce: Optional[Any] = None,
-    measure: str = "top1",
-    confidence: Optional[float] = None,
-) -> GuardResult:
-    """Choose the most merging schedule whose agreement with the dense model stays >= ``min_agreement``: top-1
-    agreement for a classifier, or (``measure="cosine"``) the mean per-token cosine similarity of a backbone's
-    outputs.
-
-    Candidates come from :func:`guard_candidates` (what the user fixed, e.g. ``delay``, is kept); agreement falls as
-    merging grows, so a bisection over them needs about log2(len) evaluations on ``images``. The model is left
-    unpatched.
-
-    Args:
-        model: A supported ViT classifier (unpatched).
-        images: Calibration images on the model's device.
-        dense_logits: The dense model's outputs for ``images`` (logits, or a backbone's features).
-        config: The schedule the user asked for (the most merging candidate).
-        min_agreement: Target in (0, 1].
-        batch_size: Batch size of the evaluation passes.
-        reduce: Optional ``fn(tensor) -> tensor`` summing over processes (DDP), so every rank chooses alike.
-        measure: A key of :data:`GUARD_MEASURES`.
-        confidence: For ``measure="top1"``, choose a schedule only if a one-sided binomial test shows its agreement
-            is at least ``min_agreement`` with this confidence (:func:`binomial_pass`); None compares the point
-            estimate. Ignored for ``"cosine"``, whose scores are not counts.
-    """
-    if not 0.0 < min_agreement <= 1.0:
-        raise ValueError(f"min_agreement must be in (0, 1], got {min_agreement}")
-    if measure not in GUARD_MEASURES:
-        raise ValueError(f"measure must be one of {sorted(GUARD_MEASURES)}, got {measure!r}")
-    score = GUARD_MEASURES[measure]
-    device = images.device
-    reference = dense_logits.float().cpu()
-    from .adapters import get_adapter
-
-    dims = get_adapter(model).dims(model)
-    img_size = tuple(images.shape[-2:])
-    candidates = guard_candidates(config)
-    trials: List[Dict[str, Any]] = []
-    total = float(images.shape[0])
-    if reduce is not None:
-        total = float(reduce(torch.tensor(total, device=device)))
-
-    def agreement(cfg: DSMConfig) -> float:
-        plan = token_plan(model, cfg, img_size=(int(img_size[0]), int(img_size[1])))
-        apply_dsm(model, cfg)
-        try:
-            logits = _logits(model, images, batch_size, device)
-        finally:
-            remove_dsm(model)
-        hits = torch.tensor(float(score(logits, reference).sum()), device=device)
-        if reduce is not None:
-            hits = reduce(hits)
-        value = float(hits) / total
-        label = (
-            f"flops_target={cfg.flops_target:g}" if config.r is None else f"r={plan.r if plan.r is not None else cfg.r}"
-        )
-        trials.append(
-            {"label": label, "config": cfg.to_dict(), "flops_ratio": plan.flops_ratio(*dims), "agreement": value}
-        )
-        return value
-
-    lo, hi = 0, len(candidates)  # candidates[hi:] pass (index len = dense); find the first passing index
-    scores: Dict[int, float] = {}
-    level = confidence if measure == "top1" else None
-    while lo < hi:
-        mid = (lo + hi) // 2
-        scores[mid] = agreement(candidates[mid])
-        if binomial_pass(scores[mid] * total, round(total), min_agreement, level):
-            hi = mid
-        else:
-            lo = mid + 1
-    if lo == len(candidates):
-        return GuardResult(None, 1.0, min_agreement, int(total), trials, measure, level)
-    return GuardResult(candidates[lo], scores[lo], min_agreement, int(total), trials, measure, level)
