@@ -3,6 +3,7 @@
 from .adapters import Adapter, UnsupportedModelError, get_adapter, register_adapter
 from .calibration import CalibrationResult, calibrate
 from .config import DSMConfig
+from .errors import DSMUserError
 from .patch import (
     apply_dsm,
     compile_blocks,
@@ -33,6 +34,7 @@ __all__ = [
     "CalibrationResult",
     "DSMCallback",
     "DSMConfig",
+    "DSMUserError",
     "TokenPlan",
     "UnsupportedModelError",
     "apply_dsm",

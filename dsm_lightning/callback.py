@@ -18,6 +18,7 @@ from torch import nn
 
 from .adapters import UnsupportedModelError, get_adapter
 from .config import DSMConfig
+from .errors import ModelAttributeError
 from .guard import GuardResult, quality_guard
 from .measure import StageMeter, images_of, num_classes_of, sync
 from .outputs import output_tensor
@@ -41,7 +42,7 @@ def find_vit(module: nn.Module, attr: Optional[str] = None) -> Tuple[str, nn.Mod
         target: Any = module
         for part in attr.split("."):
             if not hasattr(target, part):
-                raise AttributeError(f"DSMCallback(model_attr={attr!r}): {type(module).__name__} has no {part!r}")
+                raise ModelAttributeError(f"DSMCallback(model_attr={attr!r}): {type(module).__name__} has no {part!r}")
             target = getattr(target, part)
         get_adapter(target)  # raises with the list of supported types
         return attr, target

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from .errors import ConfigError
+
 __all__ = ["DSMConfig", "window_grid"]
 
 #: Forms of :attr:`DSMConfig.r`: an int, a fraction in (0, 0.5], one int per block, or None (from flops_target).
@@ -197,7 +199,7 @@ class DSMConfig:
         """Return a copy with ``changes`` applied (validated again)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self) if not f.name.startswith("_")}
         if unknown:
-            raise TypeError(f"unknown DSMConfig field(s): {sorted(unknown)}; valid: {self.field_names()}")
+            raise ConfigError(f"unknown DSMConfig field(s): {sorted(unknown)}; valid: {self.field_names()}")
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -239,7 +241,7 @@ class DSMConfig:
             data["windows"] = tuple(data["windows"])
         unknown = set(data) - set(cls.field_names())
         if unknown:
-            raise TypeError(f"unknown DSMConfig field(s): {sorted(unknown)}; valid: {cls.field_names()}")
+            raise ConfigError(f"unknown DSMConfig field(s): {sorted(unknown)}; valid: {cls.field_names()}")
         return cls(**data)
 
 
@@ -247,5 +249,5 @@ def resolve_config(config: Optional[DSMConfig] = None, **overrides: Any) -> DSMC
     """Combine an optional base config with keyword overrides."""
     base = config if config is not None else DSMConfig()
     if not isinstance(base, DSMConfig):
-        raise TypeError(f"config must be a DSMConfig, got {type(base).__name__}")
+        raise ConfigError(f"config must be a DSMConfig, got {type(base).__name__}")
     return base.replace(**overrides) if overrides else base

@@ -9,12 +9,17 @@ import os
 import sys
 from typing import Callable, TypeVar
 
+from .errors import DSMUserError
+
 __all__ = ["TRACEBACK_ENV", "USER_ERRORS", "one_line", "run_console"]
 
 #: Environment variable that turns full tracebacks back on.
 TRACEBACK_ENV = "DSM_LIGHTNING_TRACEBACK"
-#: Exceptions that mean "the input is wrong": the package raises these with the fix in the message.
-USER_ERRORS: tuple = (ValueError, TypeError, OSError, KeyError, RuntimeError)
+#: Exceptions that mean "the input is wrong": the package raises these with the fix in the message (its own
+#: :class:`~dsm_lightning.errors.DSMUserError` types, ``ValueError`` for bad values, ``OSError`` for paths), and
+#: Lightning's ``MisconfigurationException`` for a bad Trainer setting. Anything else is a bug and keeps its
+#: traceback.
+USER_ERRORS: tuple = (DSMUserError, ValueError, OSError)
 try:  # Lightning's own "bad setting" error (e.g. trainer.limit_predict_batches=-1)
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 

@@ -12,6 +12,8 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from .errors import InputError
+
 __all__ = [
     "ImageFolderDataModule",
     "ImageFiles",
@@ -170,7 +172,7 @@ class ImageFiles(Dataset):
         except Exception as err:  # PIL raises several types for broken files
             if self.skip_bad:
                 return {"skipped": (path, f"{type(err).__name__}: {err}"), "index": index}
-            raise RuntimeError(
+            raise InputError(
                 f"cannot read image {path!r} ({err}); remove or replace the file, or pass "
                 f"data.bad_images=skip to leave unreadable files out"
             ) from err

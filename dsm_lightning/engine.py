@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from .errors import InputError
 from .merge import MergeState, merge_step, size_bias
 from .schedule import BlockPlan, TokenPlan
 
@@ -117,7 +118,7 @@ def check_tokens(x: Tensor, plan: TokenPlan) -> None:
     """Raise if the token count after embedding does not match the plan (e.g. active patch dropout)."""
     expected = plan.num_prefix_tokens + plan.num_patches
     if x.shape[1] != expected:
-        raise RuntimeError(
+        raise InputError(
             f"DSM expected {expected} tokens ({plan.num_prefix_tokens} prefix + {plan.grid[0]}x{plan.grid[1]} "
             f"patches) after embedding but got {x.shape[1]}; token-dropping layers (patch dropout in training) "
             f"cannot be combined with merging: call model.eval() or remove_dsm(model)"

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .config import DSMConfig
+from .errors import ConfigError
 from .outputs import model_outputs, token_cosine, top1_agreement
 from .patch import apply_dsm, remove_dsm, token_plan
 
@@ -126,7 +127,7 @@ def guard_candidates(config: DSMConfig) -> List[DSMConfig]:
         elif isinstance(r, int):
             new = int(r * s)
         else:
-            raise TypeError(f"guard_candidates needs an int, fraction or per-block tuple r, got {r!r}")
+            raise ConfigError(f"guard_candidates needs an int, fraction or per-block tuple r, got {r!r}")
         merges = any(new) if isinstance(new, tuple) else new > 0
         if merges and config.replace(r=new) not in out:
             out.append(config.replace(r=new))

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .config import DSMConfig
+from .errors import ConfigError
 from .schedule import BlockPlan, WindowGroup
 
 __all__ = [
@@ -267,7 +268,7 @@ def merge_step(
     protected = None
     if config is not None and config.protect > 0:
         if cls_attn is None:
-            raise RuntimeError(
+            raise ConfigError(
                 "DSMConfig.protect needs the class attention, but this model's adapter passed none to "
                 "step(x, metric, cls_attn); set protect=0 or extend the adapter (README, 'Custom ViTs')"
             )

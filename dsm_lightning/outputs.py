@@ -8,6 +8,8 @@ from typing import Any, Iterable, Optional, Tuple
 import torch
 from torch import nn
 
+from .errors import InputError
+
 __all__ = ["collect_batches", "logits_of", "model_outputs", "output_tensor", "token_cosine", "top1_agreement"]
 
 
@@ -72,7 +74,7 @@ def model_outputs(model: nn.Module, images: torch.Tensor, batch_size: int, devic
     for i in range(0, images.shape[0], batch_size):
         logits = output_tensor(model(images[i : i + batch_size].to(device)))
         if logits is None:
-            raise TypeError(
+            raise InputError(
                 f"{type(model).__name__} returns no tensor, .logits or .last_hidden_state; calibration and the "
                 f"quality guard compare those"
             )

@@ -135,3 +135,27 @@ def test_misspelt_model_name_suggests_close_timm_names():
         ValueError, match=r"unknown timm model 'vit_smal_patch16_224'; did you mean 'vit_small_patch16_"
     ):
         build_model("vit_smal_patch16_224")
+
+
+def test_console_prints_user_errors_in_one_line_and_keeps_tracebacks_for_bugs(capsys, monkeypatch):
+    from dsm_lightning.console import TRACEBACK_ENV, run_console
+    from dsm_lightning.errors import InputError
+
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+
+    def user_mistake():
+        raise InputError("cannot read image 'x.png'; remove or replace the file")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_console(user_mistake, "prog")
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "prog: error: InputError: cannot read image 'x.png'; remove or replace the file"
+    )
+    for bug in (KeyError("state"), TypeError("unsupported operand"), RuntimeError("shape mismatch")):
+
+        def broken(err=bug):
+            raise err
+
+        with pytest.raises(type(bug)):
+            run_console(broken, "prog")

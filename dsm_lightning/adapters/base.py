@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..config import DSMConfig
 from ..engine import BlockCall, BlockHook, check_tokens, run_blocks
+from ..errors import DSMUserError
 from ..merge import MergeState
 from ..schedule import TokenPlan, plan_tokens
 
@@ -24,7 +25,7 @@ __all__ = [
 ]
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(DSMUserError, TypeError):
     """Raised for a model (or a block inside it) that no adapter supports."""
 
 
