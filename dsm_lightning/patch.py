@@ -248,7 +248,8 @@ def token_plan(
 
     Example:
         >>> plan = token_plan(depth=12, grid=(14, 14), num_prefix_tokens=1, config=DSMConfig.tome(16))
-        >>> [b.tokens_out for b in plan.blocks][:3], plan.tokens_out
+        >>> tokens = [b.tokens_out for b in plan.blocks]
+        >>> tokens[:3], plan.tokens_out
         ([180, 164, 148], 10)
     """
     if model is not None:
