@@ -3,6 +3,9 @@ models made late (``configure_model``)."""
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import timm
 import torch
 from lightning.pytorch import LightningModule
@@ -110,3 +113,13 @@ def test_callback_merges_a_vit_made_or_replaced_in_configure_model(tmp_path):
         trainer(callbacks=[callback]).validate(module, datamodule=tiny_data(data))
         assert module.merged and all(module.merged), "the ViT that actually runs is merged"
         assert callback.metrics["dsm/flops_reduction"] > 1.0
+
+
+def test_a_model_patched_by_hand_warns_when_it_runs_merged_in_training_mode():
+    model = apply_dsm(_tiny(), DSMConfig(r=2)).train()
+    with pytest.warns(UserWarning, match="running merged in training mode"):
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(2, 3, 32, 32))  # evaluation: no warning

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -146,6 +147,13 @@ class Adapter(abc.ABC):
         ``set_grad_checkpointing(True)``) and gradients are on, as the unpatched forward does."""
         plan = self.plan(model, grid)
         check_tokens(x, plan)
+        if self.core(model).training and torch.is_grad_enabled() and any(b.merges for b in plan.blocks):
+            warnings.warn(
+                "a DSM-patched model is running merged in training mode; DSM is made for inference (DSMCallback "
+                "removes its patch before fit). Call remove_dsm(model) before training, or model.eval() to evaluate",
+                UserWarning,
+                stacklevel=4,
+            )
         checkpoint = bool(getattr(model, "grad_checkpointing", False)) and torch.is_grad_enabled()
         return run_blocks(self.blocks(model), x, plan, hook, self.block_args, checkpoint)
 
