@@ -57,3 +57,21 @@ def test_quickstart_builds_the_real_model_and_reports_a_merged_validation(tmp_pa
     assert agreement >= 0.9 and reduction > 1.2, "merged and still agreeing with dense"
     assert top1 > 0.6, "a working classifier (10 classes: chance is 0.1), not a loaded random model"
     assert not list(tmp_path.glob("*.yaml")), "no config file written into the working directory"
+
+    # the README's predict example on the same model: every image written once, with class names
+    predict = _run(
+        [
+            "-m",
+            "dsm_lightning",
+            "predict",
+            f"--config={ROOT / 'configs' / 'predict.yaml'}",
+            f"--model.checkpoint_path={out}.safetensors",
+            "--trainer.enable_progress_bar=false",
+        ],
+        tmp_path,
+    )
+    assert predict.returncode == 0, predict.stderr[-2000:]
+    assert "PredictionWriter: 300 predictions written to outputs/predictions.csv" in predict.stdout
+    rows = (tmp_path / "outputs" / "predictions.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert len(rows) == 301 and {"path", "target", "top1_name", "top1_score", "top3_name"} <= set(header)
