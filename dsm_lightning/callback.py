@@ -15,6 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
+from typing_extensions import override
 
 from .adapters import UnsupportedModelError, get_adapter
 from .config import DSMConfig
@@ -197,6 +198,7 @@ class DSMCallback(Callback):
         self._applied = False  # whether the ViT carries this callback's patch now
 
     # ------------------------------------------------------------------ setup / state
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         try:
             self._bind(pl_module)
@@ -326,32 +328,41 @@ class DSMCallback(Callback):
             return
         self._restore()
 
-    def on_validation_start(self, trainer, pl_module):
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start(trainer, pl_module, "validate")
 
-    def on_validation_end(self, trainer, pl_module):
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end(trainer, pl_module, "validate")
 
-    def on_test_start(self, trainer, pl_module):
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start(trainer, pl_module, "test")
 
-    def on_test_end(self, trainer, pl_module):
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end(trainer, pl_module, "test")
 
-    def on_predict_start(self, trainer, pl_module):
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start(trainer, pl_module, "predict")
 
-    def on_predict_end(self, trainer, pl_module):
+    @override
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log_epoch(trainer, pl_module, "predict")
         self._end(trainer, pl_module, "predict")
 
-    def on_train_start(self, trainer, pl_module):
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore()  # belt and braces: training never runs with this callback's patch
 
-    def on_exception(self, trainer, pl_module, exception):
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore()
 
-    def teardown(self, trainer, pl_module, stage):
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._restore()
 
     def _say(self, message: str) -> None:
@@ -447,8 +458,10 @@ class DSMCallback(Callback):
             lines.append("The quality guard was off (min_agreement=None): nothing checked the merged outputs.")
         return "\n  ".join(lines)
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log_epoch(trainer, pl_module, "validate")
 
-    def on_test_epoch_end(self, trainer, pl_module):
+    @override
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log_epoch(trainer, pl_module, "test")

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from typing_extensions import override
 
 __all__ = ["PredictionWriter"]
 
@@ -79,6 +80,7 @@ class PredictionWriter(BasePredictionWriter):
         """Where unreadable images left out of the predictions are listed (tab-separated path and reason)."""
         return self.output.with_name(self.output.stem + ".skipped.tsv")
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "predict":
             return
@@ -99,6 +101,7 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             self._take_lock()
 
+    @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._classes = getattr(pl_module, "class_names", None)
         datamodule = getattr(trainer, "datamodule", None)
@@ -110,6 +113,7 @@ class PredictionWriter(BasePredictionWriter):
         # open for the whole stage (closed in on_predict_end / on_exception), so no context manager
         self._fh = open(self._part(trainer.global_rank), "w")  # noqa: SIM115
 
+    @override
     def write_on_batch_end(
         self,
         trainer: Trainer,
@@ -141,6 +145,7 @@ class PredictionWriter(BasePredictionWriter):
             self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
 
+    @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._fh is not None:
             self._fh.close()
@@ -211,6 +216,7 @@ class PredictionWriter(BasePredictionWriter):
     def _tmp(self) -> Path:
         return self.output.with_name(f".{self.output.name}.{self._run}.tmp")
 
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if self._fh is not None:
             self._fh.close()
@@ -219,6 +225,7 @@ class PredictionWriter(BasePredictionWriter):
         self._tmp.unlink(missing_ok=True)
         self._release()
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._release()
 
