@@ -34,7 +34,7 @@ _STAGES = ("validate", "test", "predict")
 #: Default of ``DSMCallback(min_agreement=...)``: chosen from held-out measurements (README, "Accuracy vs speed").
 DEFAULT_MIN_AGREEMENT: Optional[float] = 0.97
 #: Default of ``DSMCallback(guard_confidence=...)`` (README, "Small folders and the quality guard").
-DEFAULT_GUARD_CONFIDENCE: Optional[float] = None
+DEFAULT_GUARD_CONFIDENCE: Optional[float] = 0.9
 
 
 def find_vit(module: nn.Module, attr: Optional[str] = None) -> Tuple[str, nn.Module]:
@@ -135,7 +135,7 @@ class DSMCallback(Callback):
         log_summary: bool = True,
         compile: Any = False,
         min_agreement: Optional[float] = DEFAULT_MIN_AGREEMENT,
-        guard_images: int = 128,
+        guard_images: int = 256,
         guard_confidence: Optional[float] = DEFAULT_GUARD_CONFIDENCE,
     ) -> None:
         fields = dict(

@@ -102,7 +102,8 @@ class GuardResult:
             f"on the first {self.images} images, run dense)"
         )
         if missed:
-            text += "; schedules that merge more reached only " + ", ".join(
+            verb = "reached only" if self.confidence is None else "did not pass the test with"
+            text += f"; schedules that merge more {verb} " + ", ".join(
                 f"{t['agreement']:.3f} ({t['label']})" for t in missed
             )
         return text + "."

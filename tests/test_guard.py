@@ -77,7 +77,7 @@ def test_callback_guard_too_few_images_stays_dense_and_warns(tmp_path):
     module = tiny_classifier()
     seen = spy_patched(module)
     cb = DSMCallback(delay=1, r=2)
-    with pytest.warns(UserWarning, match=r"DSM did not merge.*12 images, fewer than .*guard_images=128"):
+    with pytest.warns(UserWarning, match=r"DSM did not merge.*12 images, fewer than .*guard_images=256"):
         out = trainer(callbacks=[cb]).validate(module, datamodule=data, verbose=False)[0]
     assert seen and not any(seen)
     assert not any(k.startswith("dsm/") for k in out) and cb.metrics == {}, "nothing looks like merging"

@@ -31,4 +31,4 @@ def test_real_model_configs_point_at_the_reference_tool_output_and_the_shipped_i
         folder = ROOT / "configs" / config["data"][split]
         weights = ROOT / "configs" / config["model"]["checkpoint_path"]
         assert weights.resolve() == DEFAULT_OUT.with_suffix(".safetensors"), name
-        assert len(list(folder.rglob("*.png"))) == 300, name
+        assert len(list(folder.rglob("*.png"))) == 500, name
