@@ -58,4 +58,3 @@ def test_quickstart_builds_the_real_model_and_reports_a_merged_validation(tmp_pa
     assert agreement >= 0.9 and reduction > 1.2, "merged and still agreeing with dense"
     assert top1 > 0.6, "a working classifier (10 classes: chance is 0.1), not a loaded random model"
     assert not list(tmp_path.glob("*.yaml")), "no config file written into the working directory"
-
