@@ -453,7 +453,8 @@ class DSMCallback(Callback):
         """The stage in a few sentences: how many images merged, FLOPs, agreement, speed, and the guard's choice."""
         lines = [f"DSM {stage} summary (this process):", *self._meter.describe(self.metrics)]
         if self.guard is not None:
-            lines.append(self.guard.reason()[0].upper() + self.guard.reason()[1:])
+            reason = self.guard.reason()
+            lines.append(reason[0].upper() + reason[1:])
         elif self.min_agreement is None:
             lines.append("The quality guard was off (min_agreement=None): nothing checked the merged outputs.")
         return "\n  ".join(lines)

@@ -95,20 +95,22 @@ def _all_files(root: Path) -> List[str]:
     return sorted(found)
 
 
+def split_files(root: Path) -> Tuple[List[str], List[str]]:
+    """One walk of ``root`` (see :func:`_all_files`): ``(image files, other files)``, both sorted. Image files have
+    an :data:`IMG_EXTENSIONS` extension; hidden files and files in hidden folders (a name starting with a dot) are
+    left out of the others."""
+    images, others = [], []
+    for f in _all_files(root):
+        if Path(f).suffix.lower() in IMG_EXTENSIONS:
+            images.append(f)
+        elif not any(part.startswith(".") for part in Path(f).relative_to(root).parts):
+            others.append(f)
+    return images, others
+
+
 def image_files(root: Path) -> List[str]:
     """Image files (:data:`IMG_EXTENSIONS`) under ``root``, sorted, each listed once (see :func:`_all_files`)."""
-    return [f for f in _all_files(root) if Path(f).suffix.lower() in IMG_EXTENSIONS]
-
-
-def other_files(root: Path) -> List[str]:
-    """Files under ``root`` that :func:`image_files` does not list (no image extension); hidden files and files
-    in hidden folders (a name starting with a dot) are left out."""
-    return [
-        f
-        for f in _all_files(root)
-        if Path(f).suffix.lower() not in IMG_EXTENSIONS
-        and not any(part.startswith(".") for part in Path(f).relative_to(root).parts)
-    ]
+    return split_files(root)[0]
 
 
 class ImageFiles(Dataset):
@@ -140,6 +142,7 @@ class ImageFiles(Dataset):
                 f.is_file() and f.suffix.lower() in IMG_EXTENSIONS for f in path.iterdir()
             )
         self.transform = transform
+        others: List[str] = []
         if labelled:
             if not subdirs:
                 raise FileNotFoundError(
@@ -152,11 +155,12 @@ class ImageFiles(Dataset):
             ]
         else:
             self.classes = list(classes) if classes else []
-            self.samples = [(f, -1) for f in image_files(path)]
+            found, others = split_files(path)
+            self.samples = [(f, -1) for f in found]
         if not self.samples:
             raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root!r}")
         #: Files that are not images, listed as skipped (predict) rather than silently left out.
-        self.not_images = other_files(path) if skip_bad and not labelled else []
+        self.not_images = others if skip_bad else []
         self.samples += [(f, -2) for f in self.not_images]
 
     def __len__(self) -> int:

@@ -69,6 +69,9 @@ class PredictionWriter(BasePredictionWriter):
                 fh.write(str(os.getpid()))
             self._locked = True
             return
+        raise FileExistsError(
+            f"could not take {self._lock} (another run keeps creating it); pass another --writer.output"
+        )
 
     def _release(self) -> None:
         if self._locked:
