@@ -1,9 +1,10 @@
-"""``python -m dsm_lightning {fit,validate,test,predict} ...`` (LightningCLI) with DSM always attached.
+"""``python -m dsm_lightning {fit,validate,test,predict,export} ...`` (LightningCLI) with DSM always attached.
 
 ``DSMCallback`` is part of the command line (``--dsm.delay=4``, ``--dsm.min_agreement=0.99``, ``--dsm.r=12`` ...;
 a ``dsm:`` section in YAML) and so is ``PredictionWriter`` (``--writer.output=preds.jsonl``), so a bare
 ``python -m dsm_lightning predict --model.model_name=... --data.predict_dir=imgs`` merges tokens and writes
-predictions. ``--print_config`` shows every DSM setting with its default.
+predictions. ``--print_config`` shows every DSM setting with its default. ``export --output model.onnx`` writes the
+merged model as ONNX (:meth:`DSMTrainer.export`).
 
 Input paths written in a config file (``data.*_dir``, ``model.checkpoint_path``) resolve relative to that file's
 folder, so a config runs from any working directory; outputs (``writer.output``, logger folders) go under the working
@@ -18,11 +19,13 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, List, NoReturn, Optional
+from typing import Any, Dict, List, NoReturn, Optional
 
+import torch
 import yaml
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .callback import DSMCallback
 from .console import TRACEBACK_ENV, run_console
@@ -30,7 +33,15 @@ from .data import ImageFolderDataModule
 from .module import ImageClassifier
 from .writer import PredictionWriter
 
-__all__ = ["DSMLightningCLI", "LogDirConfigCallback", "OneLineErrorParser", "cli", "config_relative_paths", "main"]
+__all__ = [
+    "DSMLightningCLI",
+    "DSMTrainer",
+    "LogDirConfigCallback",
+    "OneLineErrorParser",
+    "cli",
+    "config_relative_paths",
+    "main",
+]
 
 #: Input paths that resolve relative to the config file that sets them.
 CONFIG_RELATIVE_KEYS = ("data.train_dir", "data.val_dir", "data.test_dir", "data.predict_dir", "model.checkpoint_path")
@@ -78,9 +89,125 @@ class LogDirConfigCallback(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+class DSMTrainer(Trainer):
+    """Lightning's Trainer with one more entry point, :meth:`export`, which the command line offers as
+    ``dsm-lightning export``."""
+
+    def export(
+        self,
+        model: LightningModule,
+        datamodule: Optional[LightningDataModule] = None,
+        output: str = "outputs/model.onnx",
+        dynamic_batch: bool = True,
+        overwrite: bool = False,
+    ) -> Path:
+        """Export the merged model to ONNX: the --dsm.* schedule, or the quality guard's choice on the data's images.
+
+        With the guard on (``--dsm.min_agreement``), the first ``--dsm.guard_images`` images of ``data.val_dir``
+        (else ``data.predict_dir``) choose the schedule exactly as a validation stage would, and that choice is what
+        is exported (dense, with a warning, when no candidate passes). The file's metadata records the DSM config,
+        the input size, the planned token counts, the guard's result and the preprocessing; ONNX Runtime then runs
+        it on those images and the largest difference from PyTorch is printed.
+
+        Args:
+            model: The LightningModule holding the ViT.
+            datamodule: Where the guard's images come from and the input size / preprocessing are read.
+            output: The ``.onnx`` file to write (an existing file is refused unless ``overwrite``).
+            dynamic_batch: Export with a dynamic batch dimension.
+            overwrite: Replace an existing ``output``.
+        """
+        from .callback import DSMCallback, find_vit
+        from .config import DSMConfig
+        from .export import check_onnx, export_onnx
+        from .guard import quality_guard
+        from .measure import num_classes_of
+        from .outputs import collect_batches, model_outputs
+        from .patch import apply_dsm, remove_dsm
+
+        callbacks: List[Any] = getattr(self, "callbacks", [])
+        callback = next((c for c in callbacks if isinstance(c, DSMCallback)), None)
+        if callback is None:
+            raise ValueError("export needs a DSMCallback on the trainer (the command line always attaches one)")
+        if Path(output).exists() and not overwrite:
+            raise FileExistsError(f"{output} exists; choose another --output or pass --overwrite=true")
+        model.eval()
+        _, vit = find_vit(model, callback.model_attr)
+        remove_dsm(vit)
+        self.strategy.connect(model)  # the DataModule reads the model's preprocessing through the trainer
+        images = None
+        data_cfg: Dict[str, Any] = {}
+        if datamodule is not None:
+            datamodule.trainer = self
+            data_cfg = datamodule.data_config() if hasattr(datamodule, "data_config") else {}
+            hp: Any = getattr(datamodule, "hparams", {})
+            stage = "validate" if hp.get("val_dir") else "predict" if hp.get("predict_dir") else None
+            if stage is not None:
+                datamodule.setup(stage)
+                loader = datamodule.val_dataloader() if stage == "validate" else datamodule.predict_dataloader()
+                images, _ = collect_batches(loader, max(callback.guard_images, 1))
+        config: Optional[DSMConfig] = callback.config
+        guard_meta = None
+        if callback.min_agreement is not None:
+            if images is None:
+                raise ValueError(
+                    "the quality guard chooses the exported schedule on images: set data.val_dir (or "
+                    "data.predict_dir), or pass --dsm.min_agreement=null to export the --dsm.* schedule as it is"
+                )
+            batch = int(getattr(datamodule, "hparams", {}).get("batch_size", 32))
+            dense = model_outputs(vit, images, batch, torch.device("cpu"))
+            result = quality_guard(
+                vit,
+                images,
+                dense,
+                callback.config,
+                callback.min_agreement,
+                batch_size=batch,
+                measure="top1" if num_classes_of(vit) is not None else "cosine",
+                confidence=callback.guard_confidence,
+            )
+            rank_zero_info(result.summary())
+            guard_meta = {"min_agreement": callback.min_agreement, "images": len(images), "chosen": str(result.config)}
+            config = result.config
+            if config is None:
+                rank_zero_warn("the quality guard kept the model dense; the exported model does not merge tokens")
+        if config is not None:
+            apply_dsm(vit, config)
+        size = tuple(data_cfg.get("input_size", (3, 224, 224)))[1:]
+        meta = {
+            "guard": guard_meta,
+            "preprocess": {k: data_cfg[k] for k in ("interpolation", "crop_pct", "mean", "std") if k in data_cfg},
+        }
+        try:
+            if not self.is_global_zero:
+                return Path(output)
+            path = export_onnx(
+                model,
+                output,
+                (int(size[0]), int(size[1])),
+                dynamic_batch=dynamic_batch,
+                metadata=meta,
+                overwrite=overwrite,
+            )
+            check = images[:8] if images is not None else torch.randn(2, 3, int(size[0]), int(size[1]))
+            diff = check_onnx(model, path, check.cpu())
+            mb = path.stat().st_size / 2**20
+            rank_zero_info(
+                f"wrote {path} ({mb:.1f} MB; {'DSM ' + str(config) if config else 'dense'}); ONNX Runtime vs PyTorch "
+                f"on {len(check)} images: max |difference| {diff:.2e}"
+            )
+            return path
+        finally:
+            remove_dsm(vit)
+
+
 class DSMLightningCLI(LightningCLI):
     """LightningCLI for :class:`ImageClassifier` + :class:`ImageFolderDataModule`, with :class:`DSMCallback` under
     ``dsm`` and :class:`PredictionWriter` under ``writer`` always attached to the trainer."""
+
+    @staticmethod
+    def subcommands() -> Dict[str, set]:
+        """Lightning's subcommands plus ``export`` (:meth:`DSMTrainer.export`)."""
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)
@@ -132,6 +259,7 @@ def cli(args: Optional[List[str]] = None) -> DSMLightningCLI:
     return DSMLightningCLI(
         ImageClassifier,
         ImageFolderDataModule,
+        trainer_class=DSMTrainer,
         args=args,
         save_config_callback=LogDirConfigCallback,
         auto_configure_optimizers=False,

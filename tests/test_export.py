@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -127,3 +128,34 @@ def test_export_refuses_what_it_should(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match=r"dsm-lightning\[onnx\]"):
         export_onnx(model, tmp_path / "n.onnx", 64)
     remove_dsm(model)
+
+
+def test_cli_export_writes_the_guards_choice(tmp_path):
+    from dsm_lightning.cli import cli
+    from tests.lightning_helpers import TINY_KW, make_image_folder
+
+    data = make_image_folder(tmp_path / "imgs", classes=3, per_class=4)
+    out = tmp_path / "model.onnx"
+    args = [
+        "export",
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=false",
+        "--model.model_name=vit_tiny_patch16_224",
+        "--model.num_classes=3",
+        f"--model.model_kwargs={json.dumps(TINY_KW)}",
+        f"--data.val_dir={data}",
+        "--data.batch_size=4",
+        "--dsm.min_agreement=0.5",
+        "--dsm.guard_images=12",
+        "--dsm.guard_confidence=null",
+        "--dsm.r=2",
+        f"--output={out}",
+    ]
+    cli(args)
+    meta = read_metadata(out)
+    assert meta["guard"]["images"] == 12 and meta["input_size"] == [3, 32, 32]
+    assert meta["dsm_config"] is not None and meta["preprocess"]["mean"]
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        cli(args)
+    cli([*args, "--overwrite=true", "--dynamic_batch=false", "--dsm.min_agreement=null", "--dsm.r=3"])
+    assert read_metadata(out)["dsm_config"]["r"] == 3
