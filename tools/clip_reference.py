@@ -270,9 +270,9 @@ def _check(onnx_model: Any, weights: Dict[str, torch.Tensor], embed: Any, seed: 
 
 @torch.no_grad()
 def photo_retrieval(embed: Any, files: List[Path]) -> float:
-    """Share of photos whose second view (the top-left 60% x 60% corner, mirrored, in grayscale) has its own first view
-    as nearest neighbour,
-    by embedding cosine, among all the photos' first views: label-free evidence that the embedding works."""
+    """Share of photos whose second view (the top-left 60% x 60% corner, mirrored, in grayscale) has its own first
+    view as nearest neighbour by embedding cosine among all the photos' first views: label-free evidence that the
+    embedding works (chance is one over the number of photos)."""
     from PIL import Image, ImageOps
 
     tf = _transform()
