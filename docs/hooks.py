@@ -1,6 +1,8 @@
 """MkDocs hook: the home page is README.md; the other pages are written in docs/.
 
-``docs/index.md`` holds ``--8<-- "README.md"`` and gets the README. Paths relative to the repository root are
+``docs/index.md`` holds ``--8<-- "README.md"`` and gets the README; any page may include a file of the repository
+the same way (``--8<-- "benchmarks/results/matched_tome_clip.md"``: a table exactly as the benchmark wrote it, so
+the page cannot drift from the results). Paths relative to the repository root are
 rewritten for the site (the PNGs under ``benchmarks/results/`` are published under ``results/``, ``docs/x.md`` is
 ``x.md``), and ``#anchor`` links to a heading on another page point at that page, so ``mkdocs build --strict`` can
 check every link.
@@ -15,7 +17,12 @@ from markdown.extensions.toc import slugify
 from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parents[1]
-INCLUDE = re.compile(r'^--8<-- "README\.md"$', flags=re.M)
+INCLUDE = re.compile(r'^--8<-- "([^"]+)"$', flags=re.M)
+
+
+def _included(text: str) -> str:
+    """``text`` with every ``--8<-- "path"`` line replaced by that repository file's contents."""
+    return INCLUDE.sub(lambda m: (ROOT / m.group(1)).read_text(), text)
 #: Repository folders whose files the pages link to, and where they are in the site.
 SITE_PATHS = {"benchmarks/results/": "results/", "docs/": ""}
 
@@ -24,9 +31,7 @@ def _anchor_pages(config) -> dict:
     """Heading slug -> the page that holds it."""
     pages = {}
     for md in Path(config["docs_dir"]).glob("*.md"):
-        text = md.read_text()
-        if INCLUDE.search(text):
-            text = (ROOT / "README.md").read_text()
+        text = _included(md.read_text())
         for heading in re.findall(r"^#+ (.+)$", text, flags=re.M):
             pages.setdefault(slugify(heading, "-"), md.name)
     return pages
@@ -39,7 +44,7 @@ def on_files(files, config):
 
 
 def on_page_markdown(markdown, page, config, files):
-    markdown = INCLUDE.sub(lambda _: (ROOT / "README.md").read_text(), markdown)
+    markdown = _included(markdown)
     for repo_dir, site_dir in SITE_PATHS.items():
         markdown = markdown.replace(f"]({repo_dir}", f"]({site_dir}")
     # files of the repository outside the site: named, not linked

@@ -28,7 +28,7 @@ __all__ = ["CalibrationResult", "calibrate", "default_search_space"]
 
 #: Merge options every schedule family is tried with: ToMe's keys, and token features with protected tokens.
 MERGE_OPTIONS: Tuple[Dict[str, Any], ...] = ({"metric": "keys", "protect": 0.0}, {"metric": "tokens", "protect": 0.2})
-_TOME = {"delay": 0, "local_blocks": 0, "schedule": "constant", "metric": "keys", "protect": 0.0}
+_TOME = {"delay": 0, "local_blocks": 0, "schedule": "constant", "metric": "keys", "protect": 0.0, "matching": "tome"}
 
 
 @dataclass

@@ -19,7 +19,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, NoReturn, Optional
+from typing import Any, Dict, List, NoReturn, Optional, Tuple
 
 import torch
 import yaml
@@ -117,11 +117,7 @@ class DSMTrainer(Trainer):
             overwrite: Replace an existing ``output``.
         """
         from .callback import DSMCallback, find_vit
-        from .config import DSMConfig
         from .export import check_onnx, export_onnx
-        from .guard import quality_guard
-        from .measure import num_classes_of
-        from .outputs import collect_batches, model_outputs
         from .patch import apply_dsm, remove_dsm
 
         callbacks: List[Any] = getattr(self, "callbacks", [])
@@ -134,42 +130,8 @@ class DSMTrainer(Trainer):
         _, vit = find_vit(model, callback.model_attr)
         remove_dsm(vit)
         self.strategy.connect(model)  # the DataModule reads the model's preprocessing through the trainer
-        images = None
-        data_cfg: Dict[str, Any] = {}
-        if datamodule is not None:
-            datamodule.trainer = self
-            data_cfg = datamodule.data_config() if hasattr(datamodule, "data_config") else {}
-            hp: Any = getattr(datamodule, "hparams", {})
-            stage = "validate" if hp.get("val_dir") else "predict" if hp.get("predict_dir") else None
-            if stage is not None:
-                datamodule.setup(stage)
-                loader = datamodule.val_dataloader() if stage == "validate" else datamodule.predict_dataloader()
-                images, _ = collect_batches(loader, max(callback.guard_images, 1))
-        config: Optional[DSMConfig] = callback.config
-        guard_meta = None
-        if callback.min_agreement is not None:
-            if images is None:
-                raise ValueError(
-                    "the quality guard chooses the exported schedule on images: set data.val_dir (or "
-                    "data.predict_dir), or pass --dsm.min_agreement=null to export the --dsm.* schedule as it is"
-                )
-            batch = int(getattr(datamodule, "hparams", {}).get("batch_size", 32))
-            dense = model_outputs(vit, images, batch, torch.device("cpu"))
-            result = quality_guard(
-                vit,
-                images,
-                dense,
-                callback.config,
-                callback.min_agreement,
-                batch_size=batch,
-                measure="top1" if num_classes_of(vit) is not None else "cosine",
-                confidence=callback.guard_confidence,
-            )
-            rank_zero_info(result.summary())
-            guard_meta = {"min_agreement": callback.min_agreement, "images": len(images), "chosen": str(result.config)}
-            config = result.config
-            if config is None:
-                rank_zero_warn("the quality guard kept the model dense; the exported model does not merge tokens")
+        data_cfg, images, batch = self._export_images(datamodule, callback.guard_images)
+        config, guard_meta = self._export_config(vit, callback, images, batch)
         if config is not None:
             apply_dsm(vit, config)
         size = tuple(data_cfg.get("input_size", (3, 224, 224)))[1:]
@@ -180,15 +142,9 @@ class DSMTrainer(Trainer):
         try:
             if not self.is_global_zero:
                 return Path(output)
-            path = export_onnx(
-                model,
-                output,
-                (int(size[0]), int(size[1])),
-                dynamic_batch=dynamic_batch,
-                metadata=meta,
-                overwrite=overwrite,
-            )
-            check = images[:8] if images is not None else torch.randn(2, 3, int(size[0]), int(size[1]))
+            hw = (int(size[0]), int(size[1]))
+            path = export_onnx(model, output, hw, dynamic_batch=dynamic_batch, metadata=meta, overwrite=overwrite)
+            check = images[:8] if images is not None else torch.randn(2, 3, *hw)
             diff = check_onnx(model, path, check.cpu())
             mb = path.stat().st_size / 2**20
             rank_zero_info(
@@ -198,6 +154,57 @@ class DSMTrainer(Trainer):
             return path
         finally:
             remove_dsm(vit)
+
+    def _export_images(
+        self, datamodule: Optional[LightningDataModule], limit: int
+    ) -> Tuple[Dict[str, Any], Optional[torch.Tensor], int]:
+        """The DataModule's preprocessing, its first ``limit`` validation (else prediction) images, its batch size."""
+        from .outputs import collect_batches
+
+        if datamodule is None:
+            return {}, None, 32
+        datamodule.trainer = self
+        data_cfg = datamodule.data_config() if hasattr(datamodule, "data_config") else {}
+        hp: Any = getattr(datamodule, "hparams", {})
+        stage = "validate" if hp.get("val_dir") else "predict" if hp.get("predict_dir") else None
+        if stage is None:
+            return data_cfg, None, int(hp.get("batch_size", 32))
+        datamodule.setup(stage)
+        loader = datamodule.val_dataloader() if stage == "validate" else datamodule.predict_dataloader()
+        images, _ = collect_batches(loader, max(limit, 1))
+        return data_cfg, images, int(hp.get("batch_size", 32))
+
+    @staticmethod
+    def _export_config(
+        vit: Any, callback: Any, images: Optional[torch.Tensor], batch: int
+    ) -> Tuple[Optional[Any], Optional[Dict[str, Any]]]:
+        """The schedule to export: the callback's, or the quality guard's choice on ``images`` (None = dense)."""
+        from .guard import quality_guard
+        from .measure import num_classes_of
+        from .outputs import model_outputs
+
+        if callback.min_agreement is None:
+            return callback.config, None
+        if images is None:
+            raise ValueError(
+                "the quality guard chooses the exported schedule on images: set data.val_dir (or data.predict_dir), "
+                "or pass --dsm.min_agreement=null to export the --dsm.* schedule as it is"
+            )
+        result = quality_guard(
+            vit,
+            images,
+            model_outputs(vit, images, batch, torch.device("cpu")),
+            callback.config,
+            callback.min_agreement,
+            batch_size=batch,
+            measure="top1" if num_classes_of(vit) is not None else "cosine",
+            confidence=callback.guard_confidence,
+        )
+        rank_zero_info(result.summary())
+        if result.config is None:
+            rank_zero_warn("the quality guard kept the model dense; the exported model does not merge tokens")
+        guard = {"min_agreement": callback.min_agreement, "images": len(images), "chosen": str(result.config)}
+        return result.config, guard
 
 
 class DSMLightningCLI(LightningCLI):
