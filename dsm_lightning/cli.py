@@ -144,7 +144,8 @@ class DSMTrainer(Trainer):
                 return Path(output)
             hw = (int(size[0]), int(size[1]))
             path = export_onnx(model, output, hw, dynamic_batch=dynamic_batch, metadata=meta, overwrite=overwrite)
-            check = images[:8] if images is not None else torch.randn(2, 3, *hw)
+            n = 8 if dynamic_batch else 2  # a static graph takes export_onnx's example batch (2) only
+            check = images[:n] if images is not None and len(images[:n]) == n else torch.randn(n, 3, *hw)
             diff = check_onnx(model, path, check.cpu())
             mb = path.stat().st_size / 2**20
             rank_zero_info(
