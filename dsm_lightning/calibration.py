@@ -86,7 +86,7 @@ class CalibrationResult:
 
 def default_search_space(depth: int) -> List[Dict[str, Any]]:
     """Delays 0..depth/4 x local phase {none, 2 blocks of 2x2 windows} x :data:`MERGE_OPTIONS`, proportional r,
-    plus ToMe (delay 0, no local phase, constant r, keys)."""
+    plus official ToMe (delay 0, no local phase, constant r, keys, ToMe's matching order)."""
     space = [dict(_TOME)]
     for delay in range(0, max(1, depth // 4) + 1):
         for local_blocks in (0, 2):
@@ -181,7 +181,7 @@ def calibrate(
                 {
                     **{
                         k: getattr(cfg, k)
-                        for k in ("delay", "local_blocks", "windows", "schedule", "metric", "protect")
+                        for k in ("delay", "local_blocks", "windows", "schedule", "metric", "protect", "matching")
                     },
                     "config": cfg.to_dict(),
                     "_fixed": cfg.replace(r=plan.r),

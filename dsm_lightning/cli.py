@@ -117,7 +117,7 @@ class DSMTrainer(Trainer):
             overwrite: Replace an existing ``output``.
         """
         from .callback import DSMCallback, find_vit
-        from .export import check_onnx, export_onnx
+        from .export import compare_onnx, export_onnx
         from .patch import apply_dsm, remove_dsm
 
         callbacks: List[Any] = getattr(self, "callbacks", [])
@@ -146,11 +146,12 @@ class DSMTrainer(Trainer):
             path = export_onnx(model, output, hw, dynamic_batch=dynamic_batch, metadata=meta, overwrite=overwrite)
             n = 8 if dynamic_batch else 2  # a static graph takes export_onnx's example batch (2) only
             check = images[:n] if images is not None and len(images[:n]) == n else torch.randn(n, 3, *hw)
-            diff = check_onnx(model, path, check.cpu())
+            cmp = compare_onnx(model, path, check.cpu())
             mb = path.stat().st_size / 2**20
+            top1 = f", top-1 equal on {cmp['top1_agreement']:.0%}" if "top1_agreement" in cmp else ""
             rank_zero_info(
                 f"wrote {path} ({mb:.1f} MB; {'DSM ' + str(config) if config else 'dense'}); ONNX Runtime vs PyTorch "
-                f"on {len(check)} images: max |difference| {diff:.2e}"
+                f"on {len(check)} images: max |difference| {cmp['max_abs_diff']:.2e}{top1}"
             )
             return path
         finally:

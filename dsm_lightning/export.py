@@ -28,7 +28,7 @@ from torch import nn
 from .errors import DSMUserError
 from .outputs import output_tensor
 
-__all__ = ["ExportError", "OutputOf", "check_onnx", "export_onnx", "read_metadata"]
+__all__ = ["ExportError", "OutputOf", "check_onnx", "compare_onnx", "export_onnx", "read_metadata"]
 
 #: Key under which the DSM settings are stored in the ONNX file's ``metadata_props``.
 METADATA_KEY = "dsm_lightning"
@@ -174,10 +174,15 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     return {}
 
 
-def check_onnx(
+def compare_onnx(
     model: nn.Module, path: Union[str, os.PathLike], images: torch.Tensor, providers: Tuple[str, ...] = ()
-) -> float:
-    """Max absolute difference between ONNX Runtime running ``path`` and ``model`` in eager PyTorch on ``images``.
+) -> Dict[str, float]:
+    """ONNX Runtime running ``path`` against ``model`` in eager PyTorch on ``images``: ``max_abs_diff`` and, for
+    ``[batch, classes]`` outputs, ``top1_agreement``.
+
+    Merges are discrete: where tokens tie exactly (identical background patches), the two runtimes' float rounding
+    can break the tie differently and merge other, equally similar tokens, so some images differ by more than
+    rounding while their predictions agree.
 
     Raises:
         ExportError: If ``onnxruntime`` is not installed.
@@ -187,7 +192,23 @@ def check_onnx(
     except ImportError:
         raise ExportError("checking an export needs onnxruntime: pip install 'dsm-lightning[onnx]'") from None
     session = ort.InferenceSession(str(path), providers=list(providers) or ["CPUExecutionProvider"])
-    (got,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    (got_np,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    got = torch.from_numpy(got_np)
     with torch.no_grad():
         want = OutputOf(model).eval()(images)
-    return float((torch.from_numpy(got) - want).abs().max())
+    out = {"max_abs_diff": float((got - want).abs().max())}
+    if want.ndim == 2:
+        out["top1_agreement"] = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+    return out
+
+
+def check_onnx(
+    model: nn.Module, path: Union[str, os.PathLike], images: torch.Tensor, providers: Tuple[str, ...] = ()
+) -> float:
+    """Max absolute difference between ONNX Runtime running ``path`` and ``model`` in eager PyTorch on ``images``
+    (:func:`compare_onnx` gives top-1 agreement too).
+
+    Raises:
+        ExportError: If ``onnxruntime`` is not installed.
+    """
+    return compare_onnx(model, path, images, providers)["max_abs_diff"]

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsm_lightning import DSMConfig, apply_dsm, remove_dsm
-from dsm_lightning.export import ExportError, check_onnx, export_onnx, read_metadata
+from dsm_lightning.export import ExportError, check_onnx, compare_onnx, export_onnx, read_metadata
 from dsm_lightning.merge import stable_argsort
 
 pytest.importorskip("onnxscript")
@@ -58,6 +58,7 @@ def test_default_config_with_dynamic_batch(tmp_path):
     path = export_onnx(model, tmp_path / "m.onnx", 64)
     for batch in (1, 3):
         assert check_onnx(model, path, _images(batch)) < TOL
+    assert compare_onnx(model, path, _images(4)) == {"max_abs_diff": pytest.approx(0, abs=TOL), "top1_agreement": 1.0}
     meta = read_metadata(path)
     assert meta["dsm_config"] == DSMConfig().to_dict()
     assert meta["input_size"] == [3, 64, 64]
