@@ -23,6 +23,8 @@ INCLUDE = re.compile(r'^--8<-- "([^"]+)"$', flags=re.M)
 def _included(text: str) -> str:
     """``text`` with every ``--8<-- "path"`` line replaced by that repository file's contents."""
     return INCLUDE.sub(lambda m: (ROOT / m.group(1)).read_text(), text)
+
+
 #: Repository folders whose files the pages link to, and where they are in the site.
 SITE_PATHS = {"benchmarks/results/": "results/", "docs/": ""}
 
