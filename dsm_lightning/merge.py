@@ -55,7 +55,8 @@ def stable_argsort(values: Tensor, descending: bool = False) -> Tensor:
     rank is counted instead: the values that come before it, plus the equal ones at smaller indices. That is the
     same permutation, ties included, at ``O(N^2)`` comparisons (N is at most a few hundred tokens here).
     """
-    if not torch.compiler.is_exporting():
+    exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6; older versions cannot export to ONNX
+    if exporting is None or not exporting():
         return values.argsort(dim=-1, descending=descending, stable=True)
     index = torch.arange(values.shape[-1], device=values.device)
     mine, other = values.unsqueeze(-1), values.unsqueeze(-2)  # [B, i, 1], [B, 1, j]
