@@ -213,10 +213,13 @@ class DSMLightningCLI(LightningCLI):
     """LightningCLI for :class:`ImageClassifier` + :class:`ImageFolderDataModule`, with :class:`DSMCallback` under
     ``dsm`` and :class:`PredictionWriter` under ``writer`` always attached to the trainer."""
 
-    @staticmethod
-    def subcommands() -> Dict[str, set]:
-        """Lightning's subcommands plus ``export`` (:meth:`DSMTrainer.export`)."""
-        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+    def subcommands(self) -> Dict[str, set]:  # type: ignore[override]
+        """Lightning's subcommands, plus ``export`` when the trainer class has it (:meth:`DSMTrainer.export`; a
+        subclass built on another Trainer keeps Lightning's four)."""
+        base = LightningCLI.subcommands()
+        if isinstance(self.trainer_class, type) and hasattr(self.trainer_class, "export"):
+            return {**base, "export": {"model", "datamodule"}}
+        return base
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)
