@@ -1,6 +1,7 @@
 """dsm-lightning: training-free ViT acceleration with Delayed Spatial Merging, as a PyTorch Lightning plugin."""
 
 from .adapters import Adapter, UnsupportedModelError, get_adapter, register_adapter
+from .adaptive import AdaptiveFlops, adaptive_flops, fit_thresholds
 from .calibration import CalibrationResult, calibrate
 from .config import DSMConfig
 from .errors import DSMUserError
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "AdaptiveFlops",
     "BlockPlan",
     "CalibrationResult",
     "DSMCallback",
@@ -37,10 +39,12 @@ __all__ = [
     "DSMUserError",
     "TokenPlan",
     "UnsupportedModelError",
+    "adaptive_flops",
     "apply_dsm",
     "calibrate",
     "compile_blocks",
     "dense_intermediates",
+    "fit_thresholds",
     "get_adapter",
     "get_config",
     "is_patched",

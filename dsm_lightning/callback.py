@@ -108,6 +108,12 @@ class DSMCallback(Callback):
             (:func:`~dsm_lightning.guard.binomial_pass`), so a schedule whose true agreement is below the target
             is chosen with probability at most ``1 - guard_confidence``; ``None`` compares the observed agreement
             with the target (faster, no guarantee: README, "Small folders and the quality guard").
+        adaptive: Adaptive merging (:attr:`DSMConfig.threshold <dsm_lightning.DSMConfig>`): the guard fits each
+            candidate's per-block thresholds on its images (:func:`~dsm_lightning.fit_thresholds`) so that they
+            spend the candidate's planned FLOPs on average, and each image then merges as much as its content
+            allows. Needs the guard (``min_agreement``), or a ``config`` whose thresholds are already fitted.
+            ``dsm/gflops_per_image`` is then the stage's average per image of what batches spent, padding
+            included.
 
     Example:
         >>> callback = DSMCallback(delay=4, compare_dense=True)  # Trainer(callbacks=[callback])
@@ -137,6 +143,7 @@ class DSMCallback(Callback):
         min_agreement: Optional[float] = DEFAULT_MIN_AGREEMENT,
         guard_images: int = 256,
         guard_confidence: Optional[float] = DEFAULT_GUARD_CONFIDENCE,
+        adaptive: bool = False,
     ) -> None:
         fields = dict(
             delay=delay,
@@ -179,6 +186,12 @@ class DSMCallback(Callback):
         self.min_agreement = None if min_agreement is None else float(min_agreement)
         self.guard_images = int(guard_images)
         self.guard_confidence = None if guard_confidence is None else float(guard_confidence)
+        if adaptive and self.min_agreement is None and self.config.threshold is None:
+            raise ValueError(
+                "adaptive=True fits its thresholds on the quality guard's images, but min_agreement=None turns the "
+                "guard off; keep min_agreement, or pass config=fit_thresholds(model, images, config)"
+            )
+        self.adaptive = bool(adaptive)
         self.guard: Optional[GuardResult] = None
         self._measure = "top1"  # set in setup: "cosine" for a ViT without a classifier head
         self._guard_inputs: list = []
@@ -258,11 +271,15 @@ class DSMCallback(Callback):
         assert self._vit is not None and self._trainer is not None
         apply_dsm(self._vit, config)
         self._applied = True
+        if config.threshold is not None:  # adaptive: token counts follow the data, so count FLOPs per batch
+            adapter = get_adapter(self._vit)
+            self._meter.count_tokens(list(adapter.blocks(self._vit)), adapter.dims(self._vit))
         if self.compile == "blocks":
             compile_blocks(self._vit)  # remove_dsm (in _restore) takes the compiled block forwards away again
         elif self.compile is not None:
             # Compile forward only (an instance attribute shadowing the class method): the timing hooks stay eager.
-            self._vit.forward = torch.compile(self._vit.forward, **self.compile)
+            options = self.compile if config.threshold is None else {**self.compile, "fullgraph": False}
+            self._vit.forward = torch.compile(self._vit.forward, **options)
             self._compiled = True
         trainer = self._trainer
         if self.log_summary and trainer.is_global_zero and not trainer.sanity_checking:
@@ -303,6 +320,7 @@ class DSMCallback(Callback):
             reduce=reduce,
             measure=self._measure,
             confidence=self.guard_confidence,
+            adaptive=self.adaptive,
         )
         self._say(self.guard.summary())
         if self.guard.config is not None:
@@ -312,6 +330,7 @@ class DSMCallback(Callback):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self._meter.stop_counting()
         if self._vit is not None:
             if self._compiled:
                 self._vit.__dict__.pop("forward", None)  # drop the compiled forward
@@ -380,6 +399,7 @@ class DSMCallback(Callback):
         images = images_of(args, kwargs)
         if images is not None:
             sync(images)
+        self._meter.before_forward()
         self._t0 = time.perf_counter()
 
     def _post_hook(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:

@@ -100,6 +100,15 @@ class DSMConfig:
                 with the prefix tokens in it (with a class token, set ``a`` starts at the second patch), and unmerged
                 tokens keep their input order whenever there is a prefix token. The two differ only in these arbitrary
                 choices; both are measured (README, "Accuracy vs speed"). Local (windowed) merges always use ``"dsm"``.
+            threshold: Adaptive merging. ``None`` (default): every image merges the planned number of tokens. A
+                float, or one float per block: each global merging block of the plan merges, in each image, every
+                pair whose cosine similarity is at least the block's threshold, so redundant images merge more
+                (values above 1 merge nothing). Fit thresholds to a FLOP budget with
+                :func:`~dsm_lightning.fit_thresholds`. Images of a batch are padded to the longest one (padding
+                rows have size 0 and are hidden from attention), so proportional attention is required.
+            buckets: With ``threshold``, how many token counts a block's output may have (the batch's longest image
+                is rounded up to the next of ``buckets`` evenly spaced counts), which bounds the shapes a compiled
+                graph sees.
     """
 
     delay: int = 0
@@ -112,6 +121,8 @@ class DSMConfig:
     metric: str = "tokens"
     protect: float = 0.2
     matching: str = "dsm"
+    threshold: Union[float, Tuple[float, ...], None] = None
+    buckets: int = 16
 
     @classmethod
     def tome(cls, r: Union[int, Sequence[int]], prop_attn: bool = True) -> DSMConfig:
@@ -183,6 +194,35 @@ class DSMConfig:
         object.__setattr__(self, "protect", float(self.protect))
         if self.matching not in MATCHINGS:
             raise ValueError(f"matching must be one of {MATCHINGS}, got {self.matching!r}")
+        self._check_threshold()
+
+    def _check_threshold(self) -> None:
+        if isinstance(self.buckets, bool) or not isinstance(self.buckets, int) or self.buckets < 1:
+            raise ValueError(f"buckets must be an int >= 1, got {self.buckets!r}")
+        if self.threshold is None:
+            return
+        values = self.threshold if isinstance(self.threshold, (list, tuple)) else (self.threshold,)
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -1.0 <= float(v) < math.inf:
+                raise ValueError(
+                    f"threshold must be a cosine similarity >= -1 (above 1 merges nothing), or one per block; "
+                    f"got {self.threshold!r}"
+                )
+        if isinstance(self.threshold, (list, tuple)):
+            object.__setattr__(self, "threshold", tuple(float(v) for v in self.threshold))
+        else:
+            object.__setattr__(self, "threshold", float(self.threshold))
+        if not self.prop_attn:
+            raise ValueError(
+                "threshold (adaptive merging) pads images to the longest one and hides the padding through "
+                "proportional attention; set prop_attn=True or threshold=None"
+            )
+
+    def block_threshold(self, index: int) -> Optional[float]:
+        """The adaptive threshold of block ``index`` (None when merging is not adaptive)."""
+        if isinstance(self.threshold, tuple):
+            return self.threshold[index]
+        return self.threshold
 
     @property
     def window_grid(self) -> Tuple[int, int]:
@@ -237,8 +277,9 @@ class DSMConfig:
     def from_dict(cls, data: Dict[str, Any]) -> DSMConfig:
         """Build a config from :meth:`to_dict` output."""
         data = dict(data)
-        if isinstance(data.get("windows"), list):
-            data["windows"] = tuple(data["windows"])
+        for key in ("windows", "threshold"):
+            if isinstance(data.get(key), list):
+                data[key] = tuple(data[key])
         unknown = set(data) - set(cls.field_names())
         if unknown:
             raise ConfigError(f"unknown DSMConfig field(s): {sorted(unknown)}; valid: {cls.field_names()}")

@@ -120,11 +120,19 @@ def export_onnx(
         raise ExportError(
             f"ONNX export needs {err.name}: pip install 'dsm-lightning[onnx]' (onnx, onnxscript, onnxruntime)"
         ) from None
+    from .patch import get_config
+
     out = Path(path)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; remove it, choose another path, or pass overwrite=True")
     if model.training:
         raise ExportError("the model is in training mode; call model.eval() before exporting (merging is inference)")
+    vit = _vit_of(model)
+    if vit is not None and getattr(get_config(vit), "threshold", None) is not None:
+        raise ExportError(
+            "adaptive merging (DSMConfig.threshold) picks token counts from the data, which an ONNX graph cannot; "
+            "export the fixed schedule: apply_dsm(model, get_config(model).replace(threshold=None))"
+        )
     size = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
     wrapped = OutputOf(model).eval()
     example = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))

@@ -174,6 +174,7 @@ def quality_guard(
     reduce: Optional[Any] = None,
     measure: str = "top1",
     confidence: Optional[float] = None,
+    adaptive: bool = False,
 ) -> GuardResult:
     """Choose the most merging schedule whose agreement with the dense model stays >= ``min_agreement``: top-1
     agreement for a classifier, or (``measure="cosine"``) the mean per-token cosine similarity of a backbone's
@@ -195,6 +196,9 @@ def quality_guard(
         confidence: For ``measure="top1"``, choose a schedule only if a one-sided binomial test shows its agreement
             is at least ``min_agreement`` with this confidence (:func:`binomial_pass`); None compares the point
             estimate. Ignored for ``"cosine"``, whose scores are not counts.
+        adaptive: Adaptive merging: before a candidate is measured, its thresholds are fitted on ``images``
+            (:func:`~dsm_lightning.fit_thresholds`; similarities only, no outputs) so that these images spend its
+            planned FLOPs on average; with ``reduce``, the thresholds are averaged over processes.
     """
     if not 0.0 < min_agreement <= 1.0:
         raise ValueError(f"min_agreement must be in (0, 1], got {min_agreement}")
@@ -215,6 +219,8 @@ def quality_guard(
 
     def agreement(cfg: DSMConfig) -> float:
         plan = token_plan(model, cfg, img_size=(int(img_size[0]), int(img_size[1])))
+        if adaptive:
+            cfg = _fit(model, images, cfg, reduce)
         apply_dsm(model, cfg)
         try:
             logits = model_outputs(model, images, batch_size, device)
@@ -230,18 +236,35 @@ def quality_guard(
         trials.append(
             {"label": label, "config": cfg.to_dict(), "flops_ratio": plan.flops_ratio(*dims), "agreement": value}
         )
+        fitted.append(cfg)
         return value
+
+    fitted: List[DSMConfig] = []
 
     lo, hi = 0, len(candidates)  # candidates[hi:] pass (index len = dense); find the first passing index
     scores: Dict[int, float] = {}
     level = confidence if measure == "top1" else None
+    chosen: Dict[int, DSMConfig] = {}
     while lo < hi:
         mid = (lo + hi) // 2
         scores[mid] = agreement(candidates[mid])
+        chosen[mid] = fitted[-1]
         if binomial_pass(scores[mid] * total, round(total), min_agreement, level):
             hi = mid
         else:
             lo = mid + 1
     if lo == len(candidates):
         return GuardResult(None, 1.0, min_agreement, int(total), trials, measure, level)
-    return GuardResult(candidates[lo], scores[lo], min_agreement, int(total), trials, measure, level)
+    return GuardResult(chosen[lo], scores[lo], min_agreement, int(total), trials, measure, level)
+
+
+def _fit(model: nn.Module, images: torch.Tensor, config: DSMConfig, reduce: Optional[Any]) -> DSMConfig:
+    """``config`` with thresholds fitted on ``images`` (averaged over processes when ``reduce`` sums over them)."""
+    from .adaptive import fit_thresholds
+
+    fitted = fit_thresholds(model, images, config)
+    if reduce is None:
+        return fitted
+    values = torch.tensor(fitted.threshold, dtype=torch.float64, device=images.device)
+    count = reduce(torch.ones((), dtype=torch.float64, device=images.device))
+    return fitted.replace(threshold=tuple((reduce(values) / count).tolist()))

@@ -83,6 +83,38 @@ def count_flops_pair(module: nn.Module, image: torch.Tensor) -> Tuple[float, flo
     return merged, dense
 
 
+class BlockTokens:
+    """Forward hooks on a model's blocks that record the tokens entering and leaving each one, so the FLOPs a batch
+    spent under adaptive merging (whose token counts follow the data) can be counted from its own run."""
+
+    def __init__(self, blocks: List[nn.Module], dims: Tuple[int, int]) -> None:
+        self.dims = dims
+        self.counts: List[Tuple[int, int]] = []
+        self.handles = [block.register_forward_hook(self._record) for block in blocks]
+
+    def _record(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+            self.counts.append((args[0].shape[1], out.shape[1]))
+
+    def spent(self) -> Optional[Tuple[float, float]]:
+        """Block GFLOPs per image of the last recorded forward (analytic, padding included) and of the dense model;
+        clears the record."""
+        from .schedule import _block_flops
+
+        counts, self.counts = self.counts, []
+        if not counts:
+            return None
+        t0 = counts[0][0]
+        spent = sum(_block_flops(a, b, *self.dims) for a, b in counts)
+        return spent / 1e9, _block_flops(t0, t0, *self.dims) * len(counts) / 1e9
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
 class StageMeter:
     """Measurements of one stage. ``agreement`` is a torchmetrics accuracy (synced across DDP ranks) or None."""
 
@@ -93,8 +125,25 @@ class StageMeter:
         self.dense = Throughput()
         self.merged_images = 0  # every merged image, the untimed warm-up batch included
         self.flops: Dict[Tuple[int, ...], Tuple[float, float]] = {}
+        self.tokens: Optional[BlockTokens] = None  # adaptive merging: FLOPs from each batch's own token counts
+        self.spent: List[Tuple[float, int]] = []  # (block GFLOPs saved per image, images) per merged batch
         if agreement is not None:
             agreement.reset()
+
+    def count_tokens(self, blocks: List[nn.Module], dims: Tuple[int, int]) -> None:
+        """Count FLOPs per batch from the blocks' token counts (adaptive merging) instead of once per input shape."""
+        self.stop_counting()
+        self.tokens = BlockTokens(blocks, dims)
+
+    def stop_counting(self) -> None:
+        if self.tokens is not None:
+            self.tokens.remove()
+            self.tokens = None
+
+    def before_forward(self) -> None:
+        """Forget token counts recorded outside the next merged forward (dense runs of the guard)."""
+        if self.tokens is not None:
+            self.tokens.counts = []
 
     def merged_forward(
         self,
@@ -108,9 +157,15 @@ class StageMeter:
         compare with dense if asked."""
         self.merged.add(seconds, images.shape[0])
         self.merged_images += images.shape[0]
+        spent = self.tokens.spent() if self.tokens is not None else None
+        if spent is not None:
+            self.spent.append((spent[1] - spent[0], images.shape[0]))
         shape = tuple(images.shape[1:])
         if shape not in self.flops:
-            self.flops[shape] = count_flops_pair(module, images[:1])
+            with torch.no_grad():
+                self.flops[shape] = count_flops_pair(module, images[:1])
+            if self.tokens is not None:
+                self.tokens.counts = []
         logits = logits_of(output)
         if not (self.compare_dense and logits is not None):
             return
@@ -130,6 +185,8 @@ class StageMeter:
             out["dsm/images_per_sec"] = self.merged.per_second
         if self.flops:
             merged, dense = next(iter(self.flops.values()))
+            if self.spent:  # adaptive: dense minus the block FLOPs the stage's batches saved, on average per image
+                merged = dense - sum(saved * n for saved, n in self.spent) / sum(n for _, n in self.spent)
             out["dsm/gflops_per_image"] = merged
             out["dsm/dense_gflops_per_image"] = dense
             out["dsm/flops_reduction"] = dense / merged
@@ -146,7 +203,8 @@ class StageMeter:
         if "dsm/flops_reduction" in metrics:
             lines.append(
                 f"FLOPs: {metrics['dsm/gflops_per_image']:.2f} GFLOPs per image against "
-                f"{metrics['dsm/dense_gflops_per_image']:.2f} dense ({metrics['dsm/flops_reduction']:.2f}x fewer)."
+                f"{metrics['dsm/dense_gflops_per_image']:.2f} dense ({metrics['dsm/flops_reduction']:.2f}x fewer)"
+                + (", the average over the merged batches, padding included (adaptive merging)." if self.spent else ".")
             )
         if "dsm/agreement_top1" in metrics:
             lines.append(

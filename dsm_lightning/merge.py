@@ -9,7 +9,9 @@ Python ints from the :class:`~dsm_lightning.TokenPlan`, so a compiled graph sees
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+import contextlib
+import contextvars
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -21,6 +23,8 @@ from .schedule import BlockPlan, WindowGroup
 __all__ = [
     "Matching",
     "bipartite_soft_matching",
+    "threshold_soft_matching",
+    "bucket_tokens",
     "merge_wavg",
     "window_order",
     "merge_local",
@@ -29,6 +33,7 @@ __all__ = [
     "class_attention",
     "protected_mask",
     "merge_step",
+    "fitting_thresholds",
     "size_bias",
     "unmerge",
 ]
@@ -146,16 +151,105 @@ def bipartite_soft_matching(
     return Matching(merge, new_index)
 
 
-def merge_wavg(merge: Callable[[Tensor], Tensor], x: Tensor, size: Tensor) -> Tuple[Tensor, Tensor]:
+def bucket_tokens(count: int, n: int, buckets: int) -> int:
+    """Round a token count up to the next of ``buckets`` evenly spaced levels between 0 and ``n``, capped at ``n``.
+
+    Example:
+        >>> [bucket_tokens(c, 256, 16) for c in (1, 16, 17, 200, 256)]
+        [16, 16, 32, 208, 256]
+    """
+    step = -(-n // buckets)
+    return min(n, -(-count // step) * step)
+
+
+def threshold_soft_matching(
+    metric: Tensor,
+    threshold: float,
+    alive: Tensor,
+    buckets: int,
+    protected: Optional[Tensor] = None,
+    num_prefix: int = 0,
+    parity: int = 0,
+    sort_unmerged: bool = False,
+) -> Matching:
+    """Bipartite soft matching that merges, in each image, every proposal whose similarity is at least
+    ``threshold``: the number of merges follows the image (adaptive merging, :attr:`DSMConfig.threshold`).
+
+    Images of a batch keep different numbers of tokens, so the output is padded: each image's tokens come first, in
+    the order :func:`bipartite_soft_matching` gives them (prefix, unmerged ``a``, ``b``), and padding rows of zeros
+    fill the rest (:func:`merge_wavg` gives them size 0, so proportional attention's ``log(size)`` bias hides them
+    from every query, and later merges skip them). An image's tokens are the same whatever shares its batch: the
+    padding only ever sits behind them. The output length, the batch's longest image rounded up by
+    :func:`bucket_tokens`, is the one value read back to the host.
+
+    Args:
+        metric: ``[B, N, D]`` similarity features of the patch tokens (padding rows included).
+        threshold: Cosine similarity at or above which an ``a`` token merges into its most similar ``b`` token.
+        alive: ``[B, N]`` bool, False on padding rows (which must all sit behind the live ones).
+        buckets: Number of output lengths allowed for ``N`` patch tokens (see :func:`bucket_tokens`).
+        protected, num_prefix, parity, sort_unmerged: As in :func:`bipartite_soft_matching`.
+    """
+    batch, n, _ = metric.shape
+    odd = parity % 2
+    na = (n + 1 - odd) // 2
+    p, t = num_prefix, num_prefix + n
+    device = metric.device
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # padding rows are zeros
+        scores = torch.bmm(metric[:, odd::2], metric[:, 1 - odd :: 2].transpose(1, 2))
+        blocked = ~alive if protected is None else ~alive | protected
+        scores = scores.masked_fill(blocked[:, odd::2, None] | blocked[:, None, 1 - odd :: 2], -2.0)
+        node_max, node_idx = scores.max(dim=-1)
+        merged = node_max >= threshold  # [B, na], by a index; blocked rows (-2) never pass
+        # Candidates in output order (prefix, a tokens, b tokens); the live ones move to the front, order kept.
+        a_order = torch.arange(na, device=device).expand(batch, -1)
+        if not sort_unmerged:
+            a_order = stable_argsort(node_max, descending=True)
+        a_rows = a_order * 2 + (p + odd)
+        b_rows = torch.arange(p + 1 - odd, t, 2, device=device).expand(batch, -1)
+        rows = torch.cat([torch.arange(p, device=device).expand(batch, -1), a_rows, b_rows], dim=1)
+        kept_a = (alive[:, odd::2] & ~merged).gather(1, a_order)
+        kept = torch.cat([alive.new_ones(batch, p), kept_a, alive[:, 1 - odd :: 2]], dim=1)
+        order = stable_argsort((~kept).to(torch.uint8))
+        m = p + bucket_tokens(int(kept.sum(dim=1).max()) - p, n, buckets)  # the host reads this one number
+        slot = torch.empty_like(order).scatter_(1, order, torch.arange(t, device=device).expand(batch, -1))
+        b_slot = slot[:, p + na :]
+        a_slot = torch.empty_like(a_order).scatter_(1, a_order, slot[:, p : p + na])  # by a index
+        dst_slot = torch.where(merged, b_slot.gather(1, node_idx), 0)
+        new_index = torch.empty(batch, n, dtype=torch.long, device=device)
+        new_index[:, odd::2] = torch.where(merged, dst_slot, a_slot) - p
+        new_index[:, 1 - odd :: 2] = b_slot - p
+        row_t = torch.arange(0, batch * t, t, device=device).unsqueeze(1)
+        row_m = torch.arange(0, batch * m, m, device=device).unsqueeze(1)
+        keep = (rows.gather(1, order[:, :m]) + row_t).flatten()
+        live = kept.gather(1, order[:, :m]).flatten().unsqueeze(1)
+        src = (torch.arange(p + odd, t, 2, device=device) + row_t).flatten()
+        dst = (dst_slot + row_m).flatten()
+        weight = merged.flatten().unsqueeze(1)
+
+    def merge(x: Tensor) -> Tensor:
+        c = x.shape[-1]
+        flat = x.reshape(batch * t, c)
+        out = flat.index_select(0, keep) * live.to(x.dtype)
+        out.index_add_(0, dst, flat.index_select(0, src) * weight.to(x.dtype))
+        return out.view(batch, m, c)
+
+    return Matching(merge, new_index)
+
+
+def merge_wavg(
+    merge: Callable[[Tensor], Tensor], x: Tensor, size: Tensor, padded: bool = False
+) -> Tuple[Tensor, Tensor]:
     """Size-weighted average merge: ``x' = merge(x * size) / merge(size)``; returns ``(x', size')``.
 
     ``size`` is float32 whatever the model's dtype (a bf16 size cannot count past 256 exactly); the weighted sum is
-    taken at the wider of the two dtypes and ``x'`` comes back in ``x``'s dtype.
+    taken at the wider of the two dtypes and ``x'`` comes back in ``x``'s dtype. ``padded``: ``merge`` leaves padding
+    rows of size 0 (:func:`threshold_soft_matching`), which come back as zeros.
     """
     dtype = x.dtype
     x = merge(x * size)
     size = merge(size)
-    return (x / size).to(dtype), size
+    return (x / (size.clamp_min(1e-12) if padded else size)).to(dtype), size
 
 
 def window_order(grid: Tuple[int, int], groups: Sequence[WindowGroup], device: torch.device) -> Tensor:
@@ -251,8 +345,18 @@ def class_attention(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor], 
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
-def protected_mask(cls_attn: Tensor, fraction: float) -> Tensor:
-    """``[B, N]`` bool: the ``int(fraction * N)`` patch tokens with the highest class attention ``[B, N]``."""
+def protected_mask(cls_attn: Tensor, fraction: float, alive: Optional[Tensor] = None) -> Tensor:
+    """``[B, N]`` bool: the ``int(fraction * N)`` patch tokens with the highest class attention ``[B, N]``.
+
+    With ``alive`` (``[B, N]`` bool, False on padding rows), ``N`` is each image's own count of live tokens, and ties
+    go to the earlier token, so an image's protected tokens do not depend on the padding its batch adds.
+    """
+    if alive is not None:
+        rank = torch.empty_like(cls_attn, dtype=torch.long)
+        order = stable_argsort(cls_attn.masked_fill(~alive, -1.0), descending=True)
+        rank.scatter_(1, order, torch.arange(cls_attn.shape[1], device=cls_attn.device).expand_as(order))
+        keep = (alive.sum(dim=1).double() * fraction).floor().long()  # float64, as int(fraction * n) in Python
+        return rank < keep.unsqueeze(1)
     batch, n = cls_attn.shape
     k = int(fraction * n)
     mask = torch.zeros(batch, n, dtype=torch.bool, device=cls_attn.device)
@@ -260,6 +364,66 @@ def protected_mask(cls_attn: Tensor, fraction: float) -> Tensor:
         top = cls_attn.topk(k, dim=-1).indices
         mask = mask.scatter(1, top, torch.ones_like(top, dtype=torch.bool))
     return mask
+
+
+#: While :func:`fitting_thresholds` is active: the thresholds chosen so far, by block index.
+_FITTING: contextvars.ContextVar[Optional[Dict[int, float]]] = contextvars.ContextVar("dsm_fitting", default=None)
+
+
+@contextlib.contextmanager
+def fitting_thresholds() -> Iterator[Dict[int, float]]:
+    """Inside the ``with`` block, every global merging block of a forward pass picks the threshold that leaves the
+    batch, on average, the planned number of tokens (the batch's ``B * (tokens_in - tokens_out)`` most similar
+    proposals merge, distributed over the images as their similarities fall), and records it in the dict this
+    yields, by block index. One forward pass over a calibration batch fits every block in turn
+    (:func:`~dsm_lightning.fit_thresholds`)."""
+    chosen: Dict[int, float] = {}
+    token = _FITTING.set(chosen)
+    try:
+        yield chosen
+    finally:
+        _FITTING.reset(token)
+
+
+def _fit_threshold(metric: Tensor, alive: Tensor, protected: Optional[Tensor], parity: int, plan: BlockPlan) -> float:
+    """The threshold under which this batch keeps ``plan.tokens_out`` patch tokens per image on average."""
+    odd = parity % 2
+    with torch.no_grad():
+        unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        blocked = ~alive if protected is None else ~alive | protected
+        scores = torch.bmm(unit[:, odd::2], unit[:, 1 - odd :: 2].transpose(1, 2))
+        node_max = scores.masked_fill(blocked[:, odd::2, None] | blocked[:, None, 1 - odd :: 2], -2.0).amax(-1)
+        k = int(alive.sum()) - alive.shape[0] * plan.tokens_out  # merges the batch needs
+        candidates = node_max.flatten()
+        threshold = 2.0 if k <= 0 else float(candidates.topk(min(k, candidates.numel())).values[-1].clamp_min(-1.0))
+    chosen = _FITTING.get()
+    assert chosen is not None
+    chosen[plan.index] = threshold
+    return threshold
+
+
+@torch.compiler.disable  # type: ignore[untyped-decorator]  # reads a length back: compiled code runs around it
+def _merge_adaptive(
+    x: Tensor,
+    metric: Tensor,
+    size: Tensor,
+    pos: Tensor,
+    alive: Tensor,
+    protected: Optional[Tensor],
+    plan: BlockPlan,
+    num_prefix: int,
+    config: DSMConfig,
+    threshold: Optional[float],
+) -> Tuple[Tensor, MergeState]:
+    """:func:`merge_step`'s global merge under adaptive merging (:func:`threshold_soft_matching`)."""
+    if metric.shape[1] < 2:  # a single patch token left: nothing to pair
+        return x, MergeState(size, pos)
+    parity, sort = (num_prefix % 2, num_prefix > 0) if config.matching == "tome" else (0, False)
+    if threshold is None:
+        threshold = _fit_threshold(metric, alive, protected, parity, plan)
+    m = threshold_soft_matching(metric, threshold, alive, config.buckets, protected, num_prefix, parity, sort)
+    x, size = merge_wavg(m.merge, x, size, padded=True)
+    return x, MergeState(size, m.new_index.gather(1, pos))
 
 
 def merge_step(
@@ -283,14 +447,24 @@ def merge_step(
         metric = patches
     else:  # ToMe's keys: [B, T, D], or per-head keys [B, heads, T, head_dim] averaged here (only when used)
         metric = (metric.mean(dim=1) if metric.ndim == 4 else metric)[:, num_prefix:]
+    threshold = None if config is None or plan.mode == "local" else config.block_threshold(plan.index)
+    adaptive = threshold is not None or (_FITTING.get() is not None and plan.mode == "global")
+    alive = None
+    if adaptive:
+        alive = (
+            state.size[:, num_prefix:, 0] > 0
+            if state.size is not None
+            else torch.ones(batch, x.shape[1] - num_prefix, dtype=torch.bool, device=x.device)
+        )
     protected = None
     if config is not None and config.protect > 0:
         if cls_attn is None:
             raise ConfigError(
                 "DSMConfig.protect needs the class attention, but this model's adapter passed none to "
-                "step(x, metric, cls_attn); set protect=0 or extend the adapter (README, 'Custom ViTs')"
+                "BlockCall.merge(tokens, metric, cls_attn); set protect=0 or extend the adapter (docs, "
+                "'Custom ViTs')"
             )
-        protected = protected_mask(cls_attn[:, num_prefix:], config.protect)
+        protected = protected_mask(cls_attn[:, num_prefix:], config.protect, alive)
     if state.size is None:
         size = torch.ones(batch, x.shape[1], 1, dtype=torch.float32, device=x.device)  # exact counts (bf16 is not)
     else:
@@ -299,6 +473,12 @@ def merge_step(
     if pos is None:
         pos = torch.arange(grid[0] * grid[1], device=x.device).expand(batch, -1)
 
+    if alive is not None:
+        assert config is not None
+        merged: Tuple[Tensor, MergeState] = _merge_adaptive(
+            x, metric, size, pos, alive, protected, plan, num_prefix, config, threshold
+        )
+        return merged
     if plan.mode != "local":  # global: the prefix tokens ride along in the merge, no split and concatenation
         tome_order = config is not None and config.matching == "tome"
         x, size, new_index = merge_global(x, size, metric, plan.r, protected, num_prefix, tome_order)

@@ -346,11 +346,20 @@ def compile_blocks(model: nn.Module, **options: Any) -> nn.Module:
     out. Each model has a graph cache of its own (Dynamo's ``recompile_limit`` counts per model), and a model compiled
     again reuses its graphs.
 
+    Under adaptive merging (:attr:`DSMConfig.threshold <dsm_lightning.DSMConfig>`) each merge reads its output length
+    back to the host, so the merge runs eager between compiled graphs (``fullgraph=False``); the token counts are
+    rounded to :attr:`~DSMConfig.buckets` levels and the graphs are dynamic, so a stage at one input size and one
+    batch size (plus a smaller last batch) compiles 5 graphs (measured on timm's ViT; batch size 1 specialises
+    them once more).
+
     Args:
         model: A supported ViT.
-        **options: ``torch.compile`` keyword arguments; defaults ``fullgraph=True, dynamic=True``.
+        **options: ``torch.compile`` keyword arguments; defaults ``fullgraph=True`` (``False`` under adaptive
+            merging), ``dynamic=True``.
     """
-    options = {"fullgraph": True, "dynamic": True, **options}
+    config = get_config(model)
+    adaptive = config is not None and config.threshold is not None  # its merge reads a count back: a graph break
+    options = {"fullgraph": not adaptive, "dynamic": True, **options}
     uncompile_blocks(model)
     entry = _block_entry(model)
     for block in get_adapter(model).blocks(model):

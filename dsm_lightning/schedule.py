@@ -305,6 +305,10 @@ def _validate(depth: int, grid: Tuple[int, int], num_prefix_tokens: int, config:
         )
     if isinstance(config.r, tuple) and len(config.r) != depth:
         raise ValueError(f"a per-block r needs one entry per block: got {len(config.r)} entries for depth={depth}")
+    if isinstance(config.threshold, tuple) and len(config.threshold) != depth:
+        raise ValueError(
+            f"a per-block threshold needs one entry per block: got {len(config.threshold)} entries for depth={depth}"
+        )
     if grid[0] < 1 or grid[1] < 1:
         raise ValueError(f"patch grid must be at least 1x1, got {grid}")
     if num_prefix_tokens < 0:

@@ -7,7 +7,14 @@ import importlib
 
 import pytest
 
-MODULES = ["dsm_lightning.config", "dsm_lightning.guard", "dsm_lightning.patch", "dsm_lightning.callback"]
+MODULES = [
+    "dsm_lightning.config",
+    "dsm_lightning.merge",
+    "dsm_lightning.adaptive",
+    "dsm_lightning.guard",
+    "dsm_lightning.patch",
+    "dsm_lightning.callback",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,0 +1,113 @@
+"""Adaptive merging: fit per-block similarity thresholds to a FLOP budget, and count the FLOPs images then spend.
+
+With :attr:`DSMConfig.threshold <dsm_lightning.DSMConfig>` set, each global merging block merges, in each image,
+every pair at least that similar, so the tokens an image keeps follow its content. :func:`fit_thresholds` picks the
+thresholds on calibration images so that, on average over them, every block keeps the tokens the fixed plan keeps
+(hence about the fixed plan's FLOPs); :func:`adaptive_flops` measures what images actually spend.
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .config import DSMConfig
+from .errors import ConfigError
+from .merge import MergeState, fitting_thresholds
+from .patch import apply_dsm, get_config, is_patched, token_plan, trace_tokens
+from .schedule import _block_flops
+
+__all__ = ["fit_thresholds", "AdaptiveFlops", "adaptive_flops"]
+
+
+def fit_thresholds(model: nn.Module, images: Tensor, config: Optional[DSMConfig] = None) -> DSMConfig:
+    """Thresholds under which ``images`` keep, on average, the tokens of ``config``'s fixed plan in every block.
+
+    One forward pass over ``images`` as a single batch: at each global merging block the batch's
+    ``B * (tokens_in - tokens_out)`` most similar proposals merge, however they fall over the images, and the
+    similarity of the last one becomes the block's threshold. Fit on images the stage will not be judged on.
+
+    Args:
+        model: A supported ViT (patched or not; it is left as it was, its patch config unchanged).
+        images: Calibration batch ``[B, 3, H, W]`` at the input size the thresholds are for (64 or more images).
+        config: The fixed schedule to follow (``flops_target``, ``delay``, ...); the model's config, else
+            ``DSMConfig()``, when None. Its own ``threshold`` is ignored.
+
+    Returns:
+        ``config`` with ``threshold`` set, one value per block (2.0, merging nothing, where the plan merges nothing
+        or the images needed no merge).
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("vit_tiny_patch16_224", num_classes=10).eval()
+        >>> fitted = fit_thresholds(model, torch.randn(8, 3, 224, 224), DSMConfig(flops_target=0.6))
+        >>> len(fitted.threshold), fitted.flops_target
+        (12, 0.6)
+    """
+    before = get_config(model) if is_patched(model) else None
+    base = (config or before or DSMConfig()).replace(threshold=None)
+    plan = token_plan(model, base, img_size=(images.shape[-2], images.shape[-1]))
+    if not any(b.mode == "global" for b in plan.blocks):
+        raise ConfigError(f"fit_thresholds: {base} merges no block globally; lower flops_target or set r")
+    try:
+        apply_dsm(model, base)
+        with torch.no_grad(), fitting_thresholds() as chosen:
+            model(images)
+    finally:
+        if before is None:
+            from .patch import remove_dsm
+
+            remove_dsm(model)
+        else:
+            apply_dsm(model, before)
+    return base.replace(threshold=tuple(chosen.get(i, 2.0) for i in range(plan.depth)))
+
+
+class AdaptiveFlops(NamedTuple):
+    """What a batch spent in the blocks, as fractions of the dense model's block FLOPs.
+
+    Attributes:
+        per_image: ``[B]`` each image's own FLOPs (its live tokens only).
+        spent: The batch's FLOPs per image as run, padding rows included.
+    """
+
+    per_image: Tensor
+    spent: float
+
+
+def adaptive_flops(model: nn.Module, images: Tensor) -> AdaptiveFlops:
+    """Count the block FLOPs of a patched model on ``images`` from the tokens each block really holds (analytic
+    FLOPs: attention on the tokens entering a block, the MLP on those leaving it, as :class:`~dsm_lightning.TokenPlan`
+    counts them)."""
+    if not is_patched(model):
+        raise ValueError("adaptive_flops needs a patched model: call apply_dsm(model, ...) first")
+    dim, hidden = _dims(model)
+    live: List[Tensor] = []
+    shapes: List[int] = []
+
+    def count(index: int, tokens: Tensor, state: MergeState) -> None:
+        shapes.append(tokens.shape[1])
+        if state.size is None:
+            live.append(torch.full((tokens.shape[0],), tokens.shape[1]))
+        else:
+            live.append((state.size[..., 0] > 0).sum(dim=1).cpu())
+
+    with torch.no_grad():
+        trace = trace_tokens(model, images, count)
+    t0 = trace.plan.num_patches + trace.plan.num_prefix_tokens
+    dense = _block_flops(t0, t0, dim, hidden) * len(shapes)
+    per_image = torch.zeros(images.shape[0], dtype=torch.float64)
+    spent, before, shape_before = 0.0, torch.full((images.shape[0],), t0), t0
+    for after, shape in zip(live, shapes):
+        per_image += torch.tensor([_block_flops(int(a), int(b), dim, hidden) for a, b in zip(before, after)])
+        spent += _block_flops(shape_before, shape, dim, hidden)
+        before, shape_before = after, shape
+    return AdaptiveFlops(per_image / dense, spent / dense)
+
+
+def _dims(model: nn.Module) -> tuple:
+    from .adapters import get_adapter
+
+    return get_adapter(model).dims(model)
