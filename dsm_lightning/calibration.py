@@ -95,6 +95,64 @@ def default_search_space(depth: int) -> List[Dict[str, Any]]:
     return space
 
 
+@dataclass(eq=False)
+class _Candidate:
+    """One schedule under evaluation: its config (``r`` chosen for the budget), planned FLOPs and running scores."""
+
+    fields: Dict[str, Any]  # the DSMConfig fields shown in the table (r=None: chosen per input size)
+    fixed: DSMConfig  # the config with the explicit r that meets the budget at the calibration size
+    flops_ratio: float
+    sums: Tuple[float, float, float] = (0.0, 0.0, 0.0)  # search half: hits, agreements, KL
+    images: int = 0
+    check: Optional[Dict[str, float]] = None  # check half: score, agreement, kl
+    loss: Optional[torch.Tensor] = None  # check half, per image (paired comparisons)
+
+    def add(self, hits: torch.Tensor, agree: torch.Tensor, kl: torch.Tensor) -> None:
+        """Add search-half images."""
+        self.sums = tuple(a + float(b.sum()) for a, b in zip(self.sums, (hits, agree, kl)))  # type: ignore[assignment]
+        self.images += int(hits.numel())
+
+    def mean(self, index: int) -> float:
+        return self.sums[index] / self.images
+
+    def rank(self, metric: str) -> Tuple[float, float]:
+        """Sort key on the search half: KL, or (−score, KL)."""
+        kl = self.mean(2)
+        return (kl, 0.0) if metric == "kl" else (-self.mean(0), kl)
+
+    def as_dict(self) -> Dict[str, Any]:
+        """The public record in :attr:`CalibrationResult.candidates`."""
+        out = {**self.fields, "config": self.fixed.replace(r=None).to_dict(), "r": self.fixed.r, "images": self.images}
+        out.update(flops_ratio=self.flops_ratio, score=self.mean(0), agreement=self.mean(1), kl=self.mean(2))
+        if self.check is not None:
+            out.update({f"check_{k}": v for k, v in self.check.items()})
+        return out
+
+
+class _Scorer:
+    """Runs a candidate on calibration images and scores it against the dense model, per image."""
+
+    def __init__(
+        self, model: nn.Module, images: torch.Tensor, dense: torch.Tensor, reference: torch.Tensor, batch_size: int
+    ) -> None:
+        self.model, self.images, self.batch_size = model, images, batch_size
+        self.device = next(model.parameters()).device
+        self.dense_logp, self.dense_top1, self.reference = dense.log_softmax(-1), dense.argmax(-1), reference
+
+    def __call__(self, cand: _Candidate, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per image of ``images[idx]``: hit vs the reference, top-1 agreement with dense, KL to dense."""
+        apply_dsm(self.model, cand.fixed)
+        try:
+            logits = model_outputs(self.model, self.images[idx], self.batch_size, self.device)
+        finally:
+            remove_dsm(self.model)
+        top1 = logits.argmax(-1)
+        kl = torch.nn.functional.kl_div(
+            logits.log_softmax(-1), self.dense_logp[idx], log_target=True, reduction="none"
+        ).sum(-1)
+        return (top1 == self.reference[idx]).float(), (top1 == self.dense_top1[idx]).float(), kl
+
+
 def calibrate(
     model: nn.Module,
     dataloader: Iterable,
@@ -130,6 +188,36 @@ def calibrate(
         A :class:`CalibrationResult`; ``result.config`` goes straight into ``apply_dsm`` or ``DSMCallback``.
     """
     start = time.perf_counter()
+    _check_arguments(metric, target)
+    was = get_config(model)
+    if is_patched(model):
+        remove_dsm(model)
+    images, labels = collect_batches(dataloader, max_images)
+    model.eval()
+    try:
+        scorer = _scorer(model, images, labels, metric, batch_size)
+        candidates = _candidates(model, search_space, target, prop_attn, tuple(images.shape[-2:]))
+        finalists, incumbent, tome = _search(candidates, scorer, metric, keep, verbose)
+        best, fell_back = _choose(finalists, incumbent, tome)
+    finally:
+        if was is not None:
+            apply_dsm(model, was)
+    assert best.check is not None
+    stable = min(finalists, key=lambda c: float(c.loss.mean())) is finalists[0]  # type: ignore[union-attr]
+    return CalibrationResult(
+        best.fixed,
+        best.check["score"] if metric != "kl" else best.check["agreement"],
+        best.flops_ratio,
+        metric,
+        time.perf_counter() - start,
+        int(images.shape[0]),
+        [c.as_dict() for c in candidates],
+        stable,
+        fell_back,
+    )
+
+
+def _check_arguments(metric: str, target: float) -> None:
     if metric not in ("kl", "agreement", "accuracy"):
         raise ValueError(f"metric must be 'kl', 'agreement' or 'accuracy', got {metric!r}")
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
@@ -137,152 +225,106 @@ def calibrate(
             f"target={target!r}: the budget is a fraction of the dense block FLOPs in (0, 1], e.g. 0.55 "
             f"for 1.8x fewer FLOPs"
         )
-    was = get_config(model)
-    if is_patched(model):
-        remove_dsm(model)
-    device = next(model.parameters()).device
-    images, labels = collect_batches(dataloader, max_images)
+
+
+def _scorer(
+    model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor], metric: str, batch_size: int
+) -> _Scorer:
+    """Run the dense model once on the calibration images, check what it gives, and build the scorer."""
     if metric == "accuracy" and labels is None:
         raise ValueError("metric='accuracy' needs labels from the dataloader; use metric='kl' (no labels needed)")
     if images.shape[0] < 2:
         raise ValueError(f"calibrate needs at least 2 images (a search and a check half), got {images.shape[0]}")
-    model.eval()
-    try:
-        dense_logits = model_outputs(model, images, batch_size, device)
-        bad = (~torch.isfinite(dense_logits).all(dim=-1)).nonzero().flatten().tolist()
-        if bad:
-            raise ValueError(
-                f"the dense model gives non-finite outputs (nan/inf) for calibration image(s) {bad[:10]} "
-                f"(0-based, in loader order); check those inputs"
-            )
-        if metric == "accuracy" and labels is not None and (labels.min() < 0 or labels.max() >= dense_logits.shape[-1]):
-            raise ValueError(
-                f"labels must be class indices in [0, {dense_logits.shape[-1]}) for this model's "
-                f"{dense_logits.shape[-1]} outputs, got values from {int(labels.min())} to "
-                f"{int(labels.max())}"
-            )
-        dense_logp = dense_logits.log_softmax(-1)
-        reference = labels if metric == "accuracy" and labels is not None else dense_logits.argmax(-1)
-        from .adapters import get_adapter
-
-        adapter = get_adapter(model)
-        img_size = tuple(images.shape[-2:])
-        space = list(search_space) if search_space is not None else default_search_space(adapter.depth(model))
-        if not any(_is_tome(c) for c in space):
-            space.append(dict(_TOME))
-        candidates = []
-        for fields in space:
-            try:
-                cfg = DSMConfig(**{**fields, "r": None, "flops_target": target, "prop_attn": prop_attn})
-                plan = token_plan(model, cfg, img_size=(int(img_size[0]), int(img_size[1])))
-            except ValueError:
-                continue
-            candidates.append(
-                {
-                    **{
-                        k: getattr(cfg, k)
-                        for k in ("delay", "local_blocks", "windows", "schedule", "metric", "protect", "matching")
-                    },
-                    "config": cfg.to_dict(),
-                    "_fixed": cfg.replace(r=plan.r),
-                    "r": plan.r,
-                    "flops_ratio": plan.flops_ratio(*adapter.dims(model)),
-                    "images": 0,
-                }
-            )
-        if not candidates:
-            raise ValueError("no candidate schedule fits this model and input size; widen the search space")
-
-        def evaluate(cand: Dict[str, Any], idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """Per image of images[idx]: hit vs the metric's reference, top-1 agreement with dense, KL to dense."""
-            apply_dsm(model, cand["_fixed"])
-            try:
-                logits = model_outputs(model, images[idx], batch_size, device)
-            finally:
-                remove_dsm(model)
-            top1 = logits.argmax(-1)
-            kl = torch.nn.functional.kl_div(
-                logits.log_softmax(-1), dense_logp[idx], log_target=True, reduction="none"
-            ).sum(-1)
-            return ((top1 == reference[idx]).float(), (top1 == dense_logits.argmax(-1)[idx]).float(), kl)
-
-        def record(cand: Dict[str, Any], idx: torch.Tensor, prefix: str = "") -> None:
-            hits, agree, kl = evaluate(cand, idx)
-            n = int(idx.numel())
-            if prefix:  # check half: one shot, per-image losses kept for paired comparisons
-                cand["_loss"] = kl if metric == "kl" else 1.0 - hits
-                cand["check_score"], cand["check_agreement"], cand["check_kl"] = (
-                    float(hits.mean()),
-                    float(agree.mean()),
-                    float(kl.mean()),
-                )
-                return
-            sums = (float(hits.sum()), float(agree.sum()), float(kl.sum()))
-            cand["_sums"] = [a + b for a, b in zip(cand.get("_sums", (0.0, 0.0, 0.0)), sums)]
-            cand["images"] += n
-            cand["score"], cand["agreement"], cand["kl"] = (v / cand["images"] for v in cand["_sums"])
-
-        def rank(c: Dict[str, Any], prefix: str = "") -> Tuple[float, float]:
-            kl = c[f"{prefix}kl"]
-            return (kl, 0.0) if metric == "kl" else (-c[f"{prefix}score"], kl)
-
-        order = torch.arange(images.shape[0])
-        search, check = order[0::2], order[1::2]
-        quick = search[: max(1, search.numel() // 2)]
-        rest = search[quick.numel() :]
-        tome = next(c for c in candidates if _is_tome(c))
-        default = DSMConfig().to_dict()
-        incumbent = next((c for c in candidates if _matches(c, {k: default[k] for k in _TOME})), None)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=len(candidates) + 2 * min(len(candidates), keep + 2),
-            desc="calibrate",
-            unit="candidate",
-            disable=not verbose,
+    dense = model_outputs(model, images, batch_size, next(model.parameters()).device)
+    bad = (~torch.isfinite(dense).all(dim=-1)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"the dense model gives non-finite outputs (nan/inf) for calibration image(s) {bad[:10]} "
+            f"(0-based, in loader order); check those inputs"
         )
-        progress = bar.update
+    classes = dense.shape[-1]
+    if metric == "accuracy" and labels is not None and (labels.min() < 0 or labels.max() >= classes):
+        raise ValueError(
+            f"labels must be class indices in [0, {classes}) for this model's {classes} outputs, got values from "
+            f"{int(labels.min())} to {int(labels.max())}"
+        )
+    reference = labels if metric == "accuracy" and labels is not None else dense.argmax(-1)
+    return _Scorer(model, images, dense, reference, batch_size)
+
+
+def _candidates(
+    model: nn.Module,
+    search_space: Optional[Sequence[Dict[str, Any]]],
+    target: float,
+    prop_attn: bool,
+    img_size: Tuple[int, ...],
+) -> List[_Candidate]:
+    """Every schedule of the search space (ToMe added) that fits the model, each with the r meeting ``target``."""
+    from .adapters import get_adapter
+
+    adapter = get_adapter(model)
+    space = list(search_space) if search_space is not None else default_search_space(adapter.depth(model))
+    if not any(_matches(c, _TOME) for c in space):
+        space.append(dict(_TOME))
+    shown = ("delay", "local_blocks", "windows", "schedule", "metric", "protect", "matching")
+    out = []
+    for fields in space:
+        try:
+            cfg = DSMConfig(**{**fields, "r": None, "flops_target": target, "prop_attn": prop_attn})
+            plan = token_plan(model, cfg, img_size=(int(img_size[0]), int(img_size[1])))
+        except ValueError:
+            continue
+        ratio = plan.flops_ratio(*adapter.dims(model))
+        out.append(_Candidate({k: getattr(cfg, k) for k in shown}, cfg.replace(r=plan.r), ratio))
+    if not out:
+        raise ValueError("no candidate schedule fits this model and input size; widen the search space")
+    return out
+
+
+def _search(
+    candidates: List[_Candidate], scorer: _Scorer, metric: str, keep: int, verbose: bool
+) -> Tuple[List[_Candidate], Optional[_Candidate], _Candidate]:
+    """Successive halving on the search half, then the finalists on the check half; returns the finalists
+    (search-half order), the default schedule's candidate (None if not searched) and ToMe's."""
+    from tqdm.auto import tqdm
+
+    order = torch.arange(scorer.images.shape[0])
+    search, check = order[0::2], order[1::2]
+    quick = search[: max(1, search.numel() // 2)]
+    rest = search[quick.numel() :]
+    tome = next(c for c in candidates if _matches(c.fields, _TOME))
+    default = DSMConfig().to_dict()
+    incumbent = next((c for c in candidates if _matches(c.fields, {k: default[k] for k in _TOME})), None)
+    total = len(candidates) + 2 * min(len(candidates), keep + 2)
+    with tqdm(total=total, desc="calibrate", unit="candidate", disable=not verbose) as bar:
         for cand in candidates:
-            record(cand, quick)
-            progress()
-        finalists = sorted(candidates, key=rank)[:keep]
-        for must in (incumbent, tome):
-            if must is not None and must not in finalists:
-                finalists.append(must)
-        if rest.numel():
-            for cand in finalists:
-                record(cand, rest)
-                progress()
-        finalists.sort(key=rank)
+            cand.add(*scorer(cand, quick))
+            bar.update()
+        finalists = sorted(candidates, key=lambda c: c.rank(metric))[:keep]
+        finalists += [c for c in (incumbent, tome) if c is not None and c not in finalists]
+        for cand in finalists if rest.numel() else ():
+            cand.add(*scorer(cand, rest))
+            bar.update()
+        finalists.sort(key=lambda c: c.rank(metric))
         for cand in finalists:
-            record(cand, check, "check_")
-            progress()
-        winner = finalists[0]
-        check_winner = min(finalists, key=lambda c: float(c["_loss"].mean()))
-        stable = check_winner is winner
-        # The default schedule (measured best on held-out data, README) stays unless a finalist beats it on the
-        # check half by more than two paired standard errors; ToMe replaces the choice when it does the same.
-        best = incumbent if incumbent is not None else winner
-        if check_winner is not best and _beats(check_winner["_loss"], best["_loss"]):
-            best = check_winner
-        fell_back = best is not tome and _beats(tome["_loss"], best["_loss"])
-        if fell_back:
-            best = tome
-        bar.close()
-    finally:
-        if was is not None:
-            apply_dsm(model, was)
-    return CalibrationResult(
-        best["_fixed"],
-        best["check_score"] if metric != "kl" else best["check_agreement"],
-        best["flops_ratio"],
-        metric,
-        time.perf_counter() - start,
-        int(images.shape[0]),
-        [{k: v for k, v in c.items() if not k.startswith("_")} for c in candidates],
-        stable,
-        fell_back,
-    )
+            hits, agree, kl = scorer(cand, check)
+            cand.check = {"score": float(hits.mean()), "agreement": float(agree.mean()), "kl": float(kl.mean())}
+            cand.loss = kl if metric == "kl" else 1.0 - hits
+            bar.update()
+    return finalists, incumbent, tome
+
+
+def _choose(finalists: List[_Candidate], incumbent: Optional[_Candidate], tome: _Candidate) -> Tuple[_Candidate, bool]:
+    """The default schedule (measured best on held-out data) stays unless a finalist beats it on the check half by
+    more than two paired standard errors; ToMe replaces the choice when it does the same. Returns the choice and
+    whether ToMe replaced it."""
+    check_winner = min(finalists, key=lambda c: float(c.loss.mean()))  # type: ignore[union-attr]
+    best = incumbent if incumbent is not None else finalists[0]
+    if check_winner is not best and _beats(check_winner.loss, best.loss):  # type: ignore[arg-type]
+        best = check_winner
+    if best is not tome and _beats(tome.loss, best.loss):  # type: ignore[arg-type]
+        return tome, True
+    return best, False
 
 
 def _beats(loss_a: torch.Tensor, loss_b: torch.Tensor, z: float = 2.0) -> bool:
@@ -296,7 +338,3 @@ def _beats(loss_a: torch.Tensor, loss_b: torch.Tensor, z: float = 2.0) -> bool:
 def _matches(c: Dict[str, Any], fields: Dict[str, Any]) -> bool:
     """Whether candidate fields ``c`` (missing ones at DSMConfig's defaults) equal ``fields``."""
     return all(c.get(k, getattr(DSMConfig, k)) == v for k, v in fields.items())
-
-
-def _is_tome(c: Dict[str, Any]) -> bool:
-    return _matches(c, _TOME)
