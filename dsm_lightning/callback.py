@@ -60,6 +60,34 @@ def find_vit(module: nn.Module, attr: Optional[str] = None) -> Tuple[str, nn.Mod
     )
 
 
+def _check_stages(stages: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    stages = (stages,) if isinstance(stages, str) else tuple(stages)
+    bad = set(stages) - set(_STAGES)
+    if bad:
+        raise ValueError(f"stages must be a subset of {_STAGES}, got {sorted(bad)}")
+    return stages
+
+
+def _check_compile(compile: Any) -> Any:
+    """``DSMCallback(compile=...)`` as stored: None, ``"blocks"`` or a dict of ``torch.compile`` arguments."""
+    if compile is True:
+        compile = {"fullgraph": True}
+    if compile is not False and compile != "blocks" and not isinstance(compile, dict):
+        raise ValueError(
+            f"compile must be True, False, 'blocks' or a dict of torch.compile keyword arguments, got {compile!r}"
+        )
+    return compile or None
+
+
+def _check_guard(min_agreement: Optional[float], guard_images: int, guard_confidence: Optional[float]) -> None:
+    if min_agreement is not None and not 0.0 < float(min_agreement) <= 1.0:
+        raise ValueError(f"min_agreement must be in (0, 1] or None (guard off), got {min_agreement!r}")
+    if guard_images < 1:
+        raise ValueError(f"guard_images must be >= 1, got {guard_images}")
+    if guard_confidence is not None and not 0.0 < float(guard_confidence) < 1.0:
+        raise ValueError(f"guard_confidence must be in (0, 1) or None (point estimate), got {guard_confidence!r}")
+
+
 class DSMCallback(Callback):
     """Apply Delayed Spatial Merging to the ViT inside a LightningModule for evaluation stages.
 
@@ -161,28 +189,12 @@ class DSMCallback(Callback):
         if config is not None and changed:
             raise ValueError(f"pass either config= or the fields {changed}, not both")
         self.config = config if config is not None else DSMConfig.from_dict(fields)
-        if isinstance(stages, str):
-            stages = (stages,)
-        bad = set(stages) - set(_STAGES)
-        if bad:
-            raise ValueError(f"stages must be a subset of {_STAGES}, got {sorted(bad)}")
-        self.stages = tuple(stages)
+        self.stages = _check_stages(stages)
         self.model_attr = model_attr
         self.compare_dense = compare_dense
         self.log_summary = log_summary
-        if compile is True:
-            compile = {"fullgraph": True}
-        if compile is not False and compile != "blocks" and not isinstance(compile, dict):
-            raise ValueError(
-                f"compile must be True, False, 'blocks' or a dict of torch.compile keyword arguments, got {compile!r}"
-            )
-        self.compile = compile or None
-        if min_agreement is not None and not 0.0 < float(min_agreement) <= 1.0:
-            raise ValueError(f"min_agreement must be in (0, 1] or None (guard off), got {min_agreement!r}")
-        if guard_images < 1:
-            raise ValueError(f"guard_images must be >= 1, got {guard_images}")
-        if guard_confidence is not None and not 0.0 < float(guard_confidence) < 1.0:
-            raise ValueError(f"guard_confidence must be in (0, 1) or None (point estimate), got {guard_confidence!r}")
+        self.compile = _check_compile(compile)
+        _check_guard(min_agreement, guard_images, guard_confidence)
         self.min_agreement = None if min_agreement is None else float(min_agreement)
         self.guard_images = int(guard_images)
         self.guard_confidence = None if guard_confidence is None else float(guard_confidence)

@@ -146,28 +146,7 @@ class DSMConfig:
                 raise ValueError(f"{name} must be an int, got {value!r}")
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        r = self.r
-        if r is not None:
-            if isinstance(r, bool):
-                raise ValueError(f"r must be an int, a per-block list of ints or None, got {r!r}")
-            if isinstance(r, int):
-                if r < 0:
-                    raise ValueError(f"r must be >= 0, got {r}")
-            elif isinstance(r, float):
-                if not 0.0 < r <= 0.5:
-                    raise ValueError(
-                        f"a fractional r must be in (0, 0.5] (bipartite matching merges at most half "
-                        f"the tokens), got {r}"
-                    )
-            else:
-                try:
-                    r_tuple = tuple(r)
-                except TypeError:
-                    raise ValueError(f"r must be an int, a per-block list of ints or None, got {r!r}") from None
-                for i, v in enumerate(r_tuple):
-                    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                        raise ValueError(f"r[{i}]={v!r}: every per-block r must be an int >= 0")
-                object.__setattr__(self, "r", r_tuple)
+        self._check_r()
         rows, cols = window_grid(self.windows)
         object.__setattr__(self, "windows", (rows, cols) if not isinstance(self.windows, int) else self.windows)
         if not isinstance(self.prop_attn, bool):
@@ -195,6 +174,30 @@ class DSMConfig:
         if self.matching not in MATCHINGS:
             raise ValueError(f"matching must be one of {MATCHINGS}, got {self.matching!r}")
         self._check_threshold()
+
+    def _check_r(self) -> None:
+        r = self.r
+        if r is not None:
+            if isinstance(r, bool):
+                raise ValueError(f"r must be an int, a per-block list of ints or None, got {r!r}")
+            if isinstance(r, int):
+                if r < 0:
+                    raise ValueError(f"r must be >= 0, got {r}")
+            elif isinstance(r, float):
+                if not 0.0 < r <= 0.5:
+                    raise ValueError(
+                        f"a fractional r must be in (0, 0.5] (bipartite matching merges at most half "
+                        f"the tokens), got {r}"
+                    )
+            else:
+                try:
+                    r_tuple = tuple(r)
+                except TypeError:
+                    raise ValueError(f"r must be an int, a per-block list of ints or None, got {r!r}") from None
+                for i, v in enumerate(r_tuple):
+                    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                        raise ValueError(f"r[{i}]={v!r}: every per-block r must be an int >= 0")
+                object.__setattr__(self, "r", r_tuple)
 
     def _check_threshold(self) -> None:
         if isinstance(self.buckets, bool) or not isinstance(self.buckets, int) or self.buckets < 1:
