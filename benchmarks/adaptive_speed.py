@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     module, transform = load(args)
     model = module.model.eval()
     images, _, _ = load_pool("eval", 32, transform, args.shared, args.idx_dir)
-    row = next(r for r in json.loads(args.fitted.read_text())["rows"] if r["budget"] == args.budget)
+    row = next(r for r in json.loads(args.fitted.read_text())["rows"] if r["row"] == f"adaptive@{args.budget}")
     adaptive = DSMConfig.from_dict(row["config"])
     fixed = adaptive.replace(threshold=None)
     dims = get_adapter(model).dims(model)

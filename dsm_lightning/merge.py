@@ -442,37 +442,20 @@ def merge_step(
     None); ``cls_attn`` ``[B, T]`` is the class attention that ``protect`` ranks by.
     """
     batch = x.shape[0]
-    prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
     if config is not None and config.metric == "tokens":
-        metric = patches
+        metric = x[:, num_prefix:]
     else:  # ToMe's keys: [B, T, D], or per-head keys [B, heads, T, head_dim] averaged here (only when used)
         metric = (metric.mean(dim=1) if metric.ndim == 4 else metric)[:, num_prefix:]
     threshold = None if config is None or plan.mode == "local" else config.block_threshold(plan.index)
     adaptive = threshold is not None or (_FITTING.get() is not None and plan.mode == "global")
-    alive = None
-    if adaptive:
-        alive = (
-            state.size[:, num_prefix:, 0] > 0
-            if state.size is not None
-            else torch.ones(batch, x.shape[1] - num_prefix, dtype=torch.bool, device=x.device)
-        )
-    protected = None
-    if config is not None and config.protect > 0:
-        if cls_attn is None:
-            raise ConfigError(
-                "DSMConfig.protect needs the class attention, but this model's adapter passed none to "
-                "BlockCall.merge(tokens, metric, cls_attn); set protect=0 or extend the adapter (docs, "
-                "'Custom ViTs')"
-            )
-        protected = protected_mask(cls_attn[:, num_prefix:], config.protect, alive)
-    if state.size is None:
+    alive = _alive(state, x, num_prefix) if adaptive else None
+    protected = _protected(config, cls_attn, num_prefix, alive)
+    size = state.size
+    if size is None:
         size = torch.ones(batch, x.shape[1], 1, dtype=torch.float32, device=x.device)  # exact counts (bf16 is not)
-    else:
-        size = state.size
     pos = state.pos
     if pos is None:
         pos = torch.arange(grid[0] * grid[1], device=x.device).expand(batch, -1)
-
     if alive is not None:
         assert config is not None
         merged: Tuple[Tensor, MergeState] = _merge_adaptive(
@@ -483,13 +466,50 @@ def merge_step(
         tome_order = config is not None and config.matching == "tome"
         x, size, new_index = merge_global(x, size, metric, plan.r, protected, num_prefix, tome_order)
         return x, MergeState(size, new_index.gather(1, pos))
+    return _merge_windows(x, metric, size, pos, protected, plan, grid, num_prefix, first=state.pos is None)
+
+
+def _alive(state: MergeState, x: Tensor, num_prefix: int) -> Tensor:
+    """``[B, N]`` bool: which patch tokens are real (padding rows of adaptive merging have size 0)."""
+    if state.size is not None:
+        return state.size[:, num_prefix:, 0] > 0
+    return torch.ones(x.shape[0], x.shape[1] - num_prefix, dtype=torch.bool, device=x.device)
+
+
+def _protected(
+    config: Optional[DSMConfig], cls_attn: Optional[Tensor], num_prefix: int, alive: Optional[Tensor]
+) -> Optional[Tensor]:
+    """The tokens :attr:`DSMConfig.protect` keeps out of this merge, or None."""
+    if config is None or config.protect <= 0:
+        return None
+    if cls_attn is None:
+        raise ConfigError(
+            "DSMConfig.protect needs the class attention, but this model's adapter passed none to "
+            "BlockCall.merge(tokens, metric, cls_attn); set protect=0 or extend the adapter (docs, 'Custom ViTs')"
+        )
+    return protected_mask(cls_attn[:, num_prefix:], config.protect, alive)
+
+
+def _merge_windows(
+    x: Tensor,
+    metric: Tensor,
+    size: Tensor,
+    pos: Tensor,
+    protected: Optional[Tensor],
+    plan: BlockPlan,
+    grid: Tuple[int, int],
+    num_prefix: int,
+    first: bool,
+) -> Tuple[Tensor, MergeState]:
+    """:func:`merge_step`'s local merge; ``first``: tokens are still in raster order and are regrouped window by
+    window first."""
+    prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
     size_prefix, size = size[:, :num_prefix], size[:, num_prefix:]
-    if state.pos is None:
-        # First local merge: tokens are still in raster order; regroup them window by window.
+    if first:
         order = window_order(grid, plan.groups, x.device)
         patches, size, metric = patches[:, order], size[:, order], metric[:, order]
         protected = None if protected is None else protected[:, order]
-        pos = torch.argsort(order).expand(batch, -1)
+        pos = torch.argsort(order).expand(x.shape[0], -1)
     patches, size, new_index = merge_local(patches, size, metric, plan.groups, protected)
     x = torch.cat([prefix, patches], dim=1)
     return x, MergeState(torch.cat([size_prefix, size], dim=1), new_index.gather(1, pos))
