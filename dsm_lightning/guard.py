@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -204,58 +204,69 @@ def quality_guard(
         raise ValueError(f"min_agreement must be in (0, 1], got {min_agreement}")
     if measure not in GUARD_MEASURES:
         raise ValueError(f"measure must be one of {sorted(GUARD_MEASURES)}, got {measure!r}")
-    score = GUARD_MEASURES[measure]
-    device = images.device
-    reference = dense_logits.float().cpu()
-    from .adapters import get_adapter
-
-    dims = get_adapter(model).dims(model)
-    img_size = tuple(images.shape[-2:])
+    trials = _Trials(model, images, dense_logits, config, batch_size, reduce, measure, adaptive)
     candidates = guard_candidates(config)
-    trials: List[Dict[str, Any]] = []
-    total = float(images.shape[0])
-    if reduce is not None:
-        total = float(reduce(torch.tensor(total, device=device)))
-
-    def agreement(cfg: DSMConfig) -> float:
-        plan = token_plan(model, cfg, img_size=(int(img_size[0]), int(img_size[1])))
-        if adaptive:
-            cfg = _fit(model, images, cfg, reduce)
-        apply_dsm(model, cfg)
-        try:
-            logits = model_outputs(model, images, batch_size, device)
-        finally:
-            remove_dsm(model)
-        hits = torch.tensor(float(score(logits, reference).sum()), device=device)
-        if reduce is not None:
-            hits = reduce(hits)
-        value = float(hits) / total
-        label = (
-            f"flops_target={cfg.flops_target:g}" if config.r is None else f"r={plan.r if plan.r is not None else cfg.r}"
-        )
-        trials.append(
-            {"label": label, "config": cfg.to_dict(), "flops_ratio": plan.flops_ratio(*dims), "agreement": value}
-        )
-        fitted.append(cfg)
-        return value
-
-    fitted: List[DSMConfig] = []
-
     lo, hi = 0, len(candidates)  # candidates[hi:] pass (index len = dense); find the first passing index
-    scores: Dict[int, float] = {}
     level = confidence if measure == "top1" else None
-    chosen: Dict[int, DSMConfig] = {}
     while lo < hi:
         mid = (lo + hi) // 2
-        scores[mid] = agreement(candidates[mid])
-        chosen[mid] = fitted[-1]
-        if binomial_pass(scores[mid] * total, round(total), min_agreement, level):
+        if binomial_pass(trials.agreement(candidates[mid]) * trials.total, round(trials.total), min_agreement, level):
             hi = mid
         else:
             lo = mid + 1
     if lo == len(candidates):
-        return GuardResult(None, 1.0, min_agreement, int(total), trials, measure, level)
-    return GuardResult(chosen[lo], scores[lo], min_agreement, int(total), trials, measure, level)
+        return GuardResult(None, 1.0, min_agreement, int(trials.total), trials.records, measure, level)
+    chosen = trials.measured[candidates[lo]]
+    return GuardResult(chosen[0], chosen[1], min_agreement, int(trials.total), trials.records, measure, level)
+
+
+class _Trials:
+    """Measures candidates for :func:`quality_guard` on its images and keeps the record of each."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        dense: torch.Tensor,
+        requested: DSMConfig,
+        batch_size: int,
+        reduce: Optional[Any],
+        measure: str,
+        adaptive: bool,
+    ) -> None:
+        from .adapters import get_adapter
+
+        self.model, self.images, self.reference = model, images, dense.float().cpu()
+        self.requested, self.batch_size, self.reduce, self.adaptive = requested, batch_size, reduce, adaptive
+        self.score = GUARD_MEASURES[measure]
+        self.dims = get_adapter(model).dims(model)
+        self.total = self._sum(float(images.shape[0]))
+        self.records: List[Dict[str, Any]] = []
+        self.measured: Dict[DSMConfig, Tuple[DSMConfig, float]] = {}  # candidate -> (config run, agreement)
+
+    def _sum(self, value: float) -> float:
+        if self.reduce is None:
+            return value
+        return float(self.reduce(torch.tensor(value, device=self.images.device)))
+
+    def agreement(self, candidate: DSMConfig) -> float:
+        """Agreement with dense of ``candidate`` (its thresholds fitted first under adaptive merging)."""
+        size = self.images.shape[-2:]
+        plan = token_plan(self.model, candidate, img_size=(int(size[0]), int(size[1])))
+        cfg = _fit(self.model, self.images, candidate, self.reduce) if self.adaptive else candidate
+        apply_dsm(self.model, cfg)
+        try:
+            outputs = model_outputs(self.model, self.images, self.batch_size, self.images.device)
+        finally:
+            remove_dsm(self.model)
+        value = self._sum(float(self.score(outputs, self.reference).sum())) / self.total
+        r = plan.r if plan.r is not None else cfg.r
+        label = f"flops_target={cfg.flops_target:g}" if self.requested.r is None else f"r={r}"
+        self.records.append(
+            {"label": label, "config": cfg.to_dict(), "flops_ratio": plan.flops_ratio(*self.dims), "agreement": value}
+        )
+        self.measured[candidate] = (cfg, value)
+        return value
 
 
 def _fit(model: nn.Module, images: torch.Tensor, config: DSMConfig, reduce: Optional[Any]) -> DSMConfig:
