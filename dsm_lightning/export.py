@@ -113,28 +113,9 @@ def export_onnx(
         ExportError: If ``onnxscript`` is missing, the file exists, or the exporter fails (the message names the
             fix).
     """
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as err:
-        raise ExportError(
-            f"ONNX export needs {err.name}: pip install 'dsm-lightning[onnx]' (onnx, onnxscript, onnxruntime)"
-        ) from None
-    from .patch import get_config
-
     out = Path(path)
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} exists; remove it, choose another path, or pass overwrite=True")
-    if model.training:
-        raise ExportError("the model is in training mode; call model.eval() before exporting (merging is inference)")
-    vit = _vit_of(model)
-    if vit is not None and getattr(get_config(vit), "threshold", None) is not None:
-        raise ExportError(
-            "adaptive merging (DSMConfig.threshold) picks token counts from the data, which an ONNX graph cannot; "
-            "export the fixed schedule: apply_dsm(model, get_config(model).replace(threshold=None))"
-        )
+    _check_exportable(model, out, overwrite)
     size = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
-    wrapped = OutputOf(model).eval()
     example = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
     dynamic = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
     record = {**describe(model, size), **(metadata or {})}
@@ -142,7 +123,7 @@ def export_onnx(
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
-                wrapped,
+                OutputOf(model).eval(),
                 (example,),
                 dynamo=True,
                 dynamic_shapes=dynamic,
@@ -159,6 +140,37 @@ def export_onnx(
             ) from err
     assert program is not None
     program.model.metadata_props[METADATA_KEY] = json.dumps(record)
+    _save(program, out, overwrite)
+    return out
+
+
+def _check_exportable(model: nn.Module, out: Path, overwrite: bool) -> None:
+    """Raise :class:`ExportError` with the fix before any work: no exporter, an existing file, training mode,
+    adaptive merging."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise ExportError(
+            f"ONNX export needs {err.name}: pip install 'dsm-lightning[onnx]' (onnx, onnxscript, onnxruntime)"
+        ) from None
+    from .patch import get_config
+
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists; remove it, choose another path, or pass overwrite=True")
+    if model.training:
+        raise ExportError("the model is in training mode; call model.eval() before exporting (merging is inference)")
+    vit = _vit_of(model)
+    if vit is not None and getattr(get_config(vit), "threshold", None) is not None:
+        raise ExportError(
+            "adaptive merging (DSMConfig.threshold) picks token counts from the data, which an ONNX graph cannot; "
+            "export the fixed schedule: apply_dsm(model, get_config(model).replace(threshold=None))"
+        )
+
+
+def _save(program: Any, out: Path, overwrite: bool) -> None:
+    """Write through a temporary file and ``os.replace``, so a reader never sees half a file and nothing that
+    appeared meanwhile is overwritten unless ``overwrite``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")[1])
     try:
@@ -168,7 +180,6 @@ def export_onnx(
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return out
 
 
 def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
