@@ -5,17 +5,9 @@ from .adaptive import AdaptiveFlops, adaptive_flops, fit_thresholds
 from .calibration import CalibrationResult, calibrate
 from .config import DSMConfig
 from .errors import DSMUserError
-from .patch import (
-    apply_dsm,
-    compile_blocks,
-    dense_intermediates,
-    get_config,
-    is_patched,
-    remove_dsm,
-    token_plan,
-    trace_tokens,
-    uncompile_blocks,
-)
+from .inspection import dense_intermediates, trace_tokens
+from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan
+from .regional import compile_blocks, uncompile_blocks
 from .schedule import BlockPlan, TokenPlan
 
 

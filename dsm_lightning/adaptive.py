@@ -8,15 +8,16 @@ thresholds on calibration images so that, on average over them, every block keep
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .config import DSMConfig
 from .errors import ConfigError
+from .inspection import trace_tokens
 from .merge import MergeState, fitting_thresholds
-from .patch import apply_dsm, get_config, is_patched, token_plan, trace_tokens
+from .patch import apply_dsm, get_config, is_patched, token_plan
 from .schedule import _block_flops
 
 __all__ = ["fit_thresholds", "AdaptiveFlops", "adaptive_flops"]
@@ -107,7 +108,7 @@ def adaptive_flops(model: nn.Module, images: Tensor) -> AdaptiveFlops:
     return AdaptiveFlops(per_image / dense, spent / dense)
 
 
-def _dims(model: nn.Module) -> tuple:
+def _dims(model: nn.Module) -> Tuple[int, int]:
     from .adapters import get_adapter
 
     return get_adapter(model).dims(model)

@@ -23,7 +23,8 @@ from .errors import ModelAttributeError
 from .guard import GuardResult, quality_guard
 from .measure import StageMeter, images_of, num_classes_of, sync
 from .outputs import output_tensor
-from .patch import apply_dsm, compile_blocks, get_config, is_patched, remove_dsm, token_plan
+from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan
+from .regional import compile_blocks
 
 if TYPE_CHECKING:
     from torchmetrics import Metric

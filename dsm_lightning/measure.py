@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .outputs import logits_of
-from .patch import eager_blocks, unpatched
+from .patch import unpatched
+from .regional import eager_blocks
 
 if TYPE_CHECKING:
     from torchmetrics import Metric

@@ -11,18 +11,14 @@ model that was never patched.
 from __future__ import annotations
 
 import contextlib
-import types
-import weakref
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type, cast
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, cast
 
-import torch
 from torch import Tensor, nn
 
 from .adapters import Adapter, get_adapter, registered_adapters
 from .adapters.base import BLOCK_ORIGINAL, unwrap_block
 from .config import DSMConfig, resolve_config
-from .engine import BlockCall, BlockHook
-from .merge import MergeState, unmerge
+from .engine import BlockCall
 from .schedule import TokenPlan, plan_tokens
 
 __all__ = [
@@ -32,20 +28,12 @@ __all__ = [
     "is_patched",
     "get_config",
     "token_plan",
-    "trace_tokens",
-    "TokenTrace",
-    "dense_intermediates",
-    "compile_blocks",
-    "uncompile_blocks",
-    "eager_blocks",
 ]
 
 _ORIGINAL = "_dsm_original_class"
 #: Attribute of a block's compiled ``forward`` (:func:`compile_blocks`): the block class it was traced through. Only
 #: forwards carrying it are ever removed, and they are dropped once the block's class changes.
 _COMPILED_MARK = "_dsm_compiled_block"
-#: Per model, its own copy of :func:`_call_block_forward` (see :func:`_block_entry`).
-_BLOCK_ENTRIES: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 _CLASS_CACHE: Dict[Tuple[type, type], type] = {}
 _BLOCK_CLASS_CACHE: Dict[Tuple[type, type], type] = {}
 
@@ -273,124 +261,6 @@ def token_plan(
     )
 
 
-class TokenTrace(NamedTuple):
-    """Result of :func:`trace_tokens`.
-
-    Attributes:
-        tokens: Merged tokens after the last block (before the final norm), ``[B, prefix + N_out, C]``.
-        state: Final sizes and patch-to-token map (``state.pos``: ``[B, N0]``, index among patch tokens).
-        plan: The :class:`TokenPlan` used.
-    """
-
-    tokens: Tensor
-    state: MergeState
-    plan: TokenPlan
-
-
-def trace_tokens(model: nn.Module, images: Tensor, hook: Optional[BlockHook] = None) -> TokenTrace:
-    """Run a patched model's blocks on ``images`` and return the merged tokens with their sizes and sources.
-
-    ``hook(block_index, tokens, state)`` is called after every block. Used by the visualiser and the tests.
-    """
-    if not is_patched(model):
-        raise ValueError("trace_tokens needs a patched model: call apply_dsm(model, ...) first")
-    adapter = get_adapter(model)
-    tokens, grid = adapter.embed(model, images)
-    tokens, state = adapter.run(model, tokens, grid, hook)
-    return TokenTrace(tokens, state, adapter.plan(model, grid))
-
-
-def dense_intermediates(model: nn.Module, images: Tensor, indices: Optional[Sequence[int]] = None) -> Dict[int, Tensor]:
-    """Block outputs of a patched model, unmerged onto the dense layout ``[B, prefix + N0, C]``, for any adapter
-    (timm, torchvision, transformers, custom): ``{block index: tokens}`` for ``indices`` (every block when None;
-    negative indices count from the end).
-
-    Each input patch position holds the token it was merged into, so necks and heads built for the dense model read
-    them unchanged; outputs of delayed (dense) blocks are exactly the dense model's. Final norms are not applied.
-    timm models also offer timm's own ``forward_intermediates`` while patched.
-
-    Raises:
-        IndexError: For an index outside ``[-depth, depth)``, as timm's ``forward_intermediates`` does.
-    """
-    if not is_patched(model):
-        raise ValueError("dense_intermediates needs a patched model: call apply_dsm(model, ...) first")
-    adapter = get_adapter(model)
-    depth = adapter.depth(model)
-    bad = [i for i in indices or () if not -depth <= i < depth]
-    if bad:
-        raise IndexError(f"dense_intermediates: block indices {bad} out of range for a model of depth {depth}")
-    wanted = set(range(depth)) if indices is None else {i % depth for i in indices}
-    prefix = adapter.num_prefix_tokens(model)
-    taken: Dict[int, Tensor] = {}
-
-    def keep(index: int, tokens: Tensor, state: MergeState) -> None:
-        if index in wanted:
-            taken[index] = unmerge(tokens, state, prefix)
-
-    trace_tokens(model, images, keep)
-    return {i: taken[i] for i in sorted(taken)}
-
-
-def compile_blocks(model: nn.Module, **options: Any) -> nn.Module:
-    """Regional compilation: ``torch.compile`` each block's ``forward`` instead of the whole model; returns ``model``.
-
-    All blocks of a model run the same code, so they share one set of compiled graphs: with ``dynamic=True`` (the
-    default here) a merging model needs two graphs (the first merging block, which has no size bias yet, and every
-    later one, whatever its token count or the input size; one more where a block is left with a single unmerged
-    token, a size Dynamo always specialises) instead of one specialised copy of every block, which cuts cold compile
-    time to about 40% (README, "torch.compile"). The rest of the model (embedding, unmerge, norm, head) stays eager, and
-    so do hooks on blocks: only ``forward`` is compiled, as an instance attribute. Works patched or not (compile the
-    dense model the same way for a like-for-like baseline), but compile *after* :func:`apply_dsm`: a compiled forward
-    was traced through its block's class, so :func:`apply_dsm` and :func:`remove_dsm` drop it once that class
-    changes (re-configuring a patched model keeps it). :func:`uncompile_blocks` takes it away; pickling leaves it
-    out. Each model has a graph cache of its own (Dynamo's ``recompile_limit`` counts per model), and a model compiled
-    again reuses its graphs.
-
-    Under adaptive merging (:attr:`DSMConfig.threshold <dsm_lightning.DSMConfig>`) each merge reads its output length
-    back to the host, so the merge runs eager between compiled graphs (``fullgraph=False``); the token counts are
-    rounded to :attr:`~DSMConfig.buckets` levels and the graphs are dynamic, so a stage at one input size and one
-    batch size (plus a smaller last batch) compiles 5 graphs (measured on timm's ViT; batch size 1 specialises
-    them once more).
-
-    Args:
-        model: A supported ViT.
-        **options: ``torch.compile`` keyword arguments; defaults ``fullgraph=True`` (``False`` under adaptive
-            merging), ``dynamic=True``.
-    """
-    config = get_config(model)
-    adaptive = config is not None and config.threshold is not None  # its merge reads a count back: a graph break
-    options = {"fullgraph": not adaptive, "dynamic": True, **options}
-    uncompile_blocks(model)
-    entry = _block_entry(model)
-    for block in get_adapter(model).blocks(model):
-        inner = unwrap_block(block)
-        compiled = torch.compile(types.MethodType(entry, inner), **options)
-        setattr(compiled, _COMPILED_MARK, type(inner))
-        inner.__dict__["forward"] = compiled  # shadows the class's forward; __call__ (and its hooks) stay eager
-    return model
-
-
-def _call_block_forward(block: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-    """What a compiled block runs: its class's ``forward`` (patched or not; the instance attribute is bypassed)."""
-    return type(block).forward(block, x, *args, **kwargs)
-
-
-def _block_entry(model: nn.Module) -> Any:
-    """``model``'s own copy of :func:`_call_block_forward`, with a code object of its own.
-
-    ``torch.compile`` keeps its graphs, and counts recompilations against ``recompile_limit`` (8), per code object.
-    Sharing one entry across models would pile every model's and config's graphs onto it, and ``fullgraph=True``
-    turns the ninth into a hard error; a copy per model keeps each model's graphs apart, while a model compiled again
-    (every validation epoch) still finds its own.
-    """
-    entry = _BLOCK_ENTRIES.get(model)
-    if entry is None:
-        code = _call_block_forward.__code__.replace()  # a new code object, hence a graph cache of its own
-        entry = types.FunctionType(code, _call_block_forward.__globals__, code.co_name)
-        _BLOCK_ENTRIES[model] = entry
-    return entry
-
-
 def _compiled_blocks(model: nn.Module) -> List[nn.Module]:
     """The (unwrapped) blocks of ``model`` whose ``forward`` :func:`compile_blocks` compiled."""
     inner = [unwrap_block(block) for block in get_adapter(model).blocks(model)]
@@ -403,23 +273,3 @@ def _drop_stale_compiled(model: nn.Module) -> None:
     for block in _compiled_blocks(model):
         if getattr(block.__dict__["forward"], _COMPILED_MARK) is not type(block):
             del block.__dict__["forward"]
-
-
-def uncompile_blocks(model: nn.Module) -> nn.Module:
-    """Undo :func:`compile_blocks` (a no-op where no block is compiled) and return ``model``."""
-    for block in _compiled_blocks(model):
-        del block.__dict__["forward"]
-    return model
-
-
-@contextlib.contextmanager
-def eager_blocks(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the blocks uncompiled inside the ``with`` block (for FLOP counting, whose dispatch mode compiled code
-    refuses); the compiled forwards of :func:`compile_blocks` are put back after."""
-    blocks = _compiled_blocks(model)
-    forwards = [block.__dict__.pop("forward") for block in blocks]
-    try:
-        yield model
-    finally:
-        for block, forward in zip(blocks, forwards):
-            block.__dict__["forward"] = forward

@@ -20,8 +20,9 @@ from torch import nn
 
 from .config import DSMConfig, RType
 from .console import run_console
+from .inspection import trace_tokens
 from .module import DEFAULT_MODEL
-from .patch import apply_dsm, is_patched, trace_tokens
+from .patch import apply_dsm, is_patched
 
 __all__ = ["token_maps", "render_tokens", "merge_figure"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dsm_lightning"
 LAYERS = [
-    *("errors", "config", "schedule", "merge", "engine", "adapters", "patch", "adaptive"),
+    *("errors", "config", "schedule", "merge", "engine", "adapters", "patch", "inspection", "regional", "adaptive"),
     *("outputs", "guard", "calibration", "measure", "export", "callback", "cli"),
 ]
 
