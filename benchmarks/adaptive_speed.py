@@ -35,8 +35,15 @@ def variant(model: torch.nn.Module, config, batches, compiled: bool) -> Callable
     m = copy.deepcopy(model)
     if config is not None:
         apply_dsm(m, config)
+    graphs = [0]
     if compiled:
-        compile_blocks(m)
+        from torch._inductor.compile_fx import compile_fx
+
+        def counting(gm, example_inputs):  # inductor, counting the graphs it is given
+            graphs[0] += 1
+            return compile_fx(gm, example_inputs)
+
+        compile_blocks(m, backend=counting)
 
     def fn():
         with torch.inference_mode():
@@ -44,6 +51,7 @@ def variant(model: torch.nn.Module, config, batches, compiled: bool) -> Callable
                 m(x)
 
     fn.model = m  # type: ignore[attr-defined]
+    fn.graphs = graphs  # type: ignore[attr-defined]
     return fn
 
 
@@ -91,18 +99,29 @@ def main(argv=None) -> int:
             "adaptive": sum(s.spent for s in spent) / len(spent),
         }
         lines.append(f"\n**batch {batch}** (16 images per call)\n")
-        lines.append("| variant | median s per call | speedup vs dense | block FLOPs spent | efficiency |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("| variant | median s per call | speedup vs dense | block FLOPs spent | efficiency | graphs |")
+        lines.append("|---|---|---|---|---|---|")
         for name, t in times.items():
             f = flops[name.split()[0]]
             speedup = base / median(t)
-            lines.append(f"| {name} | {median(t):.3f} | {speedup:.2f}x | {f:.3f}x | {speedup * f:.2f} |")
-            results.append({"batch": batch, "variant": name, "median_s": median(t), "speedup": speedup, "flops": f})
+            graphs = fns[name].graphs[0] if "compiled" in name else ""  # type: ignore[attr-defined]
+            lines.append(f"| {name} | {median(t):.3f} | {speedup:.2f}x | {f:.3f}x | {speedup * f:.2f} | {graphs} |")
+            results.append(
+                {
+                    "batch": batch,
+                    "variant": name,
+                    "median_s": median(t),
+                    "speedup": speedup,
+                    "flops": f,
+                    "graphs": graphs,
+                }
+            )
     meta = {"env": environment("cpu"), "threads": args.threads, "budget": args.budget, "repeats": args.repeats}
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
     text = (
         f"Eager CPU, {args.threads} threads, {args.repeats} interleaved rounds after {args.warmup} untimed; "
-        f"efficiency = speedup x block FLOPs spent (1.0: time falls as FLOPs do).\n" + "\n".join(lines)
+        f"efficiency = speedup x block FLOPs spent (1.0: time falls as FLOPs do); graphs: inductor graphs compiled "
+        f"by the variant over all its calls (warm-up included).\n" + "\n".join(lines)
     )
     args.out.with_suffix(".md").write_text(text + "\n")
     print(text)

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, cast
 from torch import Tensor, nn
 
 from .adapters import Adapter, get_adapter, registered_adapters
-from .adapters.base import BLOCK_ORIGINAL, unwrap_block
+from .adapters.base import BLOCK_ORIGINAL, PATCH_ADAPTER, PATCH_RECORD, PatchRecord, patch_record, unwrap_block
 from .config import DSMConfig, resolve_config
 from .engine import BlockCall
 from .schedule import TokenPlan, plan_tokens
@@ -30,7 +30,6 @@ __all__ = [
     "token_plan",
 ]
 
-_ORIGINAL = "_dsm_original_class"
 #: Attribute of a block's compiled ``forward`` (:func:`compile_blocks`): the block class it was traced through. Only
 #: forwards carrying it are ever removed, and they are dropped once the block's class changes.
 _COMPILED_MARK = "_dsm_compiled_block"
@@ -41,7 +40,7 @@ _BLOCK_CLASS_CACHE: Dict[Tuple[type, type], type] = {}
 def _patched_class(cls: type, adapter: Adapter) -> type:
     key = (cls, type(adapter))
     if key not in _CLASS_CACHE:
-        attrs = {**adapter.overrides(), "_dsm_adapter": adapter, "__reduce_ex__": _reduce_patched}
+        attrs = {**adapter.overrides(), PATCH_ADAPTER: adapter, "__reduce_ex__": _reduce_patched}
         _CLASS_CACHE[key] = type(f"DSM{cls.__name__}", (cls,), attrs)
     return _CLASS_CACHE[key]
 
@@ -51,7 +50,7 @@ def _block_forward(self: nn.Module, x: Tensor, *args: Any, dsm: Optional[BlockCa
     cls: Any = type(self)
     if dsm is None:
         return cls.__dict__[BLOCK_ORIGINAL].forward(self, x, *args, **kwargs)
-    adapter: Adapter = cls._dsm_adapter
+    adapter: Adapter = getattr(cls, PATCH_ADAPTER)
     return adapter.run_block(self, x, dsm)
 
 
@@ -60,7 +59,7 @@ def _patched_block_class(cls: type, adapter: Adapter) -> type:
     if key not in _BLOCK_CLASS_CACHE:
         attrs = {
             "forward": _block_forward,
-            "_dsm_adapter": adapter,
+            PATCH_ADAPTER: adapter,
             BLOCK_ORIGINAL: cls,
             "__reduce_ex__": _reduce_block,
         }
@@ -99,8 +98,9 @@ def _unpickle_module(cls: Type[nn.Module], state: Dict[str, Any]) -> nn.Module:
 def _reduce_patched(model: nn.Module, protocol: int) -> Tuple[Any, ...]:
     """Pickle a patched model as its original class plus its config (the patched class is made at run time and has
     no importable name); unpickling re-applies the patch. Used by ``pickle``, ``torch.save`` and ``copy.deepcopy``."""
-    state = {k: v for k, v in model.__dict__.items() if k not in (_ORIGINAL, "_dsm_config")}
-    return _unpickle_patched, (model.__dict__[_ORIGINAL], state, model.__dict__["_dsm_config"])
+    record: PatchRecord = model.__dict__[PATCH_RECORD]
+    state = {k: v for k, v in model.__dict__.items() if k != PATCH_RECORD}
+    return _unpickle_patched, (record.original, state, record.config)
 
 
 def _unpickle_patched(cls: Type[nn.Module], state: Dict[str, Any], config: DSMConfig) -> nn.Module:
@@ -118,13 +118,14 @@ def _core(model: nn.Module) -> nn.Module:
 
 def is_patched(model: nn.Module) -> bool:
     """Whether ``model`` currently runs with DSM."""
-    return _ORIGINAL in _core(model).__dict__
+    return patch_record(_core(model)) is not None
 
 
 def get_config(model: nn.Module) -> Optional[DSMConfig]:
     """The :class:`DSMConfig` of a patched model, else None."""
     core = _core(model)
-    return core.__dict__.get("_dsm_config") if _ORIGINAL in core.__dict__ else None
+    record = patch_record(core)
+    return None if record is None else record.config
 
 
 def apply_dsm(model: nn.Module, config: Optional[DSMConfig] = None, **overrides: Any) -> nn.Module:
@@ -165,12 +166,12 @@ def apply_dsm(model: nn.Module, config: Optional[DSMConfig] = None, **overrides:
         adapter.depth(model), adapter.grid(model), adapter.num_prefix_tokens(model), config, adapter.dims(model)
     )
     core = adapter.core(model)  # the model, or the encoder inside a task model
-    if _ORIGINAL not in core.__dict__:
-        core.__dict__[_ORIGINAL] = core.__class__
-        core.__class__ = _patched_class(core.__class__, adapter)
+    record = patch_record(core)
+    original = core.__class__ if record is None else record.original
+    core.__class__ = _patched_class(original, adapter)
     _patch_blocks(model, adapter)  # idempotent: also after unpickling, which restores blocks unpatched
     _drop_stale_compiled(model)
-    core.__dict__["_dsm_config"] = config
+    core.__dict__[PATCH_RECORD] = PatchRecord(original, config)
     return model
 
 
@@ -181,8 +182,7 @@ def remove_dsm(model: nn.Module) -> nn.Module:
         core = adapter.core(model)
         _unpatch_blocks(model, adapter)
         _drop_stale_compiled(model)
-        core.__class__ = core.__dict__.pop(_ORIGINAL)
-        core.__dict__.pop("_dsm_config", None)
+        core.__class__ = core.__dict__.pop(PATCH_RECORD).original
     return model
 
 
@@ -191,11 +191,12 @@ def unpatched(model: nn.Module) -> Iterator[nn.Module]:
     """Run a patched model dense for a moment: its original class is swapped back inside the ``with`` block and the
     patch is put back after, without re-validating the config (cheap enough for every batch)."""
     core = _core(model)
-    if _ORIGINAL not in core.__dict__:
+    record = patch_record(core)
+    if record is None:
         yield model
         return
     patched = core.__class__
-    core.__class__ = core.__dict__[_ORIGINAL]
+    core.__class__ = record.original
     try:
         yield model
     finally:

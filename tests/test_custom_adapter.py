@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsm_lightning import Adapter, apply_dsm, get_adapter, register_adapter, remove_dsm, token_plan, trace_tokens
+from dsm_lightning.adapters import patched_adapter
 from dsm_lightning.merge import class_attention, unmerge
 
 
@@ -57,7 +58,7 @@ class MyViT(nn.Module):
 
 
 def dsm_forward(self, images):
-    adapter = self._dsm_adapter  # set on the patched class by apply_dsm
+    adapter = patched_adapter(self)
     tokens, grid = adapter.embed(self, images)
     tokens, state = adapter.run(self, tokens, grid)
     return self.head(unmerge(self.norm(tokens), state, 1)[:, 0])

@@ -5,12 +5,20 @@ embedding dims) and knows how to run one of the family's blocks with a merge bet
 names the methods that :func:`dsm_lightning.apply_dsm` overrides on a subclass it swaps in (tomesd-style), so the
 original class can be restored exactly.
 
-Register your own with :func:`register_adapter`; see the README's "Custom ViTs" section for a worked example.
+Register your own with :func:`register_adapter` (a patched model's overridden methods find their adapter with
+:func:`patched_adapter`); the docs page "Supported models and custom ViTs" has a worked example.
 """
 
 from __future__ import annotations
 
-from .base import Adapter, UnsupportedModelError, get_adapter, register_adapter, registered_adapters
+from .base import (
+    Adapter,
+    UnsupportedModelError,
+    get_adapter,
+    patched_adapter,
+    register_adapter,
+    registered_adapters,
+)
 from .hf import HuggingFaceViTAdapter
 from .timm import TimmViTAdapter
 from .torchvision import TorchvisionViTAdapter
@@ -22,6 +30,7 @@ __all__ = [
     "TorchvisionViTAdapter",
     "UnsupportedModelError",
     "get_adapter",
+    "patched_adapter",
     "register_adapter",
     "registered_adapters",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,9 @@ __all__ = [
     "UnsupportedModelError",
     "original_class",
     "unwrap_block",
+    "PatchRecord",
+    "patch_record",
+    "patched_adapter",
 ]
 
 
@@ -35,6 +38,33 @@ class UnsupportedModelError(DSMUserError, TypeError):
 WRAPPED_MODULE_ATTRS = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")
 #: Class attribute of a patched block class: the block's original class.
 BLOCK_ORIGINAL = "_dsm_block_original"
+#: Instance attribute of a patched model (its :meth:`Adapter.core`): its :class:`PatchRecord`.
+PATCH_RECORD = "_dsm_patch"
+#: Class attribute of a patched model class and of patched block classes: the :class:`Adapter` that patched them.
+PATCH_ADAPTER = "_dsm_adapter"
+
+
+class PatchRecord(NamedTuple):
+    """What :func:`~dsm_lightning.apply_dsm` stores on a patched model: written by ``patch`` only, read through
+    :func:`patch_record` and :func:`patched_adapter`.
+
+    Attributes:
+        original: The model's class before patching.
+        config: The :class:`~dsm_lightning.DSMConfig` it runs with.
+    """
+
+    original: type
+    config: DSMConfig
+
+
+def patch_record(core: nn.Module) -> Optional[PatchRecord]:
+    """The :class:`PatchRecord` of a model's core module, or None when it is not patched."""
+    return cast(Optional[PatchRecord], core.__dict__.get(PATCH_RECORD))
+
+
+def patched_adapter(obj: Any) -> Any:
+    """The adapter that patched ``obj``'s class (a patched model or block)."""
+    return getattr(type(obj), PATCH_ADAPTER)
 
 
 def unwrap_block(block: nn.Module) -> nn.Module:
@@ -129,7 +159,9 @@ class Adapter(abc.ABC):
 
     def plan(self, model: nn.Module, grid: Tuple[int, int]) -> TokenPlan:
         """The :class:`TokenPlan` of ``model``'s current config for a patch grid (cached per grid)."""
-        config: DSMConfig = self.core(model).__dict__["_dsm_config"]  # set by apply_dsm
+        record = patch_record(self.core(model))
+        assert record is not None, "plan() of an unpatched model"
+        config = record.config
         return plan_tokens(
             self.depth(model), (int(grid[0]), int(grid[1])), self.num_prefix_tokens(model), config, self.dims(model)
         )

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 from torch import Tensor, nn
 
 from ..merge import MergeState, class_attention, unmerge
-from .base import Adapter, UnsupportedModelError, original_class, unwrap_block
+from .base import Adapter, UnsupportedModelError, original_class, patched_adapter, unwrap_block
 
 __all__ = ["HuggingFaceViTAdapter", "hf_attention_with_metric", "SUPPORTED_HF_CLASSES"]
 
@@ -201,7 +201,7 @@ def _forward(
     want_hidden = kwargs.get("output_hidden_states")
     if want_hidden is None:
         want_hidden = bool(getattr(config, "output_hidden_states", False))
-    adapter: HuggingFaceViTAdapter = type(self)._dsm_adapter  # set on the patched class by apply_dsm
+    adapter: HuggingFaceViTAdapter = patched_adapter(self)
     family = adapter.family(self)
     backbone = family.encoder.endswith("Backbone")  # its feature maps read every stage's output
     prefix = adapter.num_prefix_tokens(self)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..merge import MergeState, class_attention, unmerge
-from .base import Adapter, UnsupportedModelError, original_class, unwrap_block
+from .base import Adapter, UnsupportedModelError, original_class, patched_adapter, unwrap_block
 
 __all__ = ["TimmViTAdapter", "attention_with_metric"]
 
@@ -69,7 +69,7 @@ def _forward_features(self: Any, x: Tensor, attn_mask: Optional[Tensor] = None, 
     """DSM version of ``VisionTransformer.forward_features``: tokens come back in the dense layout."""
     if attn_mask is not None or is_causal:
         raise ValueError("a DSM-patched model takes no attn_mask/is_causal; call remove_dsm(model) to use them")
-    adapter: Adapter = type(self)._dsm_adapter  # set on the patched class by apply_dsm
+    adapter: Adapter = patched_adapter(self)
     tokens, grid = adapter.embed(self, x)
     tokens, state = adapter.run(self, tokens, grid)
     return unmerge(self.norm(tokens), state, self.num_prefix_tokens)
@@ -99,7 +99,7 @@ def _forward_intermediates(
     if attn_mask is not None or is_causal:
         raise ValueError("a DSM-patched model takes no attn_mask/is_causal; call remove_dsm(model) to use them")
     take_indices, _ = feature_take_indices(len(self.blocks), indices)
-    adapter: Adapter = type(self)._dsm_adapter
+    adapter: Adapter = patched_adapter(self)
     prefix = self.num_prefix_tokens
     taken: Dict[int, Tensor] = {}
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..merge import class_attention, unmerge
-from .base import Adapter, UnsupportedModelError, original_class, unwrap_block
+from .base import Adapter, UnsupportedModelError, original_class, patched_adapter, unwrap_block
 
 __all__ = ["TorchvisionViTAdapter", "mha_with_metric"]
 
@@ -42,7 +42,7 @@ def mha_with_metric(
 
 def _forward(self: Any, x: Tensor) -> Tensor:
     """DSM version of torchvision ``VisionTransformer.forward``."""
-    adapter: Adapter = type(self)._dsm_adapter  # set on the patched class by apply_dsm
+    adapter: Adapter = patched_adapter(self)
     tokens, grid = adapter.embed(self, x)
     tokens, state = adapter.run(self, tokens, grid)
     tokens = unmerge(self.encoder.ln(tokens), state, 1)
