@@ -449,6 +449,11 @@ def merge_step(
     threshold = None if config is None or plan.mode == "local" else config.block_threshold(plan.index)
     adaptive = threshold is not None or (_FITTING.get() is not None and plan.mode == "global")
     alive = _alive(state, x, num_prefix) if adaptive else None
+    if alive is not None and num_prefix == 0 and config is not None and config.protect > 0:
+        raise ConfigError(
+            "adaptive merging (threshold) with protect > 0 ranks tokens by the class token's attention, and this "
+            "model has no class token (the mean query would include padding); set protect=0"
+        )
     protected = _protected(config, cls_attn, num_prefix, alive)
     size = state.size
     if size is None:

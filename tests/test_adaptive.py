@@ -207,3 +207,37 @@ def test_export_refuses_adaptive_merging_with_the_fix(tmp_path):
     model = apply_dsm(tiny_vit(), threshold=0.5)
     with pytest.raises(ExportError, match="threshold=None"):
         export_onnx(model, tmp_path / "m.onnx", image_size=32)
+
+
+def test_adaptive_protection_without_a_class_token_names_the_fix():
+    from dsm_lightning.errors import ConfigError
+
+    model = apply_dsm(tiny_vit(class_token=False, global_pool="avg"), threshold=0.5)
+    with pytest.raises(ConfigError, match="protect=0"):
+        model(images())
+    apply_dsm(model, threshold=0.5, protect=0.0)
+    batched = model(images(batch=3))
+    single = torch.cat([model(images(batch=3)[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["torchvision", "ViTForImageClassification-eager", "Dinov2Model-sdpa"])
+def test_other_families_give_batch_independent_results(family):
+    from tests.conftest import tiny_hf, tiny_torchvision
+
+    if family == "torchvision":
+        model = tiny_torchvision()
+    else:
+        name, attn = family.split("-")
+        model = tiny_hf(name, attn=attn)
+    apply_dsm(model, threshold=0.3)
+    x = images(batch=3)
+    x[0] *= 0.05
+    with torch.no_grad():
+        out = model(x)
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        single = []
+        for i in range(3):
+            y = model(x[i : i + 1])
+            single.append(y if isinstance(y, torch.Tensor) else y[0])
+    torch.testing.assert_close(out, torch.cat(single), rtol=1e-4, atol=1e-5)
