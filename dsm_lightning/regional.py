@@ -43,8 +43,8 @@ def compile_blocks(model: nn.Module, **options: Any) -> nn.Module:
     Under adaptive merging (:attr:`DSMConfig.threshold <dsm_lightning.DSMConfig>`) each merge reads its output length
     back to the host, so the merge runs eager between compiled graphs (``fullgraph=False``); the token counts are
     rounded to :attr:`~DSMConfig.buckets` levels and the graphs are dynamic, so a stage at one input size and one
-    batch size (plus a smaller last batch) compiles 5 graphs (measured on timm's ViT; batch size 1 specialises
-    them once more).
+    batch size (plus a smaller last batch) compiles 5 graphs (tested on timm's ViT); batch size 1 specialises
+    them further.
 
     Args:
         model: A supported ViT.
