@@ -155,8 +155,8 @@ def bucket_tokens(count: int, n: int, buckets: int) -> int:
     """Round a token count up to the next of ``buckets`` evenly spaced levels between 0 and ``n``, capped at ``n``.
 
     Example:
-        >>> [bucket_tokens(c, 256, 16) for c in (1, 16, 17, 200, 256)]
-        [16, 16, 32, 208, 256]
+        >>> tuple(bucket_tokens(c, 256, 16) for c in (1, 16, 17, 200, 256))
+        (16, 16, 32, 208, 256)
     """
     step = -(-n // buckets)
     return min(n, -(-count // step) * step)
@@ -187,7 +187,10 @@ def threshold_soft_matching(
         threshold: Cosine similarity at or above which an ``a`` token merges into its most similar ``b`` token.
         alive: ``[B, N]`` bool, False on padding rows (which must all sit behind the live ones).
         buckets: Number of output lengths allowed for ``N`` patch tokens (see :func:`bucket_tokens`).
-        protected, num_prefix, parity, sort_unmerged: As in :func:`bipartite_soft_matching`.
+        protected: As in :func:`bipartite_soft_matching`.
+        num_prefix: As in :func:`bipartite_soft_matching`.
+        parity: As in :func:`bipartite_soft_matching`.
+        sort_unmerged: As in :func:`bipartite_soft_matching`.
     """
     batch, n, _ = metric.shape
     odd = parity % 2

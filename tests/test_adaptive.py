@@ -150,6 +150,7 @@ def test_per_block_threshold_length_is_checked():
         trace_tokens(tiny_vit(), images())
 
 
+@pytest.mark.slow
 def test_compiled_blocks_match_eager_and_a_stage_compiles_a_bounded_number_of_graphs():
     """A stage at one input size: batches of 8 whose token counts differ, then a last batch of 3."""
     import torch._dynamo

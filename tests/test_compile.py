@@ -40,6 +40,7 @@ def test_fullgraph_every_variant(variant):
     assert counter.frame_count == 1, f"{name}: one graph, no breaks"
 
 
+@pytest.mark.slow
 def test_graph_count_bounded_across_batches_and_resolutions():
     """One graph per resolution plus one when the batch dimension turns dynamic: <= 6 here."""
     model = apply_dsm(tiny_vit(dynamic_img_size=True, patch_size=8, img_size=64), delay=1, r=4, local_blocks=2)
@@ -68,6 +69,7 @@ def test_inductor_matches_eager():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_callback_compile_switch(tmp_path):
     from tests.lightning_helpers import make_image_folder, tiny_classifier, tiny_data, trainer
 
@@ -138,6 +140,7 @@ def _graphs_and_outputs(model, inputs, **options):
     return counter.frame_count, out, eager
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, graphs",
     [
@@ -159,6 +162,7 @@ def test_compile_blocks_shares_graphs_across_blocks(overrides, graphs):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compile_blocks_graphs_are_kept_per_model():
     """Each model has its own graph cache: many models and configs in one process never reach Dynamo's recompile
     limit (with fullgraph=True that would be a hard error), and a model compiled again reuses its graphs."""
@@ -179,6 +183,7 @@ def test_compile_blocks_graphs_are_kept_per_model():
     assert counter.frame_count == before
 
 
+@pytest.mark.slow
 def test_compile_blocks_local_phase_and_uneven_grid():
     """Local (windowed) merging on an uneven grid compiles per block too, and equals eager."""
     model = apply_dsm(tiny_vit(dynamic_img_size=True), delay=1, r=6, local_blocks=2, windows=4)
