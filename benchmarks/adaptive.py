@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment
-from matched_tome import BUDGETS, bracket, diff, stats
-from pareto import load, paired_se, run, stack
+from matched_tome import BUDGETS, add_common_arguments, bracket, diff, evaluate, load_inputs, stats
+from pareto import paired_se
 
 from dsm_lightning import DSMConfig, adaptive_flops, apply_dsm, fit_thresholds, get_adapter, remove_dsm, token_plan
 
@@ -68,35 +68,19 @@ def photo_note(row: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", required=True, help="JSON next to a safetensors checkpoint")
-    parser.add_argument("--pool-size", type=int, default=600)
-    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
-    parser.add_argument("--idx-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
-    parser.add_argument("--photos", help="folder of unlabelled photos (class-feature cosine to dense)")
-    parser.add_argument("--photo-reference", help="JSON of a checkpoint whose head maps the photo features")
-    parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
+    add_common_arguments(parser)
     parser.add_argument("--rounds", type=int, default=2, help="refits that correct the average FLOPs on dev")
     parser.add_argument(
         "--orders", nargs="+", default=["dsm", "tome"], choices=["dsm", "tome"], help="matching orders to fit"
     )
-    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tome-cache", type=Path, default=Path(__file__).parent / "results" / "matched_tome.pt")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "adaptive")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     from fmnist_pool import load_pool
 
-    module, transform = load(args)
-    model = module.model
+    model, transform, images, labels, photos, photo_head = load_inputs(args)
     dev, _, _ = load_pool("dev", 512, transform, args.shared, args.idx_dir)
-    images, labels, _ = load_pool("eval", args.pool_size, transform, args.shared, args.idx_dir)
-    photos = stack(args.photos, transform, 10_000, labelled=False)[0] if args.photos else None
-    photo_head = None
-    if args.photo_reference:
-        from safetensors.torch import load_file
-
-        head = load_file(str(Path(args.photo_reference).with_suffix(".safetensors")))
-        photo_head = (head["head.weight"].float(), head["head.bias"].float())
     tome: Dict[str, dict] = torch.load(args.tome_cache, weights_only=True)
     cache_path = args.out.with_suffix(".pt")
     cache: Dict[str, dict] = torch.load(cache_path, weights_only=True) if cache_path.exists() else {}
@@ -112,12 +96,7 @@ def main(argv=None) -> int:
         if name not in cache:
             log: List[str] = []
             fitted = fit(model, fixed, dev, args.rounds, log)
-            apply_dsm(model, fitted)
-            row: Dict[str, Any] = {"logits": run(model, images, args.batch)}
-            if photos is not None:
-                feats = run(model, photos, args.batch, pre_logits=True)
-                row["feats"] = feats if photo_head is None else torch.nn.functional.linear(feats, *photo_head)
-            remove_dsm(model)
+            row = evaluate(model, fitted, images, photos, args.batch, photo_head)
             flops = average_flops(model, fitted, images, 16)
             row.update(per_image=flops["per_image"], spent16=flops["spent"], config=json.dumps(fitted.to_dict()))
             row["log"] = json.dumps(log)

@@ -106,8 +106,8 @@ def diff(a: torch.Tensor, b: torch.Tensor) -> str:
     return f"{d.mean().item():+.2f} ± {paired_se(d):.2f}"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, pool, photo and budget arguments this script shares with ``adaptive.py``."""
     parser.add_argument("--reference", required=True, help="JSON next to a safetensors checkpoint")
     parser.add_argument("--pool-size", type=int, default=600)
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
@@ -118,13 +118,14 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "matched_tome")
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
+
+
+def load_inputs(args: argparse.Namespace) -> tuple:
+    """``(model, transform, images, labels, photos, photo_head)``: the reference model, the held-out ``eval`` pool,
+    the photos (or None) and the head that maps photo features (or None)."""
     from fmnist_pool import load_pool
 
     module, transform = load(args)
-    model = module.model
     images, labels, _ = load_pool("eval", args.pool_size, transform, args.shared, args.idx_dir)
     photos = stack(args.photos, transform, 10_000, labelled=False)[0] if args.photos else None
     photo_head = None
@@ -133,6 +134,16 @@ def main(argv=None) -> int:
 
         head = load_file(str(Path(args.photo_reference).with_suffix(".safetensors")))
         photo_head = (head["head.weight"].float(), head["head.bias"].float())
+    return module.model, transform, images, labels, photos, photo_head
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "matched_tome")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    model, _, images, labels, photos, photo_head = load_inputs(args)
     cache_path = args.out.with_suffix(".pt")
     cache: Dict[str, dict] = torch.load(cache_path, weights_only=True) if cache_path.exists() else {}
 
