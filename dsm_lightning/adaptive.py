@@ -17,7 +17,7 @@ from .config import DSMConfig
 from .errors import ConfigError
 from .inspection import trace_tokens
 from .merge import MergeState, fitting_thresholds
-from .patch import apply_dsm, get_config, is_patched, token_plan
+from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan
 from .schedule import _block_flops
 
 __all__ = ["fit_thresholds", "AdaptiveFlops", "adaptive_flops"]
@@ -58,8 +58,6 @@ def fit_thresholds(model: nn.Module, images: Tensor, config: Optional[DSMConfig]
             model(images)
     finally:
         if before is None:
-            from .patch import remove_dsm
-
             remove_dsm(model)
         else:
             apply_dsm(model, before)

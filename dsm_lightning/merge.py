@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -103,13 +103,7 @@ def bipartite_soft_matching(
     na = (n + 1 - odd) // 2
     nb = n - na
     with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[:, odd::2], metric[:, 1 - odd :: 2]
-        scores = torch.bmm(a, b.transpose(1, 2))  # = a @ b^T; matmul's decomposition would guard on n's parity
-        if protected is not None:
-            blocked = protected[:, odd::2, None] | protected[:, None, 1 - odd :: 2]
-            scores = scores.masked_fill(blocked, -2.0)  # below any cosine similarity
-        node_max, node_idx = scores.max(dim=-1)
+        node_max, node_idx = _best_partners(metric / metric.norm(dim=-1, keepdim=True), odd, protected)
         edge_idx = stable_argsort(node_max, descending=True)  # ties (protected) keep order
         unm_idx = edge_idx[:, r:]  # [B, na - r]
         if sort_unmerged:
@@ -151,6 +145,17 @@ def bipartite_soft_matching(
     return Matching(merge, new_index)
 
 
+def _best_partners(unit: Tensor, odd: int, blocked: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """For every ``a`` token of unit-norm ``unit`` ``[B, N, D]`` (set ``a`` starts at patch ``odd``): the cosine
+    similarity of its most similar ``b`` token and that token's index among ``b``. Pairs touching a ``blocked``
+    ``[B, N]`` token score -2, below any cosine similarity."""
+    scores = torch.bmm(unit[:, odd::2], unit[:, 1 - odd :: 2].transpose(1, 2))  # matmul would guard on N's parity
+    if blocked is not None:
+        scores = scores.masked_fill(blocked[:, odd::2, None] | blocked[:, None, 1 - odd :: 2], -2.0)
+    best: Tuple[Tensor, Tensor] = scores.max(dim=-1)
+    return best
+
+
 def bucket_tokens(count: int, n: int, buckets: int) -> int:
     """Round a token count up to the next of ``buckets`` evenly spaced levels between 0 and ``n``, capped at ``n``.
 
@@ -164,7 +169,7 @@ def bucket_tokens(count: int, n: int, buckets: int) -> int:
 
 def threshold_soft_matching(
     metric: Tensor,
-    threshold: float,
+    threshold: Union[float, Callable[[Tensor], float]],
     alive: Tensor,
     buckets: int,
     protected: Optional[Tensor] = None,
@@ -184,7 +189,9 @@ def threshold_soft_matching(
 
     Args:
         metric: ``[B, N, D]`` similarity features of the patch tokens (padding rows included).
-        threshold: Cosine similarity at or above which an ``a`` token merges into its most similar ``b`` token.
+        threshold: Cosine similarity at or above which an ``a`` token merges into its most similar ``b`` token, or
+            a function of the best similarities ``[B, N_a]`` (-2 where blocked) that chooses it
+            (:func:`fitting_thresholds`).
         alive: ``[B, N]`` bool, False on padding rows (which must all sit behind the live ones).
         buckets: Number of output lengths allowed for ``N`` patch tokens (see :func:`bucket_tokens`).
         protected: As in :func:`bipartite_soft_matching`.
@@ -198,11 +205,10 @@ def threshold_soft_matching(
     p, t = num_prefix, num_prefix + n
     device = metric.device
     with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # padding rows are zeros
-        scores = torch.bmm(metric[:, odd::2], metric[:, 1 - odd :: 2].transpose(1, 2))
-        blocked = ~alive if protected is None else ~alive | protected
-        scores = scores.masked_fill(blocked[:, odd::2, None] | blocked[:, None, 1 - odd :: 2], -2.0)
-        node_max, node_idx = scores.max(dim=-1)
+        unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # padding rows are zeros
+        node_max, node_idx = _best_partners(unit, odd, ~alive if protected is None else ~alive | protected)
+        if callable(threshold):
+            threshold = threshold(node_max)
         merged = node_max >= threshold  # [B, na], by a index; blocked rows (-2) never pass
         # Candidates in output order (prefix, a tokens, b tokens); the live ones move to the front, order kept.
         a_order = torch.arange(na, device=device).expand(batch, -1)
@@ -388,21 +394,20 @@ def fitting_thresholds() -> Iterator[Dict[int, float]]:
         _FITTING.reset(token)
 
 
-def _fit_threshold(metric: Tensor, alive: Tensor, protected: Optional[Tensor], parity: int, plan: BlockPlan) -> float:
-    """The threshold under which this batch keeps ``plan.tokens_out`` patch tokens per image on average."""
-    odd = parity % 2
-    with torch.no_grad():
-        unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        blocked = ~alive if protected is None else ~alive | protected
-        scores = torch.bmm(unit[:, odd::2], unit[:, 1 - odd :: 2].transpose(1, 2))
-        node_max = scores.masked_fill(blocked[:, odd::2, None] | blocked[:, None, 1 - odd :: 2], -2.0).amax(-1)
+def _fit_threshold(alive: Tensor, plan: BlockPlan) -> Callable[[Tensor], float]:
+    """What :func:`threshold_soft_matching` calls while fitting: from the best similarities of the batch, the
+    threshold under which it keeps ``plan.tokens_out`` patch tokens per image on average (recorded by block)."""
+
+    def choose(node_max: Tensor) -> float:
         k = int(alive.sum()) - alive.shape[0] * plan.tokens_out  # merges the batch needs
         candidates = node_max.flatten()
         threshold = 2.0 if k <= 0 else float(candidates.topk(min(k, candidates.numel())).values[-1].clamp_min(-1.0))
-    chosen = _FITTING.get()
-    assert chosen is not None
-    chosen[plan.index] = threshold
-    return threshold
+        chosen = _FITTING.get()
+        assert chosen is not None
+        chosen[plan.index] = threshold
+        return threshold
+
+    return choose
 
 
 @torch.compiler.disable  # type: ignore[untyped-decorator]  # reads a length back: compiled code runs around it
@@ -422,9 +427,8 @@ def _merge_adaptive(
     if metric.shape[1] < 2:  # a single patch token left: nothing to pair
         return x, MergeState(size, pos)
     parity, sort = (num_prefix % 2, num_prefix > 0) if config.matching == "tome" else (0, False)
-    if threshold is None:
-        threshold = _fit_threshold(metric, alive, protected, parity, plan)
-    m = threshold_soft_matching(metric, threshold, alive, config.buckets, protected, num_prefix, parity, sort)
+    choose = _fit_threshold(alive, plan) if threshold is None else threshold
+    m = threshold_soft_matching(metric, choose, alive, config.buckets, protected, num_prefix, parity, sort)
     x, size = merge_wavg(m.merge, x, size, padded=True)
     return x, MergeState(size, m.new_index.gather(1, pos))
 
