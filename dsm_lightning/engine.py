@@ -16,10 +16,13 @@ from .errors import InputError
 from .merge import MergeState, merge_step, size_bias
 from .schedule import BlockPlan, TokenPlan
 
-__all__ = ["BlockCall", "BlockHook", "check_tokens", "run_blocks"]
+__all__ = ["BlockArgs", "BlockCall", "BlockHook", "check_tokens", "run_blocks"]
 
 #: ``hook(block_index, tokens, state)`` called after every block (used by tests and the visualiser).
 BlockHook = Callable[[int, Tensor, MergeState], None]
+#: ``args_for(block_index, state)``: the positional arguments a block takes after the tokens, from the merge state
+#: before it (a RoPE family's rotary embedding of the current tokens, :meth:`Adapter.block_inputs`).
+BlockArgs = Callable[[int, MergeState], Tuple[Any, ...]]
 
 
 class BlockCall:
@@ -39,14 +42,19 @@ class BlockCall:
         bias: Additive attention bias, None while all sizes are equal.
         block: This block's :class:`BlockPlan`.
         plan: The whole :class:`TokenPlan`.
+        args: The positional arguments the block gets after the tokens (``block_args``, or what ``args_for``
+            computed for this block, e.g. its rotary embedding).
     """
 
-    def __init__(self, state: MergeState, bias: Optional[Tensor], block: BlockPlan, plan: TokenPlan) -> None:
+    def __init__(
+        self, state: MergeState, bias: Optional[Tensor], block: BlockPlan, plan: TokenPlan, args: Tuple[Any, ...] = ()
+    ) -> None:
         self.before = state
         self.state = state
         self.bias = bias
         self.block = block
         self.plan = plan
+        self.args = args
 
     @property
     def merges(self) -> bool:
@@ -78,6 +86,7 @@ def run_blocks(
     hook: Optional[BlockHook] = None,
     block_args: Tuple[Any, ...] = (),
     checkpoint: bool = False,
+    args_for: Optional[BlockArgs] = None,
 ) -> Tuple[Tensor, MergeState]:
     """Run ``blocks`` on tokens ``x`` ``[B, prefix + N, C]`` following ``plan``.
 
@@ -94,6 +103,7 @@ def run_blocks(
             attention mask positionally: ``(None,)``).
         checkpoint: Run every block under activation checkpointing (``torch.utils.checkpoint``, non-reentrant), as
             timm's ``set_grad_checkpointing(True)`` does for the dense model.
+        args_for: Computes each block's positional arguments from the state before it (replaces ``block_args``).
 
     Returns:
         The tokens after the last block and the final :class:`MergeState`.
@@ -101,12 +111,13 @@ def run_blocks(
     state = MergeState()
     for blk, bp in zip(blocks, plan.blocks):
         bias = size_bias(state, x.dtype) if bp.size_bias else None
-        call = BlockCall(state, bias, bp, plan) if bp.merges or bias is not None else None
+        args = block_args if args_for is None else args_for(bp.index, state)
+        call = BlockCall(state, bias, bp, plan, args) if bp.merges or bias is not None else None
         kwargs: Dict[str, Any] = {} if call is None else {"dsm": call}
         if checkpoint:
-            x = activation_checkpoint(blk, x, *block_args, use_reentrant=False, **kwargs)
+            x = activation_checkpoint(blk, x, *args, use_reentrant=False, **kwargs)
         else:
-            x = blk(x, *block_args, **kwargs)
+            x = blk(x, *args, **kwargs)
         if call is not None:
             state = call.state
         if hook is not None:

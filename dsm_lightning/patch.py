@@ -33,12 +33,12 @@ __all__ = [
 #: Attribute of a block's compiled ``forward`` (:func:`compile_blocks`): the block class it was traced through. Only
 #: forwards carrying it are ever removed, and they are dropped once the block's class changes.
 _COMPILED_MARK = "_dsm_compiled_block"
-_CLASS_CACHE: Dict[Tuple[type, type], type] = {}
-_BLOCK_CLASS_CACHE: Dict[Tuple[type, type], type] = {}
+_CLASS_CACHE: Dict[Tuple[type, Adapter], type] = {}
+_BLOCK_CLASS_CACHE: Dict[Tuple[type, Adapter], type] = {}
 
 
 def _patched_class(cls: type, adapter: Adapter) -> type:
-    key = (cls, type(adapter))
+    key = (cls, adapter)  # per instance: two instances of one adapter class may differ (TimmEvaAdapter rule)
     if key not in _CLASS_CACHE:
         attrs = {**adapter.overrides(), PATCH_ADAPTER: adapter, "__reduce_ex__": _reduce_patched}
         _CLASS_CACHE[key] = type(f"DSM{cls.__name__}", (cls,), attrs)
@@ -55,7 +55,7 @@ def _block_forward(self: nn.Module, x: Tensor, *args: Any, dsm: Optional[BlockCa
 
 
 def _patched_block_class(cls: type, adapter: Adapter) -> type:
-    key = (cls, type(adapter))
+    key = (cls, adapter)  # per instance: two instances of one adapter class may differ (TimmEvaAdapter rule)
     if key not in _BLOCK_CLASS_CACHE:
         attrs = {
             "forward": _block_forward,

@@ -19,6 +19,7 @@ from .base import (
     register_adapter,
     registered_adapters,
 )
+from .eva import TimmEvaAdapter
 from .hf import HuggingFaceViTAdapter
 from .timm import TimmViTAdapter
 from .torchvision import TorchvisionViTAdapter
@@ -26,6 +27,7 @@ from .torchvision import TorchvisionViTAdapter
 __all__ = [
     "Adapter",
     "HuggingFaceViTAdapter",
+    "TimmEvaAdapter",
     "TimmViTAdapter",
     "TorchvisionViTAdapter",
     "UnsupportedModelError",
@@ -37,5 +39,6 @@ __all__ = [
 
 # Built-ins go last, so adapters registered by users (first=True) take precedence, e.g. for subclasses.
 register_adapter(TimmViTAdapter(), first=False)
+register_adapter(TimmEvaAdapter(), first=False)
 register_adapter(TorchvisionViTAdapter(), first=False)
 register_adapter(HuggingFaceViTAdapter(), first=False)  # transformers is imported only when a model is run

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import DSMConfig
-from ..engine import BlockCall, BlockHook, check_tokens, run_blocks
+from ..engine import BlockArgs, BlockCall, BlockHook, check_tokens, run_blocks
 from ..errors import DSMUserError
 from ..merge import MergeState
 from ..schedule import TokenPlan, plan_tokens
@@ -153,6 +153,13 @@ class Adapter(abc.ABC):
         """Raise :class:`UnsupportedModelError` naming any block or attention type this adapter cannot run."""
         return None
 
+    def block_inputs(self, model: nn.Module, plan: TokenPlan) -> Optional[BlockArgs]:
+        """Hook for families whose blocks take per-token inputs that follow the merge (RoPE: the rotary embedding of
+        the current tokens): a function ``(block_index, state) -> args`` giving each block's positional arguments
+        after the tokens, from the :class:`~dsm_lightning.merge.MergeState` before it. None (the default): every
+        block gets :attr:`block_args`. A merging block finds them in ``call.args``."""
+        return None
+
     def depth(self, model: nn.Module) -> int:
         """Number of blocks."""
         return len(self.blocks(model))
@@ -187,7 +194,8 @@ class Adapter(abc.ABC):
                 stacklevel=4,
             )
         checkpoint = bool(getattr(model, "grad_checkpointing", False)) and torch.is_grad_enabled()
-        return run_blocks(self.blocks(model), x, plan, hook, self.block_args, checkpoint)
+        args_for = self.block_inputs(model, plan)
+        return run_blocks(self.blocks(model), x, plan, hook, self.block_args, checkpoint, args_for)
 
 
 _REGISTRY: List[Adapter] = []

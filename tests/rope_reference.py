@@ -1,0 +1,151 @@
+"""A slow loop reference of DSM on timm ``Eva`` RoPE ViTs, written for obviousness, not speed.
+
+Tokens are Python lists of (vector, size, set of source patches, representative patch). Every block computes each
+patch token's position explicitly: the mean (row, col) of its source patches (``"centroid"``), or the patch of the
+token it merged into (``"destination"``, tracked through every match below), and builds that one token's rotary
+embedding from it. Attention is written out (tests/reference.py) with the log-size bias; prefix tokens are never
+rotated nor merged. Per-token layers (norms, projections, LayerScale, MLP), the embedding and the head are the model's.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Set, Tuple
+
+import torch
+from timm.layers import apply_rot_embed_cat
+
+from dsm_lightning.adapters.eva import _dense_rope
+from dsm_lightning.adapters.rope import rope_at
+from dsm_lightning.schedule import TokenPlan
+from tests.reference import ref_class_attention, ref_match, ref_softmax_attention
+
+Token = Tuple[torch.Tensor, float, Set[int], int]
+
+
+def position_rope(model, token: Token, rule: str, grid, block: int) -> torch.Tensor:
+    """The rotary embedding of one token ([2 * head_dim], or [heads, 2 * head_dim] for mixed RoPE)."""
+    _, _, src, rep = token
+    if rule == "destination":
+        dense = _dense_rope(model, grid)
+        return dense[rep] if dense.ndim == 2 else dense[block, :, rep]
+    rows = [s // grid[1] for s in src]
+    cols = [s % grid[1] for s in src]
+    coords = torch.tensor([[[sum(rows) / len(src), sum(cols) / len(src)]]])
+    emb = rope_at(model.rope, coords, grid, torch.float32)  # [1, 1, 1, 2d] or [1, depth, heads, 1, 2d]
+    return emb[0, 0, 0] if emb.ndim == 4 else emb[0, block, :, 0]
+
+
+def qkv(attn, x):
+    """[T, heads, head_dim] each, from the attention's own projections."""
+    t = x.shape[0]
+    if attn.qkv is not None:
+        bias = None if getattr(attn, "q_bias", None) is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        out = torch.nn.functional.linear(x, attn.qkv.weight, bias if bias is not None else attn.qkv.bias)
+        q, k, v = out.reshape(t, 3, attn.num_heads, -1).unbind(1)
+        return q, k, v
+    kv = getattr(attn, "num_kv_heads", attn.num_heads)
+    return (attn.q_proj(x).reshape(t, attn.num_heads, -1), attn.k_proj(x).reshape(t, kv, -1),
+            attn.v_proj(x).reshape(t, kv, -1))  # fmt: skip
+
+
+def attention(model, blk, seq, sizes, tokens: Sequence[Token], rule, grid, index):
+    """Residual branch of one block's attention ([T, C]), the pre-rotation keys averaged over heads, and (q, k)."""
+    attn = blk.attn
+    post = not hasattr(blk, "gamma_1")
+    x = seq if post else blk.norm1(seq)
+    q, k, v = qkv(attn, x)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    keys = k.mean(dim=1)
+    p = len(seq) - len(tokens)
+    half = bool(getattr(attn, "rotate_half", False))
+    if model.rope is not None:
+        q, k = q.clone(), k.clone()
+        for i, token in enumerate(tokens):  # prefix tokens are never rotated
+            emb = position_rope(model, token, rule, grid, index)
+            q[p + i] = apply_rot_embed_cat(q[p + i], emb, half=half)
+            k[p + i] = apply_rot_embed_cat(k[p + i], emb, half=half)
+    groups = attn.num_heads // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    out = ref_softmax_attention(q, k, v, sizes).reshape(len(seq), -1)
+    out = attn.norm(out)
+    if attn.gate is not None:
+        out = out * attn.gate(x).sigmoid()
+    out = attn.proj(out)
+    if post:
+        return blk.norm1(out), keys, (q, k)
+    return (out if blk.gamma_1 is None else blk.gamma_1 * out), keys, (q, k)
+
+
+def mlp(blk, seq):
+    if not hasattr(blk, "gamma_1"):
+        return blk.norm2(blk.mlp(seq))
+    out = blk.mlp(blk.norm2(seq))
+    return out if blk.gamma_2 is None else blk.gamma_2 * out
+
+
+def match(tokens: List[Token], metric, r, guard, parity=0, sort_unmerged=False) -> List[Token]:
+    """tests/reference.py's matching, carrying each token's representative patch: a token that received merges
+    (set b) keeps its own, the unmerged keep theirs."""
+    plain = [(vec, size, src) for vec, size, src, _ in tokens]
+    out, _ = ref_match(plain, metric, r, guard, parity, sort_unmerged)
+    b = list(range(1 - parity, len(tokens), 2))
+    rep_of = {frozenset(t[2]): t[3] for t in tokens}
+    n_unmerged = len(out) - len(b)
+    result = [(v, s, src, rep_of[frozenset(src)]) for v, s, src in out[:n_unmerged]]
+    result += [(v, s, src, tokens[ib][3]) for (v, s, src), ib in zip(out[n_unmerged:], b)]
+    return result
+
+
+def ref_forward_tokens(model, image, plan: TokenPlan, rule: str):
+    """One image through an Eva with DSM, the slow way. Returns (prefix tokens, patch tokens)."""
+    p = plan.num_prefix_tokens
+    height, width = plan.grid
+    x, _ = model._pos_embed(model.patch_embed(image[None]))
+    x = model.norm_pre(x)[0]
+    prefix = [x[i] for i in range(p)]
+    patches: List[Token] = [(x[p + i], 1.0, {i}, i) for i in range(height * width)]
+    for blk, bp in zip(model.blocks, plan.blocks):
+        seq = torch.stack(prefix + [t[0] for t in patches])
+        sizes = [1.0] * p + [t[1] if plan.config.prop_attn else 1.0 for t in patches]
+        y, keys, (q, k) = attention(model, blk, seq, sizes, patches, rule, plan.grid, bp.index)
+        seq = seq + y
+        prefix = [seq[i] for i in range(p)]
+        patches = [(seq[p + i], *t[1:]) for i, t in enumerate(patches)]
+        metric = (
+            [t[0] for t in patches] if plan.config.metric == "tokens" else [keys[p + i] for i in range(len(patches))]
+        )
+        guard = [False] * len(patches)
+        if plan.config.protect and bp.merges:
+            cls_attn = ref_class_attention(q, k, sizes, p)[p:]
+            top = sorted(range(len(patches)), key=lambda i: -cls_attn[i])[: int(plan.config.protect * len(patches))]
+            guard = [i in top for i in range(len(patches))]
+        if bp.mode == "global":
+            tome = plan.config.matching == "tome"
+            patches = match(patches, metric, bp.r, guard, p % 2 if tome else 0, tome and p > 0)
+        elif bp.mode == "local":
+            new = []
+            for g in bp.groups:
+                for r0, r1, c0, c1 in g.boxes:
+                    inside = {row * width + col for row in range(r0, r1) for col in range(c0, c1)}
+                    idx = [i for i, t in enumerate(patches) if t[2] <= inside]
+                    new += match([patches[i] for i in idx], [metric[i] for i in idx], g.r, [guard[i] for i in idx])
+            patches = new
+        seq = torch.stack(prefix + [t[0] for t in patches])
+        seq = seq + mlp(blk, seq)
+        prefix = [seq[i] for i in range(p)]
+        patches = [(seq[p + i], *t[1:]) for i, t in enumerate(patches)]
+    return prefix, patches
+
+
+def ref_forward(model, images, plan: TokenPlan, rule: str = "centroid") -> torch.Tensor:
+    """Logits of the reference: final norm, each input patch takes the value of the token holding it, timm's head."""
+    outs = []
+    for image in images:
+        prefix, patches = ref_forward_tokens(model, image, plan, rule)
+        dense = [None] * (plan.grid[0] * plan.grid[1])
+        for vec, _, src, _ in patches:
+            for s in src:
+                dense[s] = vec
+        seq = torch.stack(list(prefix) + dense)
+        outs.append(model.forward_head(model.norm(seq)[None])[0])
+    return torch.stack(outs)
