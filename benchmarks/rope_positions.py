@@ -1,5 +1,5 @@
 """Which position keeps a merged RoPE ViT closer to the dense one: the centroid of a token's patches, or the patch of
-the token it merged into? Cosine similarity of the final pooled features (merged vs dense), per rope type.
+the token it merged into? Cosine similarity of the final patch features (merged, unmerged onto the dense grid, vs dense), per rope type.
 
 No real RoPE ViT ships in a package this project can install (every DINOv3 / EVA-02 / PE package downloads weights
 from a hub), so the models are random-init timm ``Eva`` of each rope type, fixed seeds, 14x14 patch grid, with their
@@ -29,7 +29,7 @@ ROPES = {
     "mrope": dict(rope_type="mrope"),
 }
 SEEDS = (0, 1, 2)
-RS = (8, 16)
+RS = (8, 16, 24)
 
 
 def model_for(seed: int, **kwargs: object) -> torch.nn.Module:
@@ -41,7 +41,7 @@ def model_for(seed: int, **kwargs: object) -> torch.nn.Module:
     model = Eva(**{**cfg, **kwargs}).eval()
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+            p.add_(torch.randn_like(p) * 0.3)
     return model
 
 
@@ -55,7 +55,7 @@ def cosine(model: torch.nn.Module, x: torch.Tensor, dense: torch.Tensor, rule: s
     try:
         with torch.no_grad():
             apply_dsm(model, r=r, delay=1)
-            out = model(x)
+            out = model.forward_features(x)[:, model.num_prefix_tokens :]  # unmerged onto the dense grid
             remove_dsm(model)
     finally:
         adapter_base._REGISTRY.remove(adapter)
@@ -73,7 +73,7 @@ def main() -> None:
             for seed in SEEDS:
                 model = model_for(seed, **kwargs)
                 with torch.no_grad():
-                    dense = model(x)
+                    dense = model.forward_features(x)[:, model.num_prefix_tokens :]
                 for rule in scores:
                     scores[rule].append(cosine(model, x, dense, rule, r))
             c, d = (statistics.mean(scores[k]) for k in ("centroid", "destination"))
@@ -83,7 +83,8 @@ def main() -> None:
     header = [
         "# RoPE position of a merged token: centroid vs destination",
         "",
-        "Mean cosine similarity of the pooled final features, merged vs dense (1 = identical), random-init timm Eva "
+        "Mean cosine similarity of the final patch features (forward_features, merged tokens unmerged onto the "
+        "dense grid) vs the dense model's (1 = identical), random-init timm Eva "
         f"(112 px, 14x14 patches, depth 6, dim 64), seeds {SEEDS}, 8 smooth random images, delay=1, r per block "
         "as listed (6 blocks, 196 patches). The last column is the destination rule's distance from dense (1 - cos) "
         "over the centroid rule's: above 1, the centroid is closer. No real RoPE weights are installable here; "

@@ -57,8 +57,8 @@ def variant(request):
 
 
 @pytest.fixture
-def destination_rule():
-    adapter = register_adapter(TimmEvaAdapter("destination"))
+def centroid_rule():
+    adapter = register_adapter(TimmEvaAdapter("centroid"))
     yield
     from dsm_lightning.adapters import base
 
@@ -93,8 +93,8 @@ CONFIGS = {
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 @pytest.mark.parametrize("name", ["cat", "mixed", "dinov3", "rope_attn_gqa", "post_norm_scale_mlp"])
 def test_patched_equals_loop_reference(name, config, rule, request):
-    if rule == "destination":
-        request.getfixturevalue("destination_rule")
+    if rule == "centroid":
+        request.getfixturevalue("centroid_rule")
     model = tiny_eva(**VARIANTS[name])
     x = images(n=2)
     with torch.no_grad():

@@ -4,10 +4,11 @@ A RoPE ViT rotates every patch token's queries and keys by angles computed from 
 merged token holds several patches, so it needs one position. Two rules are implemented (never an average of sin/cos
 values, which is no rotation at all):
 
-* ``"centroid"`` (the default): the size-weighted centroid of its source patches, in continuous patch coordinates;
+* ``"centroid"``: the size-weighted centroid of its source patches, in continuous patch coordinates;
   the rotary embedding is recomputed there from the model's own frequencies (RoPE angles are linear in the position,
   so this is the rotation of the mean position).
-* ``"destination"``: the position of the token it merged into, recursively the one patch that was never merged
+* ``"destination"`` (the default, measured closer to the dense model): the position of the token it merged
+  into, recursively the one patch that was never merged
   away: the model's own sin/cos table gathered at that patch, as timm's patch dropout does with
   ``apply_keep_indices_nlc``.
 
