@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..engine import BlockArgs, BlockCall
 from ..merge import MergeState, class_attention
 from ..schedule import TokenPlan
-from . import rope as positions
+from .rope import SUPPORTED_ROPES, check_rule, gather_rope, matched_into, next_destinations, rope_at, token_centroids
 from .base import UnsupportedModelError, original_class, unwrap_block
 from .timm import TimmViTAdapter, _forward_features, _forward_intermediates
 
@@ -136,11 +136,11 @@ class _RopeInputs:
         assert state.pos is not None and state.size is not None
         n_after = state.size.shape[1] - self.plan.num_prefix_tokens
         if self.rule == "centroid":
-            coords = positions.token_centroids(state.pos, n_after, self.plan.grid)
-            self.emb = positions.rope_at(self.rope, coords, self.plan.grid, self.dense.dtype)
+            coords = token_centroids(state.pos, n_after, self.plan.grid)
+            self.emb = rope_at(self.rope, coords, self.plan.grid, self.dense.dtype)
         else:
             self.rep = self._destinations(index, state, n_after)
-            self.emb = positions.gather_rope(self.dense, self.rep)
+            self.emb = gather_rope(self.dense, self.rep)
         self.state = state
 
     def _destinations(self, index: int, state: MergeState, n_after: int) -> Tensor:
@@ -151,10 +151,8 @@ class _RopeInputs:
         if before is None:
             before = torch.arange(n0, device=state.pos.device).expand(batch, -1)
         rep = self.rep if self.rep is not None else before
-        is_b = positions.matched_into(
-            self.plan.blocks[index - 1], rep.shape[1], self.plan, self.state.pos is None, rep.device
-        )
-        return positions.next_destinations(rep, before, state.pos, is_b, n_after)
+        is_b = matched_into(self.plan.blocks[index - 1], rep.shape[1], self.plan, self.state.pos is None, rep.device)
+        return next_destinations(rep, before, state.pos, is_b, n_after)
 
 
 class TimmEvaAdapter(TimmViTAdapter):
@@ -171,7 +169,7 @@ class TimmEvaAdapter(TimmViTAdapter):
     supports = "timm.models.eva.Eva (EvaBlock / EvaBlockPostNorm, EvaAttention / AttentionRope, any timm RoPE)"
 
     def __init__(self, rope_position: str = "destination") -> None:
-        self.rope_position = positions.check_rule(rope_position)
+        self.rope_position = check_rule(rope_position)
 
     def matches(self, model: nn.Module) -> bool:
         try:
@@ -197,10 +195,10 @@ class TimmEvaAdapter(TimmViTAdapter):
                     f"EvaAttention and AttentionRope. Register an adapter for it (docs, 'Custom ViTs')"
                 )
         rope = eva.rope
-        if rope is not None and type(rope).__name__ not in positions.SUPPORTED_ROPES:
+        if rope is not None and type(rope).__name__ not in SUPPORTED_ROPES:
             raise UnsupportedModelError(
                 f"{type(rope).__qualname__} is a rotary embedding DSM cannot place merged tokens in; supported: "
-                f"{', '.join(positions.SUPPORTED_ROPES)} (timm rope_type 'cat', 'dinov3', 'mixed', 'mrope')"
+                f"{', '.join(SUPPORTED_ROPES)} (timm rope_type 'cat', 'dinov3', 'mixed', 'mrope')"
             )
 
     def dims(self, model: nn.Module) -> Tuple[int, int]:
