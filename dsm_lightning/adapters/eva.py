@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from ..engine import BlockArgs, BlockCall
 from ..merge import MergeState, class_attention
 from ..schedule import TokenPlan
-from .rope import SUPPORTED_ROPES, check_rule, gather_rope, matched_into, next_destinations, rope_at, token_centroids
 from .base import UnsupportedModelError, original_class, unwrap_block
+from .rope import SUPPORTED_ROPES, check_rule, gather_rope, matched_into, next_destinations, rope_at, token_centroids
 from .timm import TimmViTAdapter, _forward_features, _forward_intermediates
 
 __all__ = ["TimmEvaAdapter", "rope_attention_with_metric"]
