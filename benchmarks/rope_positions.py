@@ -1,5 +1,6 @@
 """Which position keeps a merged RoPE ViT closer to the dense one: the centroid of a token's patches, or the patch of
-the token it merged into? Cosine similarity of the final patch features (merged, unmerged onto the dense grid, vs dense), per rope type.
+the token it merged into? Cosine similarity of the final patch features (merged, unmerged onto the dense grid, vs
+dense), per rope type.
 
 No real RoPE ViT ships in a package this project can install (every DINOv3 / EVA-02 / PE package downloads weights
 from a hub), so the models are random-init timm ``Eva`` of each rope type, fixed seeds, 14x14 patch grid, with their
