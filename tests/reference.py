@@ -31,6 +31,16 @@ def ref_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, siz
     return out
 
 
+def ref_protected(q, k, sizes, p: int, n: int, protect: float) -> list:
+    """Which of the ``n`` patch tokens protection keeps from merging: the ``protect`` share the class token attends
+    to most (none when ``protect`` is 0)."""
+    if not protect:
+        return [False] * n
+    cls_attn = ref_class_attention(q, k, sizes, p)[p:]
+    top = sorted(range(n), key=lambda i: -cls_attn[i])[: int(protect * n)]
+    return [i in top for i in range(n)]
+
+
 def ref_class_attention(q: torch.Tensor, k: torch.Tensor, sizes: Sequence[float], num_prefix: int) -> List[float]:
     """Attention every token gets from the class token (the mean query without one), averaged over heads."""
     t, h, d = q.shape
@@ -236,11 +246,7 @@ def ref_forward_tokens(model, image: torch.Tensor, plan: TokenPlan) -> Tuple[tor
             metric = [t[0] for t in patches]
         else:
             metric = [keys[p + i] for i in range(len(patches))]
-        guard = [False] * len(patches)
-        if plan.config.protect and bp.merges:
-            cls_attn = ref_class_attention(q, k, sizes, p)[p:]
-            top = sorted(range(len(patches)), key=lambda i: -cls_attn[i])[: int(plan.config.protect * len(patches))]
-            guard = [i in top for i in range(len(patches))]
+        guard = ref_protected(q, k, sizes, p, len(patches), plan.config.protect if bp.merges else 0.0)
         if bp.mode == "global":
             tome = plan.config.matching == "tome"
             patches, _ = ref_match(patches, metric, bp.r, guard, p % 2 if tome else 0, tome and p > 0)

@@ -17,7 +17,7 @@ from timm.layers import apply_rot_embed_cat
 from dsm_lightning.adapters.eva import _dense_rope
 from dsm_lightning.adapters.rope import rope_at
 from dsm_lightning.schedule import TokenPlan
-from tests.reference import ref_class_attention, ref_match, ref_softmax_attention
+from tests.reference import ref_match, ref_protected, ref_softmax_attention
 
 Token = Tuple[torch.Tensor, float, Set[int], int]
 
@@ -114,11 +114,7 @@ def ref_forward_tokens(model, image, plan: TokenPlan, rule: str):
         metric = (
             [t[0] for t in patches] if plan.config.metric == "tokens" else [keys[p + i] for i in range(len(patches))]
         )
-        guard = [False] * len(patches)
-        if plan.config.protect and bp.merges:
-            cls_attn = ref_class_attention(q, k, sizes, p)[p:]
-            top = sorted(range(len(patches)), key=lambda i: -cls_attn[i])[: int(plan.config.protect * len(patches))]
-            guard = [i in top for i in range(len(patches))]
+        guard = ref_protected(q, k, sizes, p, len(patches), plan.config.protect if bp.merges else 0.0)
         if bp.mode == "global":
             tome = plan.config.matching == "tome"
             patches = match(patches, metric, bp.r, guard, p % 2 if tome else 0, tome and p > 0)
