@@ -7,6 +7,7 @@ model's weights or checkpoints.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -20,10 +21,10 @@ from typing_extensions import override
 from .adapters import UnsupportedModelError, get_adapter
 from .config import DSMConfig
 from .errors import ModelAttributeError
-from .guard import GuardResult, quality_guard
+from .guard import GuardResult, QualityGuard
 from .measure import StageMeter, images_of, num_classes_of, sync
-from .outputs import output_tensor
-from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan
+from .outputs import model_outputs, output_tensor, token_cosine
+from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan, unpatched
 from .regional import compile_blocks
 
 if TYPE_CHECKING:
@@ -34,8 +35,10 @@ __all__ = ["DSMCallback", "find_vit"]
 _STAGES = ("validate", "test", "predict")
 #: Default of ``DSMCallback(min_agreement=...)``: chosen from held-out measurements (README, "Accuracy vs speed").
 DEFAULT_MIN_AGREEMENT: Optional[float] = 0.97
-#: Default of ``DSMCallback(guard_confidence=...)`` (README, "Small folders and the quality guard").
+#: Default of ``DSMCallback(guard_confidence=...)`` (README, "The quality guard").
 DEFAULT_GUARD_CONFIDENCE: Optional[float] = 0.9
+#: Default of ``DSMCallback(guard_audit=...)``: the fraction of a stage's batches that also run dense.
+DEFAULT_GUARD_AUDIT = 0.05
 
 
 def find_vit(module: nn.Module, attr: Optional[str] = None) -> Tuple[str, nn.Module]:
@@ -80,13 +83,17 @@ def _check_compile(compile: Any) -> Any:
     return compile or None
 
 
-def _check_guard(min_agreement: Optional[float], guard_images: int, guard_confidence: Optional[float]) -> None:
+def _check_guard(
+    min_agreement: Optional[float], guard_images: Optional[int], guard_confidence: Optional[float], audit: float
+) -> None:
     if min_agreement is not None and not 0.0 < float(min_agreement) <= 1.0:
         raise ValueError(f"min_agreement must be in (0, 1] or None (guard off), got {min_agreement!r}")
-    if guard_images < 1:
-        raise ValueError(f"guard_images must be >= 1, got {guard_images}")
+    if guard_images is not None and guard_images < 1:
+        raise ValueError(f"guard_images must be >= 1 (or None to size the guard for the target), got {guard_images}")
     if guard_confidence is not None and not 0.0 < float(guard_confidence) < 1.0:
         raise ValueError(f"guard_confidence must be in (0, 1) or None (point estimate), got {guard_confidence!r}")
+    if not 0.0 <= float(audit) <= 1.0:
+        raise ValueError(f"guard_audit must be a fraction of batches in [0, 1], got {audit!r}")
 
 
 class DSMCallback(Callback):
@@ -124,19 +131,26 @@ class DSMCallback(Callback):
             each block instead (:func:`~dsm_lightning.compile_blocks`): about 40% of the cold compile time, two
             graphs whatever the input size, a little slower per batch (README, "Small batches"); the dense comparison
             (``compare_dense``) then runs through the same compiled blocks, so both sides are compiled alike.
-        min_agreement: Quality guard. The first ``guard_images`` images of each stage run dense (their outputs
-            are exact); on them the callback measures the top-1 agreement with dense of the requested schedule and
-            of schedules that merge less (keeping what you fixed, such as ``delay``), then merges with the most
-            merging one that reaches ``min_agreement`` for the rest of the stage (dense if none does), and logs
-            what it chose and measured. ``None`` switches the guard off. For a ViT without a classifier head (a
-            backbone under a dense-prediction head, an HF encoder) agreement is the mean per-token cosine
-            similarity of its outputs with dense (:func:`~dsm_lightning.outputs.token_cosine`) instead.
-        guard_images: Images (per process) the guard measures on.
+        min_agreement: Quality guard (:class:`~dsm_lightning.guard.QualityGuard`). At each stage's start,
+            ``guard_images`` images drawn at random from the whole stage (whatever its order: class folders arrive
+            sorted) run dense and with the requested schedule and schedules that merge less (keeping what you fixed,
+            such as ``delay``); the stage then merges with the most merging one that reaches ``min_agreement``
+            (dense if none does). While the stage runs, a random ``guard_audit`` fraction of its batches also run
+            dense, and the guard steps to a lighter schedule as soon as they show the target at risk. The summary
+            and the ``dsm/guard_*`` and ``dsm/audit_*`` metrics say what was chosen, when and why, and what the audit
+            measured. ``None`` switches the guard off. For a ViT without a classifier head (a backbone under a
+            dense-prediction head, an HF encoder) agreement is the mean per-token cosine similarity of its outputs
+            with dense (:func:`~dsm_lightning.outputs.token_cosine`) instead. A loader whose indices cannot be known
+            before it runs (an iterable dataset) gets the guard on its first images instead.
+        guard_images: Images the guard chooses on, over all processes (each DDP rank draws its share); None sizes
+            it for the target (256, or twice :func:`~dsm_lightning.guard.images_needed`: 776 for 0.99).
         guard_confidence: With a classifier, the guard takes a schedule only when a one-sided binomial test on its
             images shows agreement >= ``min_agreement`` at this confidence
             (:func:`~dsm_lightning.guard.binomial_pass`), so a schedule whose true agreement is below the target
-            is chosen with probability at most ``1 - guard_confidence``; ``None`` compares the observed agreement
-            with the target (faster, no guarantee: README, "Small folders and the quality guard").
+            is chosen with probability at most ``1 - guard_confidence``, and the audit steps down at the same
+            level; ``None`` compares the observed agreement with the target (no guarantee, no step-down).
+        guard_audit: Fraction of each stage's batches (chosen at random, alike on every rank) that also run dense
+            to check the guard's choice where it is applied; 0 turns the audit off.
         adaptive: Adaptive merging (:attr:`DSMConfig.threshold <dsm_lightning.DSMConfig>`): the guard fits each
             candidate's per-block thresholds on its images (:func:`~dsm_lightning.fit_thresholds`) so that they
             spend the candidate's planned FLOPs on average, and each image then merges as much as its content
@@ -170,8 +184,9 @@ class DSMCallback(Callback):
         log_summary: bool = True,
         compile: Any = False,
         min_agreement: Optional[float] = DEFAULT_MIN_AGREEMENT,
-        guard_images: int = 256,
+        guard_images: Optional[int] = None,
         guard_confidence: Optional[float] = DEFAULT_GUARD_CONFIDENCE,
+        guard_audit: float = DEFAULT_GUARD_AUDIT,
         adaptive: bool = False,
     ) -> None:
         fields = dict(
@@ -195,17 +210,20 @@ class DSMCallback(Callback):
         self.compare_dense = compare_dense
         self.log_summary = log_summary
         self.compile = _check_compile(compile)
-        _check_guard(min_agreement, guard_images, guard_confidence)
+        _check_guard(min_agreement, guard_images, guard_confidence, guard_audit)
         self.min_agreement = None if min_agreement is None else float(min_agreement)
-        self.guard_images = int(guard_images)
+        self.guard_images = None if guard_images is None else int(guard_images)
         self.guard_confidence = None if guard_confidence is None else float(guard_confidence)
+        self.guard_audit = float(guard_audit)
         if adaptive and self.min_agreement is None and self.config.threshold is None:
             raise ValueError(
                 "adaptive=True fits its thresholds on the quality guard's images, but min_agreement=None turns the "
                 "guard off; keep min_agreement, or pass config=fit_thresholds(model, images, config)"
             )
         self.adaptive = bool(adaptive)
-        self.guard: Optional[GuardResult] = None
+        self.quality: Optional[QualityGuard] = None  # this stage's guard (choice, audit, report)
+        self._audit_now = False  # whether the running batch is audited
+        self._audit = [0.0, 0]  # this batch's audited agreements and images on this process
         self._measure = "top1"  # set in setup: "cosine" for a ViT without a classifier head
         self._guard_inputs: list = []
         self._guard_outputs: list = []
@@ -269,15 +287,88 @@ class DSMCallback(Callback):
         # A model the user patched runs dense for the guard and the comparison; _restore puts their patch back.
         self._user_config = get_config(self._vit)
         remove_dsm(self._vit)
+        self.quality = None
+        self._guard_inputs, self._guard_outputs = [], []
+        if self.min_agreement is None or trainer.sanity_checking:
+            self._patch(self.config)
+        else:
+            self._guard_start(trainer, pl_module, stage)
         self._hooks = [
             self._vit.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
             self._vit.register_forward_hook(self._post_hook, with_kwargs=True),
         ]
-        self.guard = None
-        self._guard_inputs, self._guard_outputs = [], []
-        if self.min_agreement is None or trainer.sanity_checking:
-            self._patch(self.config)
-        # else: the first guard_images images run dense; _guard_step chooses the schedule
+
+    @property
+    def guard(self) -> Optional[GuardResult]:
+        """The guard's choice in the current (or last) stage, None before it chose or with the guard off."""
+        return None if self.quality is None else self.quality.result
+
+    def _guard_start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Make the stage's :class:`QualityGuard` and let it choose on images drawn from the whole stage (or, when
+        the loader cannot tell in advance what it will run, on the stage's first images as they arrive)."""
+        from .sampling import sample_stage_inputs
+
+        assert self._vit is not None and self.min_agreement is not None
+        quality = QualityGuard(
+            self.config,
+            self.min_agreement,
+            images=self.guard_images,
+            confidence=self.guard_confidence,
+            audit=self.guard_audit,
+            measure=self._measure,
+            adaptive=self.adaptive,
+        )
+        self.quality = quality
+        if quality.too_few:
+            rank_zero_warn(
+                f"DSM quality guard: guard_images={quality.images} can never pass a schedule that disagrees with "
+                f"dense even once: min_agreement={self.min_agreement:g}{_level(self.guard_confidence)} "
+                f"needs {quality.needed} images for that; pass guard_images=None to size the guard for the target"
+            )
+        share = math.ceil(quality.images / max(1, trainer.world_size))
+        drawn = sample_stage_inputs(trainer, pl_module, self._vit, stage, share, batch_size=self._batch_size(trainer))
+        if drawn is None:
+            return  # the first images run dense and _guard_step chooses on them
+        images, stage_images = drawn
+        where = "drawn at random from the whole stage" if images.shape[0] < stage_images else "all of the stage"
+        self._choose(images, where)
+
+    def _batch_size(self, trainer: Trainer) -> int:
+        loaders = getattr(
+            trainer,
+            {"validate": "val", "test": "test", "predict": "predict"}[self._stage or "validate"] + "_dataloaders",
+            None,
+        )
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        return max(1, int(getattr(loader, "batch_size", None) or 32))
+
+    def _choose(self, images: torch.Tensor, where: str, dense: Optional[torch.Tensor] = None) -> None:
+        """The guard chooses on ``images`` (their dense outputs computed here unless given); merge with its choice."""
+        assert self._vit is not None and self._trainer is not None and self.quality is not None
+        strategy = self._trainer.strategy
+
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            return strategy.reduce(t, reduce_op="sum")
+
+        batch = self._batch_size(self._trainer)
+        self._busy = True
+        try:
+            if dense is None:
+                dense = model_outputs(self._vit, images, batch, images.device)
+            _check_outputs(self._vit, dense, self._measure)
+            result = self.quality.choose(self._vit, images, dense, where=where, batch_size=batch, reduce=reduce)
+        finally:
+            self._busy = False
+        self._say(result.summary())
+        if result.config is not None:
+            self._patch(result.config)
+        elif self._measure == "top1" and result.images < self.quality.needed:
+            rank_zero_warn(
+                f"DSM ran dense: the guard's {result.images} images cannot show top-1 agreement >= "
+                f"{result.min_agreement:g}{_level(self.guard_confidence)} (that needs {self.quality.needed} "
+                f"or more with one disagreement); with so few images, calibrate a config once on images like these "
+                f"(dsm_lightning.calibrate(); README, 'The quality guard') and pass it with --dsm.config"
+            )
 
     def _patch(self, config: DSMConfig) -> None:
         """Apply ``config`` (and compile) to the ViT, and print its plan."""
@@ -301,45 +392,35 @@ class DSMCallback(Callback):
             self._say(f"DSM on '{self._vit_name or 'model'}' for {self._stage} ({config}):\n{plan.table(*dims)}")
 
     def _guard_step(self, images: torch.Tensor, output: Any) -> None:
-        """Collect dense inputs and outputs; once enough are seen, choose and apply the schedule."""
-        if self.guard is not None:
-            return
+        """Without a sample of the stage: collect the first images' dense inputs and outputs, then choose on them."""
         logits = output_tensor(output)
-        if logits is None or logits.ndim < 2 or (self._measure == "top1" and logits.ndim != 2):
-            what = "[batch, classes] logits" if self._measure == "top1" else "a [batch, ...] tensor of features"
-            raise ValueError(
-                f"the quality guard (min_agreement) compares {what}, but {type(self._vit).__name__} returned "
-                f"{type(output).__name__}; pass min_agreement=None to merge without the guard"
-            )
+        assert self._trainer is not None and self.quality is not None
+        _check_outputs(self._vit, logits, self._measure)
+        assert logits is not None
         self._guard_inputs.append(images.detach())
         self._guard_outputs.append(logits.detach())
-        if sum(x.shape[0] for x in self._guard_inputs) < self.guard_images:
+        share = math.ceil(self.quality.images / max(1, self._trainer.world_size))
+        if sum(x.shape[0] for x in self._guard_inputs) < share:
             return
-        assert self._vit is not None and self._trainer is not None and self.min_agreement is not None
-        strategy = self._trainer.strategy
-
-        def reduce(t: torch.Tensor) -> torch.Tensor:
-            return strategy.reduce(t, reduce_op="sum")
-
         images_all, dense = torch.cat(self._guard_inputs), torch.cat(self._guard_outputs)
         self._guard_inputs, self._guard_outputs = [], []
-        self.guard = quality_guard(
-            self._vit,
-            images_all,
-            dense,
-            self.config,
-            self.min_agreement,
-            batch_size=max(1, images.shape[0]),
-            reduce=reduce,
-            measure=self._measure,
-            confidence=self.guard_confidence,
-            adaptive=self.adaptive,
-        )
-        self._say(self.guard.summary())
-        if self.guard.config is not None:
-            self._patch(self.guard.config)
+        self._choose(images_all, "the first of the stage, run dense", dense)
+
+    def _swap(self, config: Optional[DSMConfig]) -> None:
+        """Replace this callback's patch by ``config`` (None: dense) between two batches."""
+        assert self._vit is not None
+        if self._compiled:
+            self._vit.__dict__.pop("forward", None)
+            self._compiled = False
+        if self._applied:
+            remove_dsm(self._vit)
+            self._applied = False
+        self._meter.stop_counting()
+        if config is not None:
+            self._patch(config)
 
     def _restore(self) -> None:
+        self._audit_now = False
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -419,21 +500,76 @@ class DSMCallback(Callback):
         images = images_of(args, kwargs)
         if self._busy or images is None:
             return
-        if not is_patched(module):  # dense: the guard's images (or a stage that stays dense)
-            if self.min_agreement is not None and self.guard is None:
+        quality = self.quality
+        if not is_patched(module):  # dense: the guard's first images, or a stage the guard keeps dense
+            if quality is not None and quality.result is None:
                 self._busy = True
                 try:
                     self._guard_step(images, output)
                 finally:
                     self._busy = False
+            elif quality is not None:
+                quality.ran(images.shape[0])
             return
         sync(images)
         seconds = time.perf_counter() - self._t0
         self._busy = True  # the meter runs the model itself (FLOP count, dense comparison): hooks stay quiet
         try:
-            self._meter.merged_forward(module, (args, kwargs), images, output, seconds)
+            dense = self._meter.merged_forward(module, (args, kwargs), images, output, seconds)
+            if quality is not None:
+                audited = self._audit_now and quality.audit > 0
+                quality.ran(images.shape[0], images.shape[0] if audited else 0)
+                if self._audit_now:
+                    self._audit_batch(module, args, kwargs, output, dense)
         finally:
             self._busy = False
+
+    def _audit_batch(
+        self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any, dense: Any
+    ) -> None:
+        """Compare this merged forward with dense (run here unless the meter already did) for the audit."""
+        merged = output_tensor(output)
+        if merged is None:
+            return
+        if dense is None:
+            with unpatched(module), torch.no_grad():
+                dense = type(module).forward(module, *args, **kwargs)
+        reference = output_tensor(dense)
+        if reference is None:
+            return
+        if self._measure == "top1":
+            hits = float((merged.argmax(-1) == reference.argmax(-1)).sum())
+        else:
+            hits = float(token_cosine(merged.float(), reference.float()).sum())
+        self._audit[0] += hits
+        self._audit[1] += int(merged.shape[0])
+
+    def _batch_start(self, batch_idx: int, dataloader_idx: int) -> None:
+        quality = self.quality
+        self._audit_now = bool(
+            quality is not None
+            and quality.current is not None
+            and (self.compare_dense or quality.audits(batch_idx, dataloader_idx))
+        )
+        self._audit = [0.0, 0]
+
+    def _batch_end(self) -> None:
+        """Hand the batch's audit, summed over processes, to the guard; apply a step down at once."""
+        if not self._audit_now or self.quality is None or self._trainer is None:
+            return
+        self._audit_now = False
+        totals = self._trainer.strategy.reduce(
+            torch.tensor(self._audit, dtype=torch.float64, device=self._device()), reduce_op="sum"
+        )
+        hits, n = float(totals[0]), round(float(totals[1]))
+        if self.quality.observe(hits, n):
+            self._say("DSM quality guard: " + self.quality.steps[-1])
+            self._swap(self.quality.schedule)
+
+    def _device(self) -> torch.device:
+        assert self._vit is not None
+        param = next(self._vit.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
 
     def _num_classes(self, why: str) -> int:
         n = num_classes_of(self._vit) if self._vit is not None else None
@@ -442,23 +578,22 @@ class DSMCallback(Callback):
         return n
 
     def _collect(self) -> Dict[str, float]:
-        out: Dict[str, float] = {}
-        if self.guard is not None:
-            out["dsm/guard_agreement"] = self.guard.agreement
-            out["dsm/guard_flops_ratio"] = self.guard.flops_ratio
+        out: Dict[str, float] = {} if self.quality is None else self.quality.metrics()
         out.update(self._meter.metrics())
         return out
 
     def _log_epoch(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage not in self.stages or trainer.sanity_checking:
             return
-        if self.min_agreement is not None and self.guard is None:
+        if self.quality is not None and self.guard is None:
             seen = sum(x.shape[0] for x in self._guard_inputs)
+            ranks = trainer.world_size
             rank_zero_warn(
-                f"DSM did not merge: the {stage} stage ended after {seen} images, fewer than the quality guard's "
-                f"guard_images={self.guard_images}, so every image ran dense and no dsm/* metric was logged. For "
-                f"a small folder, calibrate a config once on images like it (dsm_lightning.calibrate(); README, 'Small "
-                f"folders and the quality guard') and pass it with --dsm.config, or lower guard_images"
+                f"DSM did not merge: the {stage} stage ended after {seen} images on this process (of {ranks}), "
+                f"fewer than its share of the quality guard's {self.quality.images} images, so every image ran dense "
+                f"and no dsm/* metric was logged. Use a map-style dataset (the guard then samples the stage), "
+                f"calibrate a config once on images like these (dsm_lightning.calibrate(); README, 'The quality "
+                f"guard') and pass it with --dsm.config, or lower guard_images"
             )
             self._guard_inputs, self._guard_outputs = [], []
             return
@@ -485,12 +620,68 @@ class DSMCallback(Callback):
     def summary(self, stage: str) -> str:
         """The stage in a few sentences: how many images merged, FLOPs, agreement, speed, and the guard's choice."""
         lines = [f"DSM {stage} summary (this process):", *self._meter.describe(self.metrics)]
-        if self.guard is not None:
-            reason = self.guard.reason()
-            lines.append(reason[0].upper() + reason[1:])
+        if self.quality is not None:
+            lines.extend(self.quality.report())
         elif self.min_agreement is None:
             lines.append("The quality guard was off (min_agreement=None): nothing checked the merged outputs.")
         return "\n  ".join(lines)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._stage == "validate":
+            self._batch_start(batch_idx, dataloader_idx)
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_end()
+
+    @override
+    def on_test_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._stage == "test":
+            self._batch_start(batch_idx, dataloader_idx)
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_end()
+
+    @override
+    def on_predict_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._stage == "predict":
+            self._batch_start(batch_idx, dataloader_idx)
+
+    @override
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_end()
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -499,3 +690,17 @@ class DSMCallback(Callback):
     @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log_epoch(trainer, pl_module, "test")
+
+
+def _check_outputs(vit: Optional[nn.Module], outputs: Any, measure: str) -> None:
+    """The guard compares ``[batch, classes]`` logits (top-1) or ``[batch, ...]`` features (cosine)."""
+    if not isinstance(outputs, torch.Tensor) or outputs.ndim < 2 or (measure == "top1" and outputs.ndim != 2):
+        what = "[batch, classes] logits" if measure == "top1" else "a [batch, ...] tensor of features"
+        raise ValueError(
+            f"the quality guard (min_agreement) compares {what}, but {type(vit).__name__} returned "
+            f"{type(outputs).__name__}; pass min_agreement=None to merge without the guard"
+        )
+
+
+def _level(confidence: Optional[float]) -> str:
+    return "" if confidence is None else f" at {confidence:.0%} confidence"

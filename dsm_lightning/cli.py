@@ -103,11 +103,11 @@ class DSMTrainer(Trainer):
     ) -> Path:
         """Export the merged model to ONNX: the --dsm.* schedule, or the quality guard's choice on the data's images.
 
-        With the guard on (``--dsm.min_agreement``), the first ``--dsm.guard_images`` images of ``data.val_dir``
-        (else ``data.predict_dir``) choose the schedule exactly as a validation stage would, and that choice is what
-        is exported (dense, with a warning, when no candidate passes). The file's metadata records the DSM config,
-        the input size, the planned token counts, the guard's result and the preprocessing; ONNX Runtime then runs
-        it on those images and the largest difference from PyTorch is printed.
+        With the guard on (``--dsm.min_agreement``), ``--dsm.guard_images`` images drawn at random from
+        ``data.val_dir`` (else ``data.predict_dir``) choose the schedule exactly as a validation stage would, and
+        that choice is what is exported (dense, with a warning, when no candidate passes). The file's metadata
+        records the DSM config, the input size, the planned token counts, the guard's result and the preprocessing;
+        ONNX Runtime then runs it on those images and the largest difference from PyTorch is printed.
 
         Args:
             model: The LightningModule holding the ViT.
@@ -130,7 +130,10 @@ class DSMTrainer(Trainer):
         _, vit = find_vit(model, callback.model_attr)
         remove_dsm(vit)
         self.strategy.connect(model)  # the DataModule reads the model's preprocessing through the trainer
-        data_cfg, images, batch = self._export_images(datamodule, callback.guard_images)
+        from .guard import QualityGuard
+
+        wanted = QualityGuard(callback.config, callback.min_agreement or 0.97, images=callback.guard_images).images
+        data_cfg, images, batch = self._export_images(datamodule, wanted)
         config, guard_meta = self._export_config(vit, callback, images, batch)
         if config is not None:
             apply_dsm(vit, config)
@@ -160,8 +163,10 @@ class DSMTrainer(Trainer):
     def _export_images(
         self, datamodule: Optional[LightningDataModule], limit: int
     ) -> Tuple[Dict[str, Any], Optional[torch.Tensor], int]:
-        """The DataModule's preprocessing, its first ``limit`` validation (else prediction) images, its batch size."""
+        """The DataModule's preprocessing, ``limit`` validation (else prediction) images drawn at random, its batch
+        size."""
         from .outputs import collect_batches
+        from .sampling import sample_loader
 
         if datamodule is None:
             return {}, None, 32
@@ -173,7 +178,7 @@ class DSMTrainer(Trainer):
             return data_cfg, None, int(hp.get("batch_size", 32))
         datamodule.setup(stage)
         loader = datamodule.val_dataloader() if stage == "validate" else datamodule.predict_dataloader()
-        images, _ = collect_batches(loader, max(limit, 1))
+        images, _ = collect_batches(sample_loader(loader, max(limit, 1)), max(limit, 1))
         return data_cfg, images, int(hp.get("batch_size", 32))
 
     @staticmethod
@@ -181,7 +186,7 @@ class DSMTrainer(Trainer):
         vit: Any, callback: Any, images: Optional[torch.Tensor], batch: int
     ) -> Tuple[Optional[Any], Optional[Dict[str, Any]]]:
         """The schedule to export: the callback's, or the quality guard's choice on ``images`` (None = dense)."""
-        from .guard import quality_guard
+        from .guard import QualityGuard
         from .measure import num_classes_of
         from .outputs import model_outputs
 
@@ -192,21 +197,26 @@ class DSMTrainer(Trainer):
                 "the quality guard chooses the exported schedule on images: set data.val_dir (or data.predict_dir), "
                 "or pass --dsm.min_agreement=null to export the --dsm.* schedule as it is"
             )
-        result = quality_guard(
+        guard = QualityGuard(
+            callback.config,
+            callback.min_agreement,
+            images=images.shape[0],
+            confidence=callback.guard_confidence,
+            measure="top1" if num_classes_of(vit) is not None else "cosine",
+            adaptive=callback.adaptive,
+        )
+        result = guard.choose(
             vit,
             images,
             model_outputs(vit, images, batch, torch.device("cpu")),
-            callback.config,
-            callback.min_agreement,
+            where="drawn at random from the data's images",
             batch_size=batch,
-            measure="top1" if num_classes_of(vit) is not None else "cosine",
-            confidence=callback.guard_confidence,
         )
         rank_zero_info(result.summary())
         if result.config is None:
             rank_zero_warn("the quality guard kept the model dense; the exported model does not merge tokens")
-        guard = {"min_agreement": callback.min_agreement, "images": len(images), "chosen": str(result.config)}
-        return result.config, guard
+        meta = {"min_agreement": callback.min_agreement, "images": len(images), "chosen": str(result.config)}
+        return result.config, meta
 
 
 class DSMLightningCLI(LightningCLI):

@@ -153,9 +153,9 @@ class StageMeter:
         images: torch.Tensor,
         output: Any,
         seconds: float,
-    ) -> None:
+    ) -> Optional[torch.Tensor]:
         """Account one timed merged forward (``call`` = its ``(args, kwargs)``), count FLOPs for a new input shape,
-        compare with dense if asked."""
+        compare with dense if asked; return the dense logits when they were computed."""
         self.merged.add(seconds, images.shape[0])
         self.merged_images += images.shape[0]
         spent = self.tokens.spent() if self.tokens is not None else None
@@ -169,7 +169,7 @@ class StageMeter:
                 self.tokens.counts = []
         logits = logits_of(output)
         if not (self.compare_dense and logits is not None):
-            return
+            return None
         args, kwargs = call
         with unpatched(module), torch.no_grad():
             t0 = time.perf_counter()
@@ -178,6 +178,7 @@ class StageMeter:
             self.dense.add(time.perf_counter() - t0, images.shape[0])
         if self.agreement is not None and dense is not None and logits.ndim == 2:
             self.agreement.update(logits.detach(), dense.argmax(dim=-1))
+        return dense
 
     def metrics(self) -> Dict[str, float]:
         """``dsm/*`` metrics measured so far (those that could be measured)."""
