@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["DSMCallback", "find_vit"]
 
 _STAGES = ("validate", "test", "predict")
+_DEFAULT_CONFIG = DSMConfig()
 #: Default of ``DSMCallback(min_agreement=...)``: chosen from held-out measurements (README, "Accuracy vs speed").
 DEFAULT_MIN_AGREEMENT: Optional[float] = 0.97
 #: Default of ``DSMCallback(guard_confidence=...)`` (README, "The quality guard").
@@ -62,6 +63,27 @@ def find_vit(module: nn.Module, attr: Optional[str] = None) -> Tuple[str, nn.Mod
         f"torchvision VisionTransformer in the LightningModule, pass model_attr='name.of.vit', or register an "
         f"adapter for your model (README, 'Custom ViTs')."
     )
+
+
+def _config(config: Any, fields: Dict[str, Any]) -> DSMConfig:
+    """``config``, or DSMConfig's defaults with ``fields`` (the ``DSMCallback(delay=4)`` shorthand)."""
+    if config is None:
+        config = DSMConfig()
+    if not isinstance(config, DSMConfig):
+        raise TypeError(f"DSMCallback(config=...) takes a DSMConfig, got {type(config).__name__}")
+    if not fields:
+        return config
+    names = DSMConfig.field_names()
+    unknown = sorted(set(fields) - set(names))
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; DSMConfig fields are {list(names)}"
+        raise TypeError(f"DSMCallback got an unexpected argument {unknown[0]!r}{hint}")
+    if config != DSMConfig():
+        raise ValueError(f"pass either config= or the DSMConfig fields {sorted(fields)}, not both")
+    return DSMConfig.from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def _check_stages(stages: Union[str, Sequence[str]]) -> Tuple[str, ...]:
@@ -101,24 +123,19 @@ class DSMCallback(Callback):
 
     ``DSMCallback()`` merges with :class:`~dsm_lightning.DSMConfig`'s defaults (a proportional ``r`` chosen per
     input size for ``flops_target=0.55`` of the dense block FLOPs, about 1.8x fewer; token-feature matching with the
-    most class-attended tokens protected). ``DSMCallback(delay=4)`` keeps the first 4 blocks dense. Either way the
-    quality guard (``min_agreement``) first checks agreement with the dense model and merges less if needed.
+    most class-attended tokens protected). The schedule is one object, ``config``; as a shorthand, fields of
+    :class:`~dsm_lightning.DSMConfig` may be passed by name, so ``DSMCallback(delay=4)`` is
+    ``DSMCallback(DSMConfig(delay=4))`` (on the command line ``--dsm.delay=4`` is ``--dsm.config.delay=4``).
+    Either way the quality guard (``min_agreement``) checks agreement with the dense model and merges less if needed.
+
+    The callback is a lifecycle: at the start of each of its ``stages`` it binds the ViT, lets the
+    :class:`~dsm_lightning.guard.QualityGuard` choose and patches; between batches it hands audits to the guard and
+    applies its step-downs; at the end (and on exceptions, in ``teardown`` and before ``fit``) it restores the model
+    exactly and logs what it measured through Lightning (rank zero prints).
 
     Args:
-        delay: Leading blocks that stay dense (:attr:`DSMConfig.delay <dsm_lightning.DSMConfig>`, as are the
-            next eight fields, with the same defaults).
-        r: Tokens merged per merging block (int, fraction, per-block list, or None for ``flops_target``).
-        windows: Local windows (a perfect square or ``(rows, cols)``).
-        local_blocks: Merging blocks that merge inside windows first.
-        prop_attn: Proportional attention.
-        flops_target: Fraction of the dense block FLOPs to aim for when ``r`` is None.
-        schedule: ``"proportional"`` or ``"constant"`` family when ``r`` is None.
-        metric: ``"tokens"`` or ``"keys"``: what pairs are matched on.
-        protect: Fraction of the most class-attended tokens that never merge.
-        matching: ``"dsm"`` or ``"tome"``: the bipartite sets and the order of unmerged tokens (``"tome"`` is
-            official ToMe's).
-        config: A full :class:`~dsm_lightning.DSMConfig` instead of the fields above (they must then keep their
-            defaults).
+        config: The schedule to merge with (:class:`~dsm_lightning.DSMConfig`; every field with its default and
+            docstring under ``--dsm.config.*`` on the command line).
         stages: Which of ``"validate"`` (includes validation during fit and the sanity check), ``"test"``,
             ``"predict"`` merge (one name or a sequence).
         model_attr: Dotted attribute of the ViT inside the LightningModule; default: the first supported ViT found.
@@ -158,6 +175,9 @@ class DSMCallback(Callback):
             ``dsm/gflops_per_image`` is then the stage's average per image of what batches spent, padding
             included.
 
+        **fields: :class:`~dsm_lightning.DSMConfig` fields by name (``delay=4``), applied to ``config``'s defaults;
+            not together with a non-default ``config``.
+
     Example:
         >>> callback = DSMCallback(delay=4, compare_dense=True)  # Trainer(callbacks=[callback])
         >>> callback.config.delay, callback.min_agreement, callback.stages
@@ -166,18 +186,8 @@ class DSMCallback(Callback):
 
     def __init__(
         self,
-        delay: int = DSMConfig.delay,
-        r: Union[int, float, List[int], None] = None,
-        windows: Union[int, Tuple[int, int]] = DSMConfig.windows,
-        local_blocks: int = DSMConfig.local_blocks,
-        prop_attn: bool = DSMConfig.prop_attn,
-        flops_target: float = DSMConfig.flops_target,
-        schedule: str = DSMConfig.schedule,
-        metric: str = DSMConfig.metric,
-        protect: float = DSMConfig.protect,
-        matching: str = DSMConfig.matching,
+        config: DSMConfig = _DEFAULT_CONFIG,
         *,
-        config: Optional[DSMConfig] = None,
         stages: Sequence[str] = _STAGES,
         model_attr: Optional[str] = None,
         compare_dense: bool = False,
@@ -188,23 +198,9 @@ class DSMCallback(Callback):
         guard_confidence: Optional[float] = DEFAULT_GUARD_CONFIDENCE,
         guard_audit: float = DEFAULT_GUARD_AUDIT,
         adaptive: bool = False,
+        **fields: Any,
     ) -> None:
-        fields = dict(
-            delay=delay,
-            r=tuple(r) if isinstance(r, list) else r,
-            windows=windows,
-            local_blocks=local_blocks,
-            prop_attn=prop_attn,
-            flops_target=flops_target,
-            schedule=schedule,
-            metric=metric,
-            protect=protect,
-            matching=matching,
-        )
-        changed = sorted(k for k, v in fields.items() if v != getattr(DSMConfig, k))
-        if config is not None and changed:
-            raise ValueError(f"pass either config= or the fields {changed}, not both")
-        self.config = config if config is not None else DSMConfig.from_dict(fields)
+        self.config = _config(config, fields)
         self.stages = _check_stages(stages)
         self.model_attr = model_attr
         self.compare_dense = compare_dense

@@ -19,7 +19,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -66,6 +66,7 @@ class OneLineErrorParser(LightningArgumentParser):
         text = " ".join(message.split())
         unknown = re.findall(r"(--[\w.]+)", text) if "nrecognized" in text else []
         options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+        options += [o.replace("--dsm.config.", "--dsm.", 1) for o in options if o.startswith("--dsm.config.")]
         hints = []
         for flag in unknown:
             close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
@@ -275,9 +276,25 @@ def config_relative_paths(config: Any) -> dict:
     return {key: resolved for key, (raw, resolved) in found.items() if config.get(key) == raw}
 
 
+def config_shorthand(args: Sequence[str]) -> List[str]:
+    """``--dsm.<field>`` of a :class:`~dsm_lightning.DSMConfig` field is ``--dsm.config.<field>`` (the callback's
+    ``DSMCallback(delay=4)`` shorthand on the command line)."""
+    from .config import DSMConfig
+
+    fields = set(DSMConfig.field_names())
+    out = []
+    for arg in args:
+        name, sep, value = arg.partition("=")
+        if name.startswith("--dsm.") and name[6:] in fields:
+            arg = f"--dsm.config.{name[6:]}{sep}{value}"
+        out.append(arg)
+    return out
+
+
 def cli(args: Optional[List[str]] = None) -> DSMLightningCLI:
     """Run the command line with ``args`` (``sys.argv`` when None), raising errors as they are (for Python callers
     and tests; the console command is :func:`main`)."""
+    args = config_shorthand(sys.argv[1:] if args is None else args)
     return DSMLightningCLI(
         ImageClassifier,
         ImageFolderDataModule,

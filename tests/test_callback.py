@@ -148,3 +148,33 @@ def test_callback_on_torchvision_vit(tmp_path):
     )[0]
     assert seen and all(seen) and not is_patched(module.model)
     assert out["dsm/flops_reduction"] > 1.0 and 0.0 <= out["dsm/agreement_top1"] <= 1.0
+
+
+def test_the_config_is_one_object_and_fields_by_name_are_a_shorthand():
+    from dsm_lightning import DSMConfig
+
+    assert DSMCallback(delay=4).config == DSMConfig(delay=4) == DSMCallback(DSMConfig(delay=4)).config
+    assert DSMCallback(r=[0, 2, 2, 2]).config.r == (0, 2, 2, 2)
+    with pytest.raises(TypeError, match="unexpected argument 'delya'; did you mean 'delay'"):
+        DSMCallback(delya=4)
+    with pytest.raises(ValueError, match="either config= or the DSMConfig fields"):
+        DSMCallback(DSMConfig(delay=2), r=3)
+
+
+def test_command_line_shows_every_config_field_once_and_takes_the_shorthand(capsys):
+    from dsm_lightning.cli import cli, config_shorthand
+
+    assert config_shorthand(["--dsm.delay=4", "--dsm.r", "8", "--dsm.min_agreement=0.9", "--dsm.config=a.yaml"]) == [
+        "--dsm.config.delay=4",
+        "--dsm.config.r",
+        "8",
+        "--dsm.min_agreement=0.9",
+        "--dsm.config=a.yaml",
+    ]
+    with pytest.raises(SystemExit):
+        cli(["validate", "--model.model_name=vit_tiny_patch16_224", "--dsm.delay=3", "--print_config"])
+    import yaml
+
+    printed = yaml.safe_load(capsys.readouterr().out)["dsm"]
+    assert printed["config"]["delay"] == 3 and set(printed["config"]) >= {"r", "flops_target", "protect", "matching"}
+    assert "delay" not in printed, "no mirror of the config's fields on the callback"

