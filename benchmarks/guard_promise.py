@@ -13,7 +13,8 @@ Policies, both with the one-sided binomial test at 90% confidence:
 
 - ``head``: the guard before this release. The first ``guard_images`` images run dense, the guard chooses on them
   (bisection as in ``quality_guard``), the rest merge. Its stage agreement is over the merged images.
-- ``sampled``: ``QualityGuard``. ``guard_images`` images drawn uniformly from the whole stage choose the schedule;
+- ``sampled``: ``QualityGuard``. ``guard_images`` images drawn uniformly from the whole stage choose the schedule
+  (a candidate stops, in eighths of the images, once its misses rule out a pass);
   every image of the stage then merges; a random ``--audit`` fraction of batches also runs dense and the guard steps
   to the next lighter candidate when ``evidence_below`` reaches ``1 / (1 - confidence)``. Its stage agreement is
   over every image, each under the schedule active when it ran.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -39,7 +41,7 @@ from common import environment
 from pareto import load, run
 
 from dsm_lightning import DSMConfig, apply_dsm, remove_dsm, token_plan
-from dsm_lightning.guard import binomial_pass, evidence_below, guard_candidates
+from dsm_lightning.guard import binomial_pass, evidence_below, guard_candidates, least_hits
 
 CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
 
@@ -57,6 +59,19 @@ def choose(hits: torch.Tensor, n: int, target: float, confidence: Optional[float
         else:
             lo = mid + 1
     return lo
+
+
+def evaluated(row: torch.Tensor, least_hits: int, chunks: int = 8) -> float:
+    """Fraction of the guard's images a candidate runs on before it stops (``quality_guard`` evaluates in
+    ``chunks`` and stops once its misses rule out a pass); ``row``: its 0/1 agreements in the guard's order."""
+    n = row.numel()
+    step = max(1, math.ceil(n / chunks))
+    allowed = n - least_hits
+    for k in range(chunks):
+        seen = min(n, (k + 1) * step)
+        if seen - int(row[:seen].sum()) > allowed:
+            return seen / n
+    return 1.0
 
 
 def head_policy(agree, ratios, order, guard, target, confidence) -> dict:
@@ -81,7 +96,8 @@ def sampled_policy(agree, ratios, order, guard, target, confidence, audit, batch
     drawn = order[torch.randperm(n, generator=g)[: min(guard, n)]]
     tried: list = []
     pick = choose(agree[:, drawn].sum(1), len(drawn), target, confidence, tried)
-    cost = len(drawn) * (1 + sum(ratios[i] for i in tried))
+    least = least_hits(len(drawn), target, confidence)
+    cost = len(drawn) * (1 + sum(ratios[i] * evaluated(agree[i, drawn], least) for i in tried))
     dense_index = agree.shape[0]
     hits_total, spent, steps = 0.0, 0.0, 0
     since = [0.0, 0]

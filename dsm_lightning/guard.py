@@ -31,6 +31,7 @@ __all__ = [
     "evidence_below",
     "guard_candidates",
     "images_needed",
+    "least_hits",
     "lower_bound",
     "quality_guard",
 ]
@@ -95,8 +96,10 @@ class GuardResult:
         lines = [f"DSM quality guard: {what} with dense >= {self.min_agreement:.3f}{test} on {self.images} images"]
         for t in self.trials:
             mark = "->" if t is chosen else "  "
+            stop = f"  (stopped after {t['images']} images: cannot pass)" if t.get("stopped") else ""
             lines.append(
-                f"{mark} {t['label']:<22} block FLOPs {t['flops_ratio']:.3f}x dense  agreement {t['agreement']:.4f}"
+                f"{mark} {t['label']:<22} block FLOPs {t['flops_ratio']:.3f}x dense  "
+                f"agreement {t['agreement']:.4f}{stop}"
             )
         if self.config is None:
             lines.append("-> no merging schedule met the target: running dense")
@@ -278,13 +281,16 @@ def quality_guard(
         raise ValueError(f"min_agreement must be in (0, 1], got {min_agreement}")
     if measure not in GUARD_MEASURES:
         raise ValueError(f"measure must be one of {sorted(GUARD_MEASURES)}, got {measure!r}")
+    level = confidence if measure == "top1" else None
     trials = _Trials(model, images, dense_logits, config, batch_size, reduce, measure, adaptive)
+    trials.least_hits = least_hits(round(trials.total), min_agreement, level) if measure == "top1" else None
     candidates = guard_candidates(config)
     lo, hi = 0, len(candidates)  # candidates[hi:] pass (index len = dense); find the first passing index
-    level = confidence if measure == "top1" else None
     while lo < hi:
         mid = (lo + hi) // 2
-        if binomial_pass(trials.agreement(candidates[mid]) * trials.total, round(trials.total), min_agreement, level):
+        agreement = trials.agreement(candidates[mid])
+        stopped = trials.records[-1]["stopped"]
+        if not stopped and binomial_pass(agreement * trials.total, round(trials.total), min_agreement, level):
             hi = mid
         else:
             lo = mid + 1
@@ -294,8 +300,26 @@ def quality_guard(
     return GuardResult(chosen[0], chosen[1], min_agreement, int(trials.total), trials.records, measure, level)
 
 
+def least_hits(n: int, target: float, confidence: Optional[float]) -> int:
+    """Fewest agreements of ``n`` that pass :func:`binomial_pass` (``n + 1`` when none do).
+
+    Example:
+        >>> least_hits(258, 0.97, 0.9), least_hits(258, 0.97, None)
+        (255, 251)
+    """
+    return next(
+        (h for h in range(math.ceil(target * n - 1e-9), n + 1) if binomial_pass(h, n, target, confidence)), n + 1
+    )
+
+
+#: Chunks a candidate's evaluation runs in (the same on every process, so their sums stay in step); after each, a
+#: candidate that has already missed more images than a pass allows stops.
+_CHUNKS = 8
+
+
 class _Trials:
-    """Measures candidates for :func:`quality_guard` on its images and keeps the record of each."""
+    """Measures candidates for :func:`quality_guard` on its images and keeps the record of each; a top-1 candidate
+    stops as soon as its disagreements make a pass impossible, which is where most of the guard's cost goes."""
 
     def __init__(
         self,
@@ -317,27 +341,50 @@ class _Trials:
         self.total = self._sum(float(images.shape[0]))
         self.records: List[Dict[str, Any]] = []
         self.measured: Dict[DSMConfig, Tuple[DSMConfig, float]] = {}  # candidate -> (config run, agreement)
+        self.least_hits: Optional[int] = None  # agreements a pass needs (top-1 only)
 
     def _sum(self, value: float) -> float:
+        return self._sums([value])[0]
+
+    def _sums(self, values: List[float]) -> List[float]:
         if self.reduce is None:
-            return value
-        return float(self.reduce(torch.tensor(value, device=self.images.device)))
+            return values
+        return [float(v) for v in self.reduce(torch.tensor(values, dtype=torch.float64, device=self.images.device))]
 
     def agreement(self, candidate: DSMConfig) -> float:
         """Agreement with dense of ``candidate`` (its thresholds fitted first under adaptive merging)."""
         size = self.images.shape[-2:]
         plan = token_plan(self.model, candidate, img_size=(int(size[0]), int(size[1])))
         cfg = _fit(self.model, self.images, candidate, self.reduce) if self.adaptive else candidate
+        step = max(1, math.ceil(self.images.shape[0] / _CHUNKS))
+        score, seen, stopped = 0.0, 0.0, False
         apply_dsm(self.model, cfg)
         try:
-            outputs = model_outputs(self.model, self.images, self.batch_size, self.images.device)
+            for k in range(_CHUNKS):
+                chunk = self.images[k * step : (k + 1) * step]
+                part = 0.0
+                if chunk.shape[0]:
+                    outputs = model_outputs(self.model, chunk, self.batch_size, self.images.device)
+                    part = float(self.score(outputs, self.reference[k * step : (k + 1) * step]).sum())
+                totals = self._sums([part, float(chunk.shape[0])])
+                score, seen = score + totals[0], seen + totals[1]
+                if self.least_hits is not None and seen - score > self.total - self.least_hits:
+                    stopped = k + 1 < _CHUNKS or seen < self.total
+                    break
         finally:
             remove_dsm(self.model)
-        value = self._sum(float(self.score(outputs, self.reference).sum())) / self.total
+        value = score / seen if seen else 0.0
         r = plan.r if plan.r is not None else cfg.r
         label = f"flops_target={cfg.flops_target:g}" if self.requested.r is None else f"r={r}"
         self.records.append(
-            {"label": label, "config": cfg.to_dict(), "flops_ratio": plan.flops_ratio(*self.dims), "agreement": value}
+            {
+                "label": label,
+                "config": cfg.to_dict(),
+                "flops_ratio": plan.flops_ratio(*self.dims),
+                "agreement": value,
+                "images": int(seen),
+                "stopped": stopped,
+            }
         )
         self.measured[candidate] = (cfg, value)
         return value
@@ -471,7 +518,10 @@ class QualityGuard:
         if self.adaptive:
             self._fit = lambda c: _fit(model, images, c, reduce)
         local = float(images.shape[0])
-        self._cost[0] += local * (1.0 + sum(float(t["flops_ratio"]) for t in result.trials))
+        total = max(1, result.images)
+        self._cost[0] += local * (
+            1.0 + sum(float(t["flops_ratio"]) * t.get("images", total) / total for t in result.trials)
+        )
         return result
 
     # ------------------------------------------------------------------ audit

@@ -95,6 +95,9 @@ def test_guard_returns_dense_when_no_schedule_agrees():
     assert result.config is None and result.agreement == 1.0
     assert all(t["agreement"] < 0.5 for t in result.trials)
     assert "running dense" in result.summary()
+    tested = quality_guard(model, x, unreachable, DSMConfig(delay=1), 0.5, confidence=0.9)
+    assert tested.config is None and all(t["stopped"] and t["images"] < 16 for t in tested.trials)
+    assert "cannot pass" in tested.summary(), "a candidate stops once its misses rule out a pass"
 
 
 def test_callback_guard_dense_fallback_runs_dense_and_logs_it(tmp_path, monkeypatch):
