@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .inspection import trace_tokens
 from .merge import MergeState, fitting_thresholds
 from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan
-from .schedule import _block_flops
+from .schedule import block_flops
 
 __all__ = ["fit_thresholds", "AdaptiveFlops", "adaptive_flops"]
 
@@ -96,12 +96,12 @@ def adaptive_flops(model: nn.Module, images: Tensor) -> AdaptiveFlops:
     with torch.no_grad():
         trace = trace_tokens(model, images, count)
     t0 = trace.plan.num_patches + trace.plan.num_prefix_tokens
-    dense = _block_flops(t0, t0, dim, hidden) * len(shapes)
+    dense = block_flops(t0, t0, dim, hidden) * len(shapes)
     per_image = torch.zeros(images.shape[0], dtype=torch.float64)
     spent, before, shape_before = 0.0, torch.full((images.shape[0],), t0), t0
     for after, shape in zip(live, shapes):
-        per_image += torch.tensor([_block_flops(int(a), int(b), dim, hidden) for a, b in zip(before, after)])
-        spent += _block_flops(shape_before, shape, dim, hidden)
+        per_image += torch.tensor([block_flops(int(a), int(b), dim, hidden) for a, b in zip(before, after)])
+        spent += block_flops(shape_before, shape, dim, hidden)
         before, shape_before = after, shape
     return AdaptiveFlops(per_image / dense, spent / dense)
 

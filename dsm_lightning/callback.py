@@ -218,7 +218,8 @@ class DSMCallback(Callback):
             )
         self.adaptive = bool(adaptive)
         self.quality: Optional[QualityGuard] = None  # this stage's guard (choice, audit, report)
-        self._audit_now = False  # whether the running batch is audited
+        self._audit_now = False  # whether the running batch is audited (the guard's coin, or compare_dense)
+        self._audit_coin = False  # whether the guard's own coin picked it (what the guard's cost counts)
         self._audit = [0.0, 0]  # this batch's audited agreements and images on this process
         self._measure = "top1"  # set in setup: "cosine" for a ViT without a classifier head
         self._guard_inputs: list = []
@@ -513,8 +514,7 @@ class DSMCallback(Callback):
         try:
             dense = self._meter.merged_forward(module, (args, kwargs), images, output, seconds)
             if quality is not None:
-                audited = self._audit_now and quality.audit > 0
-                quality.ran(images.shape[0], images.shape[0] if audited else 0)
+                quality.ran(images.shape[0], images.shape[0] if self._audit_coin else 0)
                 if self._audit_now:
                     self._audit_batch(module, args, kwargs, output, dense)
         finally:
@@ -542,11 +542,9 @@ class DSMCallback(Callback):
 
     def _batch_start(self, batch_idx: int, dataloader_idx: int) -> None:
         quality = self.quality
-        self._audit_now = bool(
-            quality is not None
-            and quality.current is not None
-            and (self.compare_dense or quality.audits(batch_idx, dataloader_idx))
-        )
+        merging = quality is not None and quality.current is not None
+        self._audit_coin = bool(merging and quality is not None and quality.audits(batch_idx, dataloader_idx))
+        self._audit_now = merging and (self.compare_dense or self._audit_coin)
         self._audit = [0.0, 0]
 
     def _batch_end(self) -> None:
@@ -617,7 +615,7 @@ class DSMCallback(Callback):
         """The stage in a few sentences: how many images merged, FLOPs, agreement, speed, and the guard's choice."""
         lines = [f"DSM {stage} summary (this process):", *self._meter.describe(self.metrics)]
         if self.quality is not None:
-            lines.extend(self.quality.report())
+            lines.extend(self.quality.report(every_batch=self.compare_dense))
         elif self.min_agreement is None:
             lines.append("The quality guard was off (min_agreement=None): nothing checked the merged outputs.")
         return "\n  ".join(lines)

@@ -294,7 +294,10 @@ def config_shorthand(args: Sequence[str]) -> List[str]:
 def cli(args: Optional[List[str]] = None) -> DSMLightningCLI:
     """Run the command line with ``args`` (``sys.argv`` when None), raising errors as they are (for Python callers
     and tests; the console command is :func:`main`)."""
-    args = config_shorthand(sys.argv[1:] if args is None else args)
+    if args is None:  # the console: LightningCLI reads sys.argv itself
+        sys.argv[1:] = config_shorthand(sys.argv[1:])
+    else:
+        args = config_shorthand(args)
     return DSMLightningCLI(
         ImageClassifier,
         ImageFolderDataModule,

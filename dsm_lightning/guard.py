@@ -597,8 +597,9 @@ class QualityGuard:
             out["dsm/stage_cost_ratio"] = self.cost_ratio
         return out
 
-    def report(self) -> List[str]:
-        """Sentences for the stage summary: the choice, each step down, the audit's verdict and the guard's cost."""
+    def report(self, every_batch: bool = False) -> List[str]:
+        """Sentences for the stage summary: the choice, each step down, the audit's verdict and the guard's cost
+        (``every_batch``: the caller compared every merged batch with dense, not only the audit's)."""
         if self.result is None:
             return []
         reason = self.result.reason()
@@ -606,10 +607,8 @@ class QualityGuard:
         what = "top-1 agreement" if self.measure == "top1" else "token cosine"
         if self.audit_images:
             rate = self.audit_hits / self.audit_images
-            text = (
-                f"Audit: {self.audit_images} merged images, drawn at random from the stage, also ran dense: "
-                f"{what} {rate:.3f}"
-            )
+            how = "every merged batch (compare_dense)" if every_batch else f"{self.audit:.0%} of the batches, at random"
+            text = f"Audit: {self.audit_images} merged images, {how}, also ran dense: {what} {rate:.3f}"
             if self.measure == "top1" and self.confidence is not None:
                 low = lower_bound(round(self.audit_hits), self.audit_images, self.confidence)
                 verdict = "confirmed" if low >= self.min_agreement else "not enough evidence to confirm"
@@ -621,8 +620,8 @@ class QualityGuard:
             lines.append("Audit: no merged batch was drawn for the audit in this stage (too few batches).")
         if self.cost_ratio is not None:
             lines.append(
-                f"Cost: counting the guard's passes and the audit, the stage spent {self.cost_ratio:.2f}x the block "
-                f"FLOPs of running it dense (this process)."
+                f"Cost: counting the guard's passes and its {self.audit:.0%} audit, the stage spent "
+                f"{self.cost_ratio:.2f}x the block FLOPs of running it dense (this process)."
             )
         return lines
 

@@ -101,14 +101,14 @@ class BlockTokens:
     def spent(self) -> Optional[Tuple[float, float]]:
         """Block GFLOPs per image of the last recorded forward (analytic, padding included) and of the dense model;
         clears the record."""
-        from .schedule import _block_flops
+        from .schedule import block_flops
 
         counts, self.counts = self.counts, []
         if not counts:
             return None
         t0 = counts[0][0]
-        spent = sum(_block_flops(a, b, *self.dims) for a, b in counts)
-        return spent / 1e9, _block_flops(t0, t0, *self.dims) * len(counts) / 1e9
+        spent = sum(block_flops(a, b, *self.dims) for a, b in counts)
+        return spent / 1e9, block_flops(t0, t0, *self.dims) * len(counts) / 1e9
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .config import DSMConfig
 
-__all__ = ["BlockPlan", "TokenPlan", "WindowGroup", "split_windows", "plan_tokens"]
+__all__ = ["BlockPlan", "TokenPlan", "WindowGroup", "block_flops", "plan_tokens", "split_windows"]
 
 Box = Tuple[int, int, int, int]  # (row0, row1, col0, col1) on the patch grid, end-exclusive
 
@@ -121,7 +121,7 @@ class BlockPlan:
         return self.tokens_out < self.tokens_in
 
 
-def _block_flops(tokens_attn: int, tokens_mlp: int, dim: int, mlp_hidden: int) -> float:
+def block_flops(tokens_attn: int, tokens_mlp: int, dim: int, mlp_hidden: int) -> float:
     """FLOPs (2 per multiply-add) of a pre-norm block: attention on ``tokens_attn``, MLP on ``tokens_mlp``."""
     t = tokens_attn
     attn = 2 * t * dim * 3 * dim + 2 * 2 * t * t * dim + 2 * t * dim * dim
@@ -166,7 +166,7 @@ class TokenPlan:
     def block_flops(self, dim: int, mlp_hidden: int) -> List[float]:
         """Analytic FLOPs per block (attention on the tokens entering it, MLP on the tokens after its merge)."""
         p = self.num_prefix_tokens
-        return [_block_flops(b.tokens_in + p, b.tokens_out + p, dim, mlp_hidden) for b in self.blocks]
+        return [block_flops(b.tokens_in + p, b.tokens_out + p, dim, mlp_hidden) for b in self.blocks]
 
     def flops(self, dim: int, mlp_hidden: int) -> float:
         """Analytic FLOPs of all blocks for one image."""
@@ -175,7 +175,7 @@ class TokenPlan:
     def flops_ratio(self, dim: int, mlp_hidden: int) -> float:
         """Planned block FLOPs divided by the dense model's (1.0 = no saving)."""
         dense = (
-            _block_flops(
+            block_flops(
                 self.num_patches + self.num_prefix_tokens, self.num_patches + self.num_prefix_tokens, dim, mlp_hidden
             )
             * self.depth
