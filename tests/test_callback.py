@@ -125,7 +125,7 @@ def test_checkpoint_never_overrides_constructor_settings(tmp_path):
 
 def test_config_and_fields_are_exclusive():
     with pytest.raises(ValueError, match="either config"):
-        DSMCallback(delay=2, config=DSMConfig())
+        DSMCallback(delay=2, config=DSMConfig(r=4))
     with pytest.raises(ValueError, match="stages"):
         DSMCallback(stages=["fit"])
     assert DSMCallback(stages="validate").stages == ("validate",), "one stage name is accepted as a string"
