@@ -1,6 +1,6 @@
 """How stable is the callback's own ``dsm/speedup``? Run the README's demo configs several times in one process.
 
-Each run is a fresh ``python -m dsm_lightning`` command line (``dsm_lightning.cli.cli``) on a shipped config, with
+Each run is a fresh ``python -m dsm_lightning`` command line (``dsm_lightning.app.cli.cli``) on a shipped config, with
 the guard off (random weights) and ``compare_dense=True``; the callback times the merged and the dense forward of
 every batch back to back and leaves out each variant's first (cold) batch. The spread of ``dsm/speedup`` over the
 runs is what a user sees when repeating a command. For reference, the same model and schedule are also timed with
@@ -25,8 +25,8 @@ from benchmarks.common import environment, forward_fn, median, time_interleaved,
 
 
 def run_once(config: str, subcommand: str, out: Path, extra) -> float:
+    from dsm_lightning.app.cli import cli
     from dsm_lightning.callback import DSMCallback
-    from dsm_lightning.cli import cli
 
     run = cli(
         [

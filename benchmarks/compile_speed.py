@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, forward_fn, markdown_table, median, time_interleaved, write_rows
 
 from dsm_lightning import DSMConfig, apply_dsm, compile_blocks
+from dsm_lightning.app.module import build_model
 from dsm_lightning.flops import count_flops
-from dsm_lightning.module import build_model
 
 
 def main(argv=None) -> int:

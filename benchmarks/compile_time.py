@@ -34,7 +34,7 @@ def child(model_name: str, variant: str, threads: int) -> dict:
     import torch._dynamo.utils
 
     from dsm_lightning import apply_dsm, compile_blocks
-    from dsm_lightning.module import build_model
+    from dsm_lightning.app.module import build_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

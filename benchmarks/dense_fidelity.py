@@ -67,7 +67,7 @@ def picture(image: torch.Tensor, dense: torch.Tensor, merged: torch.Tensor, mode
     from matplotlib import colormaps
     from PIL import Image
 
-    from dsm_lightning.vis import render_tokens, token_maps
+    from dsm_lightning.app.vis import render_tokens, token_maps
 
     top, left, h, w = box
     rgb = ((image.permute(1, 2, 0) * torch.tensor(STD) + torch.tensor(MEAN)).clamp(0, 1) * 255).byte().numpy()

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, markdown_table, write_rows
 
 from dsm_lightning import apply_dsm, remove_dsm
-from dsm_lightning.module import ImageClassifier
+from dsm_lightning.app.module import ImageClassifier
 from tools.build_reference import hf_dinov2_from_timm
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

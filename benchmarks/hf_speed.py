@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, forward_fn, markdown_table, median, time_interleaved, write_rows
 
 from dsm_lightning import apply_dsm
+from dsm_lightning.app.module import build_model
 from dsm_lightning.flops import count_flops
-from dsm_lightning.module import build_model
 
 TOME = dict(delay=0, local_blocks=0, schedule="constant", metric="keys", protect=0.0, flops_target=0.55)
 SCHEDULES = {"dense": None, "tome (global, constant r, keys)": TOME, "default DSM": dict(flops_target=0.55)}

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, markdown_table, median, write_rows
 
 from dsm_lightning import apply_dsm, compile_blocks, token_plan
+from dsm_lightning.app.module import build_model
 from dsm_lightning.flops import count_flops
-from dsm_lightning.module import build_model
 
 MODELS = {
     "vit_small_patch16_224": {},

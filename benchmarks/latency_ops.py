@@ -27,7 +27,7 @@ from common import environment, markdown_table, write_rows
 from latency import MODELS, token_dropping_oracle
 
 from dsm_lightning import apply_dsm, token_plan
-from dsm_lightning.module import build_model
+from dsm_lightning.app.module import build_model
 
 GROUPS = {
     "matmul (addmm, mm, bmm)": ("aten::addmm", "aten::mm", "aten::bmm"),

@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, forward_fn, median, time_interleaved, write_rows
 
 from dsm_lightning import DSMConfig, apply_dsm, calibrate, remove_dsm, token_plan
-from dsm_lightning.data import ImageFiles, transform_from_config
+from dsm_lightning.app.data import ImageFiles, transform_from_config
+from dsm_lightning.app.module import ImageClassifier, read_sidecar
 from dsm_lightning.flops import count_flops
-from dsm_lightning.module import ImageClassifier, read_sidecar
 from dsm_lightning.outputs import collect_batches
 
 TARGETS = (0.65, 0.55, 0.4)

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, forward_fn, markdown_table, median, time_interleaved, write_rows
 
 from dsm_lightning import apply_dsm, get_adapter, token_plan
+from dsm_lightning.app.module import build_model
 from dsm_lightning.flops import count_flops
-from dsm_lightning.module import build_model
 
 # name -> DSMConfig overrides; flops_target picks r so ToMe and DSM are compared at matched planned FLOPs.
 TOME = dict(delay=0, local_blocks=0, schedule="constant", metric="keys", protect=0.0)

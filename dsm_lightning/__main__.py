@@ -6,6 +6,6 @@ if sys.argv[1:] == ["--version"]:  # answered before Lightning and timm are impo
     print(f"dsm-lightning {version('dsm-lightning')}")
     raise SystemExit(0)
 
-from .cli import main
+from .app.cli import main
 
 main()

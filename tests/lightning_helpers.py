@@ -54,7 +54,7 @@ def trainer(**kwargs):
 
 
 def tiny_classifier(**kwargs):
-    from dsm_lightning.module import ImageClassifier
+    from dsm_lightning.app.module import ImageClassifier
 
     torch.manual_seed(0)
     module = ImageClassifier(
@@ -66,7 +66,7 @@ def tiny_classifier(**kwargs):
 
 
 def tiny_data(root: Path, **kwargs):
-    from dsm_lightning.data import ImageFolderDataModule
+    from dsm_lightning.app.data import ImageFolderDataModule
 
     return ImageFolderDataModule(val_dir=str(root), train_dir=str(root), batch_size=4, crop_pct=1.0, **kwargs)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "dsm_lightning"
 LAYERS = [
     *("errors", "config", "schedule", "merge", "engine", "adapters", "patch", "inspection", "regional", "adaptive"),
-    *("outputs", "guard", "calibration", "measure", "export", "callback", "cli"),
+    *("outputs", "guard", "calibration", "measure", "sampling", "export", "callback", "app"),
 ]
 
 
@@ -93,3 +93,11 @@ def test_every_module_attribute_of_the_package_is_the_module():
             continue
         module = importlib.import_module(f"dsm_lightning.{path.stem}")
         assert getattr(dsm_lightning, path.stem) is module, f"dsm_lightning.{path.stem} is shadowed"
+
+
+def test_the_library_never_imports_the_app():
+    """``dsm_lightning.app`` (command line, LightningModule, DataModule, writer) sits on top of the library."""
+    for module, targets in graph().items():
+        if module.startswith("dsm_lightning.app") or module == "dsm_lightning.__main__":
+            continue
+        assert not any(t.startswith("dsm_lightning.app") for t in targets), f"{module} imports the app"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dsm_lightning import DSMConfig, apply_dsm, calibrate, get_config, token_plan
-from dsm_lightning.vis import merge_figure, render_tokens, token_maps
+from dsm_lightning.app.vis import merge_figure, render_tokens, token_maps
 from tests.conftest import images, tiny_vit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +158,7 @@ def test_pareto_harness_with_a_datamodule(tmp_path):
     argv = [
         *tiny_model_argv(),
         "--datamodule",
-        "dsm_lightning.data.ImageFolderDataModule",
+        "dsm_lightning.app.data.ImageFolderDataModule",
         "--datamodule-args",
         json.dumps(dm_args),
         "--limit",
@@ -217,7 +217,7 @@ def write_checkpoint_with_sidecar(folder: Path, classes=("a", "b", "c")) -> Path
     """A tiny timm ViT saved as safetensors with a side-car JSON that names the model (like the reference's)."""
     from safetensors.torch import save_file
 
-    from dsm_lightning.module import build_model
+    from dsm_lightning.app.module import build_model
     from tests.lightning_helpers import TINY_KW
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -237,7 +237,7 @@ def write_checkpoint_with_sidecar(folder: Path, classes=("a", "b", "c")) -> Path
 
 
 def test_vis_command_takes_the_model_from_the_checkpoint_sidecar(tmp_path, capsys):
-    from dsm_lightning.vis import main
+    from dsm_lightning.app.vis import main
     from tests.lightning_helpers import make_image_folder
 
     checkpoint = write_checkpoint_with_sidecar(tmp_path / "ckpt")
@@ -263,7 +263,7 @@ def test_vis_command_takes_the_model_from_the_checkpoint_sidecar(tmp_path, capsy
 
 
 def test_vis_user_errors_are_one_line(tmp_path, capsys):
-    from dsm_lightning.vis import main, parse_r
+    from dsm_lightning.app.vis import main, parse_r
 
     assert parse_r("12") == 12 and parse_r("0.1") == 0.1 and parse_r("0,0,8,8") == [0, 0, 8, 8]
     assert parse_r("none") is None
@@ -279,7 +279,7 @@ def test_vis_user_errors_are_one_line(tmp_path, capsys):
 
 
 def test_classifier_reads_model_and_classes_from_sidecar_and_validates_it(tmp_path):
-    from dsm_lightning.module import ImageClassifier
+    from dsm_lightning.app.module import ImageClassifier
 
     checkpoint = write_checkpoint_with_sidecar(tmp_path / "ok")
     module = ImageClassifier(checkpoint_path=str(checkpoint))

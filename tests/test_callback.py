@@ -133,7 +133,7 @@ def test_config_and_fields_are_exclusive():
 
 def test_callback_on_torchvision_vit(tmp_path):
     """The callback finds and patches a torchvision ViT like a timm one."""
-    from dsm_lightning.module import ImageClassifier
+    from dsm_lightning.app.module import ImageClassifier
 
     data = tiny_data(make_image_folder(tmp_path))
     module = ImageClassifier(
@@ -162,7 +162,7 @@ def test_the_config_is_one_object_and_fields_by_name_are_a_shorthand():
 
 
 def test_command_line_shows_every_config_field_once_and_takes_the_shorthand(capsys):
-    from dsm_lightning.cli import cli, config_shorthand
+    from dsm_lightning.app.cli import cli, config_shorthand
 
     assert config_shorthand(["--dsm.delay=4", "--dsm.r", "8", "--dsm.min_agreement=0.9", "--dsm.config=a.yaml"]) == [
         "--dsm.config.delay=4",

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsm_lightning.cli import cli as main
-from dsm_lightning.data import ImageFiles
-from dsm_lightning.module import ImageClassifier
+from dsm_lightning.app.cli import cli as main
+from dsm_lightning.app.data import ImageFiles
+from dsm_lightning.app.module import ImageClassifier
 from tests.lightning_helpers import TINY_KW, make_image_folder, read_csv, read_tsv
 
 
@@ -134,7 +134,7 @@ def test_missing_and_empty_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         ImageFiles(str(tmp_path / "empty"))
-    from dsm_lightning.data import ImageFolderDataModule
+    from dsm_lightning.app.data import ImageFolderDataModule
 
     with pytest.raises(FileNotFoundError, match=r"data.val_dir"):
         ImageFolderDataModule(val_dir=str(tmp_path / "nope"))

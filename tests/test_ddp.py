@@ -11,7 +11,7 @@ import pytest
 from lightning.pytorch import Trainer
 
 from dsm_lightning import DSMCallback
-from dsm_lightning.writer import PredictionWriter
+from dsm_lightning.app.writer import PredictionWriter
 from tests.lightning_helpers import make_image_folder, read_csv, tiny_classifier, tiny_data
 from tests.test_cli_writer import cli_args
 

@@ -117,7 +117,7 @@ def test_user_attn_mask_refused():
     ],
 )
 def test_command_line_mistakes_print_one_line_and_the_help_command(argv, match, capsys, tmp_path, monkeypatch):
-    from dsm_lightning.cli import main
+    from dsm_lightning.app.cli import main
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
@@ -129,7 +129,7 @@ def test_command_line_mistakes_print_one_line_and_the_help_command(argv, match, 
 
 
 def test_misspelt_model_name_suggests_close_timm_names():
-    from dsm_lightning.module import build_model
+    from dsm_lightning.app.module import build_model
 
     with pytest.raises(
         ValueError, match=r"unknown timm model 'vit_smal_patch16_224'; did you mean 'vit_small_patch16_"
@@ -138,7 +138,7 @@ def test_misspelt_model_name_suggests_close_timm_names():
 
 
 def test_console_prints_user_errors_in_one_line_and_keeps_tracebacks_for_bugs(capsys, monkeypatch):
-    from dsm_lightning.console import TRACEBACK_ENV, run_console
+    from dsm_lightning.app.console import TRACEBACK_ENV, run_console
     from dsm_lightning.errors import InputError
 
     monkeypatch.delenv(TRACEBACK_ENV, raising=False)

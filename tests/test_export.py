@@ -132,7 +132,7 @@ def test_export_refuses_what_it_should(tmp_path, monkeypatch):
 
 
 def test_cli_export_writes_the_guards_choice(tmp_path):
-    from dsm_lightning.cli import cli
+    from dsm_lightning.app.cli import cli
     from tests.lightning_helpers import TINY_KW, make_image_folder
 
     data = make_image_folder(tmp_path / "imgs", classes=3, per_class=4)

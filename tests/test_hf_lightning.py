@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch import LightningModule
 
 from dsm_lightning import DSMCallback, is_patched
-from dsm_lightning.cli import cli as main
-from dsm_lightning.module import ImageClassifier
+from dsm_lightning.app.cli import cli as main
+from dsm_lightning.app.module import ImageClassifier
 from tests.conftest import tiny_hf
 from tests.lightning_helpers import make_image_folder, read_csv, spy_patched, tiny_data, trainer
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsm_lightning.cli import cli as main
-from dsm_lightning.writer import PredictionWriter
+from dsm_lightning.app.cli import cli as main
+from dsm_lightning.app.writer import PredictionWriter
 from examples.saliency.app import maps_cli
 from tests.lightning_helpers import make_image_folder, read_csv, read_tsv
 from tests.test_cli_writer import cli_args
@@ -132,7 +132,7 @@ def test_maps_from_val_dir_keep_class_folders(tmp_path):
 
 
 def test_vis_pictures_keep_sub_folders(tmp_path, capsys):
-    from dsm_lightning.vis import main as vis_main
+    from dsm_lightning.app.vis import main as vis_main
 
     for i, name in enumerate(("a/img.png", "b/img.png")):
         _noise(tmp_path / "imgs" / name, i)

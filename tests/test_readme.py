@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsm_lightning.module import ImageClassifier
+from dsm_lightning.app.module import ImageClassifier
 from tests.conftest import images, tiny_vit
 from tests.lightning_helpers import TINY_KW, make_image_folder, tiny_data
 

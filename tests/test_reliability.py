@@ -141,7 +141,7 @@ def test_calibrate_refuses_bad_targets_labels_and_nan_images():
 def test_checkpoint_errors_name_the_file(tmp_path):
     from safetensors.torch import save_file
 
-    from dsm_lightning.module import load_checkpoint
+    from dsm_lightning.app.module import load_checkpoint
 
     torch.save({"a": 1, "b": 2}, tmp_path / "ints.pt")
     with pytest.raises(ValueError, match=r"ints.pt is not a state_dict of tensors"):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dsm_lightning.cli import cli
+from dsm_lightning.app.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsm_lightning.data import ImageFiles, load_rgb
-from dsm_lightning.module import ImageClassifier, read_sidecar
+from dsm_lightning.app.data import ImageFiles, load_rgb
+from dsm_lightning.app.module import ImageClassifier, read_sidecar
 from tests.lightning_helpers import TINY_KW
 
 

@@ -4,7 +4,7 @@
         --data.predict_dir=<images> --writer.output_dir=<folder>
 
 :class:`SaliencyPredictor` (a ``LightningModule`` around :class:`~examples.saliency.model.SaliencyModel`), the
-library's :class:`~dsm_lightning.data.ImageFolderDataModule`, :class:`~dsm_lightning.DSMCallback` under ``--dsm.*``
+library's :class:`~dsm_lightning.app.data.ImageFolderDataModule`, :class:`~dsm_lightning.DSMCallback` under ``--dsm.*``
 (its quality guard compares the backbone's output tokens with dense by cosine similarity) and :class:`MapWriter`
 under ``--writer.*`` (one PNG per image). Build the checkpoint with ``python tools/build_reference.py --saliency``.
 """
@@ -21,10 +21,10 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser
 
+from dsm_lightning.app.cli import DSMLightningCLI, LogDirConfigCallback
+from dsm_lightning.app.console import run_console
+from dsm_lightning.app.data import ImageFolderDataModule
 from dsm_lightning.callback import DSMCallback
-from dsm_lightning.cli import DSMLightningCLI, LogDirConfigCallback
-from dsm_lightning.console import run_console
-from dsm_lightning.data import ImageFolderDataModule
 
 from .model import load_saliency
 

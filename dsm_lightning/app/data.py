@@ -12,7 +12,7 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = [
     "ImageFolderDataModule",

@@ -368,7 +368,7 @@ class ImageClassifier(LightningModule):
         return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
 
     def _infer_num_classes(self) -> int:
-        from .measure import num_classes_of
+        from ..measure import num_classes_of
 
         n = num_classes_of(self.model)
         if n is not None:

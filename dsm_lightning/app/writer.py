@@ -26,7 +26,7 @@ __all__ = ["PredictionWriter"]
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Write predictions of :class:`~dsm_lightning.module.ImageClassifier` (``predict_step`` dicts).
+    """Write predictions of :class:`~dsm_lightning.app.module.ImageClassifier` (``predict_step`` dicts).
 
     Args:
         output: Destination file; ``.csv`` or ``.jsonl``.

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Callable, TypeVar
 
-from .errors import DSMUserError
+from ..errors import DSMUserError
 
 __all__ = ["TRACEBACK_ENV", "USER_ERRORS", "one_line", "run_console"]
 

@@ -27,7 +27,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .callback import DSMCallback
+from ..callback import DSMCallback
 from .console import TRACEBACK_ENV, run_console
 from .data import ImageFolderDataModule
 from .module import ImageClassifier
@@ -117,9 +117,9 @@ class DSMTrainer(Trainer):
             dynamic_batch: Export with a dynamic batch dimension.
             overwrite: Replace an existing ``output``.
         """
-        from .callback import DSMCallback, find_vit
-        from .export import compare_onnx, export_onnx
-        from .patch import apply_dsm, remove_dsm
+        from ..callback import DSMCallback, find_vit
+        from ..export import compare_onnx, export_onnx
+        from ..patch import apply_dsm, remove_dsm
 
         callbacks: List[Any] = getattr(self, "callbacks", [])
         callback = next((c for c in callbacks if isinstance(c, DSMCallback)), None)
@@ -131,7 +131,7 @@ class DSMTrainer(Trainer):
         _, vit = find_vit(model, callback.model_attr)
         remove_dsm(vit)
         self.strategy.connect(model)  # the DataModule reads the model's preprocessing through the trainer
-        from .guard import QualityGuard
+        from ..guard import QualityGuard
 
         wanted = QualityGuard(callback.config, callback.min_agreement or 0.97, images=callback.guard_images).images
         data_cfg, images, batch = self._export_images(datamodule, wanted)
@@ -166,8 +166,8 @@ class DSMTrainer(Trainer):
     ) -> Tuple[Dict[str, Any], Optional[torch.Tensor], int]:
         """The DataModule's preprocessing, ``limit`` validation (else prediction) images drawn at random, its batch
         size."""
-        from .outputs import collect_batches
-        from .sampling import sample_loader
+        from ..outputs import collect_batches
+        from ..sampling import sample_loader
 
         if datamodule is None:
             return {}, None, 32
@@ -187,9 +187,9 @@ class DSMTrainer(Trainer):
         vit: Any, callback: Any, images: Optional[torch.Tensor], batch: int
     ) -> Tuple[Optional[Any], Optional[Dict[str, Any]]]:
         """The schedule to export: the callback's, or the quality guard's choice on ``images`` (None = dense)."""
-        from .guard import QualityGuard
-        from .measure import num_classes_of
-        from .outputs import model_outputs
+        from ..guard import QualityGuard
+        from ..measure import num_classes_of
+        from ..outputs import model_outputs
 
         if callback.min_agreement is None:
             return callback.config, None
@@ -234,7 +234,7 @@ class DSMLightningCLI(LightningCLI):
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)
-        from . import __version__
+        from .. import __version__
 
         parser.add_argument("--version", action="version", version=f"dsm-lightning {__version__}")
         return parser
@@ -279,7 +279,7 @@ def config_relative_paths(config: Any) -> dict:
 def config_shorthand(args: Sequence[str]) -> List[str]:
     """``--dsm.<field>`` of a :class:`~dsm_lightning.DSMConfig` field is ``--dsm.config.<field>`` (the callback's
     ``DSMCallback(delay=4)`` shorthand on the command line)."""
-    from .config import DSMConfig
+    from ..config import DSMConfig
 
     fields = set(DSMConfig.field_names())
     out = []

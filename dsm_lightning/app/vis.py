@@ -3,7 +3,7 @@
 Panels: the input, the tokens after the local (windowed) phase, and the final tokens, so the window borders of the
 local phase and the image-wide groups of the global phase are both visible.
 
-    python -m dsm_lightning.vis --images examples/images/samples --out outputs/vis
+    python -m dsm_lightning.app.vis --images examples/images/samples --out outputs/vis
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .config import DSMConfig, RType
+from ..config import DSMConfig, RType
+from ..inspection import trace_tokens
+from ..patch import apply_dsm, is_patched
 from .console import run_console
-from .inspection import trace_tokens
 from .module import DEFAULT_MODEL
-from .patch import apply_dsm, is_patched
 
 __all__ = ["token_maps", "render_tokens", "merge_figure"]
 
@@ -119,9 +119,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """``python -m dsm_lightning.vis``: write one merge picture per image."""
+    """``python -m dsm_lightning.app.vis``: write one merge picture per image."""
     parser = argparse.ArgumentParser(
-        prog="python -m dsm_lightning.vis", description=__doc__, formatter_class=_HelpFormatter
+        prog="python -m dsm_lightning.app.vis", description=__doc__, formatter_class=_HelpFormatter
     )
     parser.add_argument("--images", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--out", default="outputs/vis", help="folder for the PNG pictures")
