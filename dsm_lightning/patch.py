@@ -16,10 +16,11 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, cast
 from torch import Tensor, nn
 
 from .adapters import Adapter, get_adapter, registered_adapters
-from .adapters.base import BLOCK_ORIGINAL, PATCH_ADAPTER, PATCH_RECORD, PatchRecord, patch_record, unwrap_block
+from .adapters.base import unwrap_block
 from .config import DSMConfig, resolve_config
 from .engine import BlockCall
 from .schedule import TokenPlan, plan_tokens
+from .state import BLOCK_ORIGINAL, COMPILED_MARK, PATCH_ADAPTER, PATCH_RECORD, PatchRecord, patch_record
 
 __all__ = [
     "apply_dsm",
@@ -30,9 +31,6 @@ __all__ = [
     "token_plan",
 ]
 
-#: Attribute of a block's compiled ``forward`` (:func:`compile_blocks`): the block class it was traced through. Only
-#: forwards carrying it are ever removed, and they are dropped once the block's class changes.
-_COMPILED_MARK = "_dsm_compiled_block"
 _CLASS_CACHE: Dict[Tuple[type, Adapter], type] = {}
 _BLOCK_CLASS_CACHE: Dict[Tuple[type, Adapter], type] = {}
 
@@ -85,7 +83,7 @@ def _unpatch_blocks(model: nn.Module, adapter: Adapter) -> None:
 def _reduce_block(block: nn.Module, protocol: int) -> Tuple[Any, ...]:
     """Pickle a patched block as its original class; the model's unpickling (:func:`apply_dsm`) patches it again.
     A compiled ``forward`` (:func:`compile_blocks`) is run-time state and is left out."""
-    state = {k: v for k, v in block.__dict__.items() if not (k == "forward" and hasattr(v, _COMPILED_MARK))}
+    state = {k: v for k, v in block.__dict__.items() if not (k == "forward" and hasattr(v, COMPILED_MARK))}
     return _unpickle_module, (type(block).__dict__[BLOCK_ORIGINAL], state)
 
 
@@ -262,15 +260,15 @@ def token_plan(
     )
 
 
-def _compiled_blocks(model: nn.Module) -> List[nn.Module]:
+def compiled_blocks(model: nn.Module) -> List[nn.Module]:
     """The (unwrapped) blocks of ``model`` whose ``forward`` :func:`compile_blocks` compiled."""
     inner = [unwrap_block(block) for block in get_adapter(model).blocks(model)]
-    return [block for block in inner if hasattr(block.__dict__.get("forward"), _COMPILED_MARK)]
+    return [block for block in inner if hasattr(block.__dict__.get("forward"), COMPILED_MARK)]
 
 
 def _drop_stale_compiled(model: nn.Module) -> None:
     """Drop compiled block forwards traced through a class the block no longer has (after (un)patching): their
     graphs belong to the old class, and keeping them would only pile recompilations onto the model's cache."""
-    for block in _compiled_blocks(model):
-        if getattr(block.__dict__["forward"], _COMPILED_MARK) is not type(block):
+    for block in compiled_blocks(model):
+        if getattr(block.__dict__["forward"], COMPILED_MARK) is not type(block):
             del block.__dict__["forward"]

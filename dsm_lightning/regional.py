@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from .adapters import get_adapter
 from .adapters.base import unwrap_block
-from .patch import _COMPILED_MARK, _compiled_blocks, get_config
+from .patch import compiled_blocks, get_config
+from .state import COMPILED_MARK
 
 __all__ = ["compile_blocks", "uncompile_blocks", "eager_blocks"]
 
@@ -59,7 +60,7 @@ def compile_blocks(model: nn.Module, **options: Any) -> nn.Module:
     for block in get_adapter(model).blocks(model):
         inner = unwrap_block(block)
         compiled = torch.compile(types.MethodType(entry, inner), **options)
-        setattr(compiled, _COMPILED_MARK, type(inner))
+        setattr(compiled, COMPILED_MARK, type(inner))
         inner.__dict__["forward"] = compiled  # shadows the class's forward; __call__ (and its hooks) stay eager
     return model
 
@@ -87,7 +88,7 @@ def _block_entry(model: nn.Module) -> Any:
 
 def uncompile_blocks(model: nn.Module) -> nn.Module:
     """Undo :func:`compile_blocks` (a no-op where no block is compiled) and return ``model``."""
-    for block in _compiled_blocks(model):
+    for block in compiled_blocks(model):
         del block.__dict__["forward"]
     return model
 
@@ -96,7 +97,7 @@ def uncompile_blocks(model: nn.Module) -> nn.Module:
 def eager_blocks(model: nn.Module) -> Iterator[nn.Module]:
     """Run the blocks uncompiled inside the ``with`` block (for FLOP counting, whose dispatch mode compiled code
     refuses); the compiled forwards of :func:`compile_blocks` are put back after."""
-    blocks = _compiled_blocks(model)
+    blocks = compiled_blocks(model)
     forwards = [block.__dict__.pop("forward") for block in blocks]
     try:
         yield model

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import abc
 import warnings
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..config import DSMConfig
 from ..engine import BlockArgs, BlockCall, BlockHook, check_tokens, run_blocks
 from ..errors import DSMUserError
 from ..merge import MergeState
 from ..schedule import TokenPlan, plan_tokens
+from ..state import BLOCK_ORIGINAL, patch_record, patched_adapter
 
 __all__ = [
     "Adapter",
@@ -23,8 +23,6 @@ __all__ = [
     "UnsupportedModelError",
     "original_class",
     "unwrap_block",
-    "PatchRecord",
-    "patch_record",
     "patched_adapter",
 ]
 
@@ -36,35 +34,6 @@ class UnsupportedModelError(DSMUserError, TypeError):
 #: Attributes under which common wrappers keep the module they wrap: torch's activation-checkpoint wrapper, FSDP
 #: (v1) units and ``torch.compile``'s ``OptimizedModule``.
 WRAPPED_MODULE_ATTRS = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")
-#: Class attribute of a patched block class: the block's original class.
-BLOCK_ORIGINAL = "_dsm_block_original"
-#: Instance attribute of a patched model (its :meth:`Adapter.core`): its :class:`PatchRecord`.
-PATCH_RECORD = "_dsm_patch"
-#: Class attribute of a patched model class and of patched block classes: the :class:`Adapter` that patched them.
-PATCH_ADAPTER = "_dsm_adapter"
-
-
-class PatchRecord(NamedTuple):
-    """What :func:`~dsm_lightning.apply_dsm` stores on a patched model: written by ``patch`` only, read through
-    :func:`patch_record` and :func:`patched_adapter`.
-
-    Attributes:
-        original: The model's class before patching.
-        config: The :class:`~dsm_lightning.DSMConfig` it runs with.
-    """
-
-    original: type
-    config: DSMConfig
-
-
-def patch_record(core: nn.Module) -> Optional[PatchRecord]:
-    """The :class:`PatchRecord` of a model's core module, or None when it is not patched."""
-    return cast(Optional[PatchRecord], core.__dict__.get(PATCH_RECORD))
-
-
-def patched_adapter(obj: Any) -> Any:
-    """The adapter that patched ``obj``'s class (a patched model or block)."""
-    return getattr(type(obj), PATCH_ADAPTER)
 
 
 def unwrap_block(block: nn.Module) -> nn.Module:
