@@ -1,14 +1,17 @@
-"""A slow loop reference of DSM on timm ``Eva`` RoPE ViTs, written for obviousness, not speed.
+"""A slow loop reference of DSM on RoPE ViTs (timm ``Eva``, Hugging Face ``DINOv3ViTModel``), written for obviousness,
+not speed.
 
 Tokens are Python lists of (vector, size, set of source patches, representative patch). Every block computes each
 patch token's position explicitly: the mean (row, col) of its source patches (``"centroid"``), or the patch of the
 token it merged into (``"destination"``, tracked through every match below), and builds that one token's rotary
 embedding from it. Attention is written out (tests/reference.py) with the log-size bias; prefix tokens are never
 rotated nor merged. Per-token layers (norms, projections, LayerScale, MLP), the embedding and the head are the model's.
+DINOv3's rotation is rebuilt here from HF's formula (patch centres in [-1, 1], ``2 pi c inv_freq``), not the adapter's.
 """
 
 from __future__ import annotations
 
+import math
 from typing import List, Sequence, Set, Tuple
 
 import torch
@@ -96,18 +99,17 @@ def match(tokens: List[Token], metric, r, guard, parity=0, sort_unmerged=False) 
     return result
 
 
-def ref_forward_tokens(model, image, plan: TokenPlan, rule: str):
-    """One image through an Eva with DSM, the slow way. Returns (prefix tokens, patch tokens)."""
+def ref_loop(x, blocks, plan: TokenPlan, attend, ffn):
+    """The block loop on one image's embedded tokens ``x`` [T, C]; ``attend(blk, seq, sizes, patches, index)`` gives
+    (residual branch, keys averaged over heads, (q, k)), ``ffn(blk, seq)`` the MLP branch. Returns (prefix, patches)."""
     p = plan.num_prefix_tokens
     height, width = plan.grid
-    x, _ = model._pos_embed(model.patch_embed(image[None]))
-    x = model.norm_pre(x)[0]
     prefix = [x[i] for i in range(p)]
     patches: List[Token] = [(x[p + i], 1.0, {i}, i) for i in range(height * width)]
-    for blk, bp in zip(model.blocks, plan.blocks):
+    for blk, bp in zip(blocks, plan.blocks):
         seq = torch.stack(prefix + [t[0] for t in patches])
         sizes = [1.0] * p + [t[1] if plan.config.prop_attn else 1.0 for t in patches]
-        y, keys, (q, k) = attention(model, blk, seq, sizes, patches, rule, plan.grid, bp.index)
+        y, keys, (q, k) = attend(blk, seq, sizes, patches, bp.index)
         seq = seq + y
         prefix = [seq[i] for i in range(p)]
         patches = [(seq[p + i], *t[1:]) for i, t in enumerate(patches)]
@@ -127,21 +129,90 @@ def ref_forward_tokens(model, image, plan: TokenPlan, rule: str):
                     new += match([patches[i] for i in idx], [metric[i] for i in idx], g.r, [guard[i] for i in idx])
             patches = new
         seq = torch.stack(prefix + [t[0] for t in patches])
-        seq = seq + mlp(blk, seq)
+        seq = seq + ffn(blk, seq)
         prefix = [seq[i] for i in range(p)]
         patches = [(seq[p + i], *t[1:]) for i, t in enumerate(patches)]
     return prefix, patches
+
+
+def ref_forward_tokens(model, image, plan: TokenPlan, rule: str):
+    """One image through an Eva with DSM, the slow way. Returns (prefix tokens, patch tokens)."""
+    x, _ = model._pos_embed(model.patch_embed(image[None]))
+    x = model.norm_pre(x)[0]
+
+    def attend(blk, seq, sizes, patches, index):
+        return attention(model, blk, seq, sizes, patches, rule, plan.grid, index)
+
+    return ref_loop(x, model.blocks, plan, attend, mlp)
+
+
+def to_dense(prefix, patches, grid):
+    """[prefix + N0, C]: each input patch takes the value of the token holding it."""
+    dense = [None] * (grid[0] * grid[1])
+    for vec, _, src, _ in patches:
+        for s in src:
+            dense[s] = vec
+    return torch.stack(list(prefix) + dense)
 
 
 def ref_forward(model, images, plan: TokenPlan, rule: str = "centroid") -> torch.Tensor:
     """Logits of the reference: final norm, each input patch takes the value of the token holding it, timm's head."""
     outs = []
     for image in images:
-        prefix, patches = ref_forward_tokens(model, image, plan, rule)
-        dense = [None] * (plan.grid[0] * plan.grid[1])
-        for vec, _, src, _ in patches:
-            for s in src:
-                dense[s] = vec
-        seq = torch.stack(list(prefix) + dense)
+        seq = to_dense(*ref_forward_tokens(model, image, plan, rule), plan.grid)
         outs.append(model.forward_head(model.norm(seq)[None])[0])
+    return torch.stack(outs)
+
+
+# ---------------------------------------------------------------- Hugging Face DINOv3ViTModel
+
+
+def dinov3_position_rope(model, token: Token, rule: str, grid) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [head_dim] of one token, HF's rope math at one explicit position: the patch centre of its
+    representative patch (``"destination"``) or of the mean (row, col) of its patches (``"centroid"``), mapped to
+    [-1, 1] as ``2 (t + 0.5) / n - 1``, angles ``2 pi c inv_freq`` per axis, concatenated and tiled twice."""
+    _, _, src, rep = token
+    pts = [rep] if rule == "destination" else sorted(src)
+    row = sum(s // grid[1] for s in pts) / len(pts)
+    col = sum(s % grid[1] for s in pts) / len(pts)
+    centre = torch.tensor([2 * (row + 0.5) / grid[0] - 1, 2 * (col + 0.5) / grid[1] - 1], dtype=torch.float32)
+    inv_freq = model.rope_embeddings.inv_freq
+    angles = torch.cat([2 * math.pi * centre[0] * inv_freq, 2 * math.pi * centre[1] * inv_freq]).tile(2)
+    return angles.cos(), angles.sin()
+
+
+def dinov3_attention(model, layer, seq, sizes, tokens: Sequence[Token], rule, grid):
+    """Residual branch of a DINOv3 layer's attention, written out: every patch token rotated by its own (cos, sin)
+    with HF's ``rotate_half``; prefix tokens never rotated."""
+    from transformers.models.dinov3_vit.modeling_dinov3_vit import rotate_half
+
+    attn = layer.attention
+    x = layer.norm1(seq)
+    t, d = x.shape[0], attn.head_dim
+    q, k, v = (proj(x).reshape(t, -1, d) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    keys = k.mean(dim=1)
+    p = t - len(tokens)
+    q, k = q.clone(), k.clone()
+    for i, token in enumerate(tokens):
+        cos, sin = dinov3_position_rope(model, token, rule, grid)
+        q[p + i] = q[p + i] * cos + rotate_half(q[p + i]) * sin
+        k[p + i] = k[p + i] * cos + rotate_half(k[p + i]) * sin
+    out = attn.o_proj(ref_softmax_attention(q, k, v, sizes).reshape(t, -1))
+    return layer.layer_scale1(out), keys, (q, k)
+
+
+def ref_dinov3(model, images, plan: TokenPlan, rule: str = "destination") -> torch.Tensor:
+    """``last_hidden_state`` of the reference for a DINOv3ViTModel: HF's embeddings, the loop, HF's final norm."""
+    outs = []
+    for image in images:
+        x = model.embeddings(image[None])[0]
+
+        def attend(layer, seq, sizes, patches, index):
+            return dinov3_attention(model, layer, seq, sizes, patches, rule, plan.grid)
+
+        def ffn(layer, seq):
+            return layer.layer_scale2(layer.mlp(layer.norm2(seq)))
+
+        prefix, patches = ref_loop(x, model.model.layer, plan, attend, ffn)
+        outs.append(model.norm(to_dense(prefix, patches, plan.grid)))
     return torch.stack(outs)

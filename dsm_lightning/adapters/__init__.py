@@ -21,11 +21,13 @@ from .base import (
 )
 from .eva import TimmEvaAdapter
 from .hf import HuggingFaceViTAdapter
+from .hf_dinov3 import HuggingFaceDinov3Adapter
 from .timm import TimmViTAdapter
 from .torchvision import TorchvisionViTAdapter
 
 __all__ = [
     "Adapter",
+    "HuggingFaceDinov3Adapter",
     "HuggingFaceViTAdapter",
     "TimmEvaAdapter",
     "TimmViTAdapter",
@@ -42,3 +44,4 @@ register_adapter(TimmViTAdapter(), first=False)
 register_adapter(TimmEvaAdapter(), first=False)
 register_adapter(TorchvisionViTAdapter(), first=False)
 register_adapter(HuggingFaceViTAdapter(), first=False)  # transformers is imported only when a model is run
+register_adapter(HuggingFaceDinov3Adapter(), first=False)

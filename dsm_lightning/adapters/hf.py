@@ -111,13 +111,19 @@ def _get(obj: Any, path: str) -> Any:
 
 
 def hf_attention_with_metric(
-    attn: Any, x: Tensor, bias: Optional[Tensor], num_prefix: Optional[int] = None
+    attn: Any,
+    x: Tensor,
+    bias: Optional[Tensor],
+    num_prefix: Optional[int] = None,
+    rope: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """A ``transformers`` self-attention (``q_proj``/``k_proj``/``v_proj`` + ``o_proj`` or ``out_proj``) with an
     additive ``bias`` ``[B, 1, 1, T]``, through HF's own attention function for the model's ``attn_implementation``.
 
     Returns ``(out, keys per head [B, heads, T, head_dim], cls_attn or None)`` like the timm adapter's
-    :func:`~dsm_lightning.adapters.timm.attention_with_metric`.
+    :func:`~dsm_lightning.adapters.timm.attention_with_metric`. ``rope`` (``(cos, sin)`` of the current patch
+    tokens) rotates queries and keys with the family's own ``apply_rotary_pos_emb`` (patch tokens only); the metric
+    is taken before the rotation, the class attention after it.
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -126,6 +132,9 @@ def hf_attention_with_metric(
     q = attn.q_proj(x).view(shape).transpose(1, 2)
     k = attn.k_proj(x).view(shape).transpose(1, 2)
     v = attn.v_proj(x).view(shape).transpose(1, 2)
+    metric = k
+    if rope is not None:
+        q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb(q, k, *rope)
     scaling = float(getattr(attn, "scaling", getattr(attn, "scale", attn.head_dim**-0.5)))
     cls_attn = None if num_prefix is None else class_attention(q, k, scaling, bias, num_prefix)
     impl = attn.config._attn_implementation
@@ -137,7 +146,7 @@ def hf_attention_with_metric(
     out, _ = fn(attn, q, k, v, bias, dropout=float(dropout) if attn.training else 0.0, scaling=scaling)
     out = out.reshape(batch, n, -1).contiguous()
     proj = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
-    return proj(out), k, cls_attn
+    return proj(out), metric, cls_attn
 
 
 def _embed(encoder: Any, family: _Family, pixel_values: Tensor, interpolate: bool) -> Tensor:

@@ -1,0 +1,206 @@
+"""Hugging Face ``DINOv3ViTModel`` / ``DINOv3ViTBackbone`` (RoPE, registers, LayerScale): r=0 bit-identical,
+equal to the loop reference that rotates every token from its explicit position (both rules, eager and SDPA),
+remove_dsm exact, prefix tokens never merge, adaptive merging, the guard, compile and ONNX export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsm_lightning import apply_dsm, is_patched, remove_dsm, token_plan, trace_tokens
+from dsm_lightning.adapters import HuggingFaceDinov3Adapter, get_adapter, register_adapter
+from dsm_lightning.adapters.hf_dinov3 import dinov3_rope_at
+from tests.conftest import images
+from tests.rope_reference import ref_dinov3
+
+transformers = pytest.importorskip("transformers")
+
+ATTN = ["sdpa", "eager"]
+
+
+def tiny_dinov3(attn="sdpa", seed=0, backbone=False, **kwargs):
+    """A random-init DINOv3 ViT: 32 px images, 4 px patches (8x8 grid), 4 register tokens, 4 layers of 32 channels."""
+    torch.manual_seed(seed)
+    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32,
+               patch_size=4, num_register_tokens=4, layerscale_value=0.5, key_bias=True)  # fmt: skip
+    config = transformers.DINOv3ViTConfig(**{**cfg, **kwargs})
+    config._attn_implementation = attn
+    cls = transformers.DINOv3ViTBackbone if backbone else transformers.DINOv3ViTModel
+    model = cls(config).eval()
+    with torch.no_grad():  # HF's init leaves near-identity layers; spread the weights so merges matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+@pytest.fixture
+def centroid_rule():
+    adapter = register_adapter(HuggingFaceDinov3Adapter("centroid"))
+    yield
+    from dsm_lightning.adapters import base
+
+    base._REGISTRY.remove(adapter)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("gated", [False, True])
+def test_r0_bit_identical_and_remove_exact(attn, gated):
+    model = tiny_dinov3(attn, use_gated_mlp=gated)
+    x = images()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        dense = model(x, output_hidden_states=True)
+        apply_dsm(model, r=0)
+        out = model(x, output_hidden_states=True)
+        assert torch.equal(out.last_hidden_state, dense.last_hidden_state)
+        assert torch.equal(out.pooler_output, dense.pooler_output)
+        assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, dense.hidden_states))
+        apply_dsm(model, r=6, delay=1)
+        merged = model(x, output_hidden_states=True)
+        assert merged.last_hidden_state.shape == dense.last_hidden_state.shape
+        assert len(merged.hidden_states) == len(dense.hidden_states)
+        assert torch.equal(merged.hidden_states[1], dense.hidden_states[1])  # layer 0 is dense (delay=1)
+        assert not torch.allclose(merged.last_hidden_state, dense.last_hidden_state)
+        remove_dsm(model)
+        assert not is_patched(model) and type(model).__name__ == "DINOv3ViTModel"
+        assert torch.equal(model(x).last_hidden_state, dense.last_hidden_state)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+CONFIGS = {
+    "dsm_global": dict(delay=1, r=6),
+    "tome_keys": dict(r=5, matching="tome", metric="keys", protect=0.0),
+    "windows_then_global_protect": dict(delay=0, r=6, windows=4, local_blocks=1, protect=0.2),
+    "no_prop_attn": dict(delay=1, r=6, prop_attn=False),
+}
+
+
+@pytest.mark.parametrize("rule", ["destination", "centroid"])
+@pytest.mark.parametrize("config,attn", [(c, "sdpa") for c in sorted(CONFIGS)] + [("dsm_global", "eager")])
+def test_patched_equals_loop_reference(config, attn, rule, request):
+    if rule == "centroid":
+        request.getfixturevalue("centroid_rule")
+    model = tiny_dinov3(attn)
+    x = images(batch=2)
+    with torch.no_grad():
+        apply_dsm(model, **CONFIGS[config])
+        assert get_adapter(model).rope_position == rule
+        plan = token_plan(model)
+        out = model(x).last_hidden_state
+        ref = ref_dinov3(model, x, plan, rule)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=f"{config} / {attn} / {rule}")
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (6, 10)])
+def test_rope_at_integer_positions_is_hfs_table(grid):
+    model = tiny_dinov3()
+    adapter = get_adapter(model)
+    cos, sin = adapter.dense_rope(model, grid)
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    coords = torch.stack([rows, cols], -1).reshape(1, -1, 2).float()
+    got_cos, got_sin = dinov3_rope_at(model.rope_embeddings, coords, grid, cos.dtype)
+    torch.testing.assert_close(got_cos[0, 0], cos, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_sin[0, 0], sin, rtol=1e-6, atol=1e-6)
+    x = images(size=(grid[0] * 4, grid[1] * 4))
+    with torch.no_grad():  # and HF's forward builds that same table
+        dense = model(x).last_hidden_state
+        apply_dsm(model, r=0)
+        assert torch.equal(model(x).last_hidden_state, dense)
+
+
+def test_prefix_tokens_never_merge():
+    model = tiny_dinov3()
+    apply_dsm(model, delay=0, r=8)
+    plan = token_plan(model)
+    assert plan.num_prefix_tokens == 5
+
+    def hook(i, tokens, state):
+        if state.size is not None:
+            assert torch.equal(state.size[:, :5], torch.ones_like(state.size[:, :5]))
+            assert int(state.pos.max()) < tokens.shape[1] - 5  # every patch sits in a patch token
+
+    with torch.no_grad():
+        trace = trace_tokens(model, images(), hook=hook)
+    assert trace.tokens.shape[1] == 5 + plan.blocks[-1].tokens_out
+
+
+@pytest.mark.parametrize("rule", ["destination", "centroid"])
+def test_adaptive_merging_matches_one_image_at_a_time(rule, request):
+    if rule == "centroid":
+        request.getfixturevalue("centroid_rule")
+    model = tiny_dinov3()
+    x = images(batch=3)
+    with torch.no_grad():
+        apply_dsm(model, delay=1, r=6, threshold=0.3)
+        batch = model(x).last_hidden_state
+        alone = torch.cat([model(x[i : i + 1]).last_hidden_state for i in range(3)])
+    torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_feature_maps():
+    model = tiny_dinov3(backbone=True, out_features=["stem", "stage1", "stage4"], return_class_token=True)
+    x = images()
+    with torch.no_grad():
+        ref = model(x)
+        apply_dsm(model, r=0)
+        exact = model(x)
+        apply_dsm(model, delay=1, r=6)
+        merged = model(x, output_hidden_states=True)
+    assert all(torch.equal(a, b) for a, b in zip(exact.feature_maps, ref.feature_maps))
+    assert all(torch.equal(a, b) for a, b in zip(exact.cls_tokens, ref.cls_tokens))
+    assert [m.shape for m in merged.feature_maps] == [m.shape for m in ref.feature_maps]
+    assert torch.equal(merged.feature_maps[1], ref.feature_maps[1])  # layer 1 is dense (delay=1)
+    assert not torch.allclose(merged.feature_maps[-1], ref.feature_maps[-1])
+    assert len(merged.hidden_states) == 5
+
+
+def test_refusals_name_the_fix():
+    model = tiny_dinov3()
+    apply_dsm(model, r=4)
+    with pytest.raises(ValueError, match="output_attentions=True is not available while DSM is applied"):
+        model(images(), output_attentions=True)
+    assert isinstance(model(images(), return_dict=False), tuple)
+    flash = tiny_dinov3()
+    for layer in flash.model.layer:
+        layer.attention.config._attn_implementation = "flash_attention_2"
+    from dsm_lightning import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="attn_implementation='sdpa'"):
+        apply_dsm(flash)
+
+
+def test_quality_guard_chooses_a_schedule():
+    from dsm_lightning import DSMConfig
+    from dsm_lightning.guard import quality_guard
+
+    model = tiny_dinov3()
+    x = images(batch=4)
+    with torch.no_grad():
+        dense = model(x).last_hidden_state
+    result = quality_guard(model, x, dense, DSMConfig(delay=1, r=6), 0.5, measure="cosine")
+    assert result.config is not None and not is_patched(model)
+
+
+@pytest.mark.slow
+def test_compile_blocks_matches_eager():
+    from dsm_lightning import compile_blocks
+
+    model = apply_dsm(tiny_dinov3(), delay=1, r=6)
+    x = images()
+    with torch.no_grad():
+        ref = model(x).last_hidden_state
+        compile_blocks(model, backend="eager")
+        out = model(x).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_onnx_export_matches(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from dsm_lightning import DSMConfig
+    from dsm_lightning.export import check_onnx, export_onnx
+
+    model = apply_dsm(tiny_dinov3(), DSMConfig(delay=1, r=6))
+    path = export_onnx(model, tmp_path / "dinov3.onnx", 32, dynamic_batch=False)
+    assert check_onnx(model, path, images(2)) < 1e-4
