@@ -25,11 +25,20 @@ from tests.reference import ref_match, ref_protected, ref_softmax_attention
 Token = Tuple[torch.Tensor, float, Set[int], int]
 
 
+def dense_table(model, grid):
+    """The model's own rotary table for a grid (Eva's, or NaFlex's ``rope.get_embed(shape=grid)``)."""
+    from timm.models.naflexvit import NaFlexVit
+
+    if isinstance(model, NaFlexVit):
+        return model.rope.get_embed(shape=grid)
+    return _dense_rope(model, grid)
+
+
 def position_rope(model, token: Token, rule: str, grid, block: int) -> torch.Tensor:
     """The rotary embedding of one token ([2 * head_dim], or [heads, 2 * head_dim] for mixed RoPE)."""
     _, _, src, rep = token
     if rule == "destination":
-        dense = _dense_rope(model, grid)
+        dense = dense_table(model, grid)
         return dense[rep] if dense.ndim == 2 else dense[block, :, rep]
     rows = [s // grid[1] for s in src]
     cols = [s % grid[1] for s in src]
@@ -51,35 +60,43 @@ def qkv(attn, x):
             attn.v_proj(x).reshape(t, kv, -1))  # fmt: skip
 
 
-def attention(model, blk, seq, sizes, tokens: Sequence[Token], rule, grid, index):
-    """Residual branch of one block's attention ([T, C]), the pre-rotation keys averaged over heads, and (q, k)."""
+def attention(model, blk, seq, sizes, tokens: Sequence[Token], rule, grid, index, p=None, key_ok=None):
+    """Residual branch of one block's attention ([T, C]), the pre-rotation keys averaged over heads, and (q, k).
+
+    ``tokens`` are the patch tokens at ``seq[p : p + len(tokens)]`` (``p`` defaults to all the rest being prefix);
+    ``key_ok`` masks keys (NaFlex padding). An Eva block (pre- or post-norm) or a plain timm ``Block``."""
     attn = blk.attn
-    post = not hasattr(blk, "gamma_1")
+    plain = hasattr(blk, "ls1")  # timm Block: no RoPE, LayerScale ls1
+    post = not plain and not hasattr(blk, "gamma_1")
     x = seq if post else blk.norm1(seq)
     q, k, v = qkv(attn, x)
     q, k = attn.q_norm(q), attn.k_norm(k)
     keys = k.mean(dim=1)
-    p = len(seq) - len(tokens)
+    p = len(seq) - len(tokens) if p is None else p
     half = bool(getattr(attn, "rotate_half", False))
     if model.rope is not None:
         q, k = q.clone(), k.clone()
-        for i, token in enumerate(tokens):  # prefix tokens are never rotated
+        for i, token in enumerate(tokens):  # prefix tokens (and padding) are never rotated
             emb = position_rope(model, token, rule, grid, index)
             q[p + i] = apply_rot_embed_cat(q[p + i], emb, half=half)
             k[p + i] = apply_rot_embed_cat(k[p + i], emb, half=half)
     groups = attn.num_heads // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = ref_softmax_attention(q, k, v, sizes).reshape(len(seq), -1)
+    out = ref_softmax_attention(q, k, v, sizes, key_ok).reshape(len(seq), -1)
     out = attn.norm(out)
-    if attn.gate is not None:
+    if getattr(attn, "gate", None) is not None:
         out = out * attn.gate(x).sigmoid()
     out = attn.proj(out)
+    if plain:
+        return blk.ls1(out), keys, (q, k)
     if post:
         return blk.norm1(out), keys, (q, k)
     return (out if blk.gamma_1 is None else blk.gamma_1 * out), keys, (q, k)
 
 
 def mlp(blk, seq):
+    if hasattr(blk, "ls2"):  # timm Block
+        return blk.ls2(blk.mlp(blk.norm2(seq)))
     if not hasattr(blk, "gamma_1"):
         return blk.norm2(blk.mlp(seq))
     out = blk.mlp(blk.norm2(seq))
@@ -99,24 +116,35 @@ def match(tokens: List[Token], metric, r, guard, parity=0, sort_unmerged=False) 
     return result
 
 
-def ref_loop(x, blocks, plan: TokenPlan, attend, ffn):
-    """The block loop on one image's embedded tokens ``x`` [T, C]; ``attend(blk, seq, sizes, patches, index)`` gives
-    (residual branch, keys averaged over heads, (q, k)), ``ffn(blk, seq)`` the MLP branch. Returns (prefix, patches)."""
+def ref_loop(x, blocks, plan: TokenPlan, attend, ffn, num_padding: int = 0):
+    """The block loop on one image's embedded tokens ``x`` [T, C]; ``attend(blk, seq, sizes, patches, index, key_ok)``
+    gives (residual branch, keys averaged over heads, (q, k)), ``ffn(blk, seq)`` the MLP branch.
+
+    The last ``num_padding`` tokens of ``x`` are padding (NaFlex): they stay in the sequence behind the patch tokens,
+    every attention masks them out as keys (``key_ok``), they never enter a match, and per-token layers run on them.
+    Returns (prefix, patches)."""
     p = plan.num_prefix_tokens
     height, width = plan.grid
+    n0 = height * width
     prefix = [x[i] for i in range(p)]
-    patches: List[Token] = [(x[p + i], 1.0, {i}, i) for i in range(height * width)]
+    patches: List[Token] = [(x[p + i], 1.0, {i}, i) for i in range(n0)]
+    padding = [x[p + n0 + i] for i in range(num_padding)]
+
+    def split(seq):
+        n = len(patches)
+        return [seq[i] for i in range(p)], [(seq[p + i], *t[1:]) for i, t in enumerate(patches)], list(seq[p + n :])
+
     for blk, bp in zip(blocks, plan.blocks):
-        seq = torch.stack(prefix + [t[0] for t in patches])
-        sizes = [1.0] * p + [t[1] if plan.config.prop_attn else 1.0 for t in patches]
-        y, keys, (q, k) = attend(blk, seq, sizes, patches, bp.index)
-        seq = seq + y
-        prefix = [seq[i] for i in range(p)]
-        patches = [(seq[p + i], *t[1:]) for i, t in enumerate(patches)]
+        seq = torch.stack(prefix + [t[0] for t in patches] + padding)
+        sizes = [1.0] * p + [t[1] if plan.config.prop_attn else 1.0 for t in patches] + [1.0] * len(padding)
+        key_ok = [True] * (p + len(patches)) + [False] * len(padding) if padding else None
+        y, keys, (q, k) = attend(blk, seq, sizes, patches, bp.index, key_ok)
+        prefix, patches, padding = split(seq + y)
         metric = (
             [t[0] for t in patches] if plan.config.metric == "tokens" else [keys[p + i] for i in range(len(patches))]
         )
-        guard = ref_protected(q, k, sizes, p, len(patches), plan.config.protect if bp.merges else 0.0)
+        live = p + len(patches)  # the class attention ranks patch tokens over the unmasked keys only
+        guard = ref_protected(q[:live], k[:live], sizes, p, len(patches), plan.config.protect if bp.merges else 0.0)
         if bp.mode == "global":
             tome = plan.config.matching == "tome"
             patches = match(patches, metric, bp.r, guard, p % 2 if tome else 0, tome and p > 0)
@@ -128,10 +156,8 @@ def ref_loop(x, blocks, plan: TokenPlan, attend, ffn):
                     idx = [i for i, t in enumerate(patches) if t[2] <= inside]
                     new += match([patches[i] for i in idx], [metric[i] for i in idx], g.r, [guard[i] for i in idx])
             patches = new
-        seq = torch.stack(prefix + [t[0] for t in patches])
-        seq = seq + ffn(blk, seq)
-        prefix = [seq[i] for i in range(p)]
-        patches = [(seq[p + i], *t[1:]) for i, t in enumerate(patches)]
+        seq = torch.stack(prefix + [t[0] for t in patches] + padding)
+        prefix, patches, padding = split(seq + ffn(blk, seq))
     return prefix, patches
 
 
@@ -140,7 +166,7 @@ def ref_forward_tokens(model, image, plan: TokenPlan, rule: str):
     x, _ = model._pos_embed(model.patch_embed(image[None]))
     x = model.norm_pre(x)[0]
 
-    def attend(blk, seq, sizes, patches, index):
+    def attend(blk, seq, sizes, patches, index, key_ok):
         return attention(model, blk, seq, sizes, patches, rule, plan.grid, index)
 
     return ref_loop(x, model.blocks, plan, attend, mlp)
@@ -207,7 +233,7 @@ def ref_dinov3(model, images, plan: TokenPlan, rule: str = "destination") -> tor
     for image in images:
         x = model.embeddings(image[None])[0]
 
-        def attend(layer, seq, sizes, patches, index):
+        def attend(layer, seq, sizes, patches, index, key_ok):
             return dinov3_attention(model, layer, seq, sizes, patches, rule, plan.grid)
 
         def ffn(layer, seq):
@@ -215,4 +241,34 @@ def ref_dinov3(model, images, plan: TokenPlan, rule: str = "destination") -> tor
 
         prefix, patches = ref_loop(x, model.model.layer, plan, attend, ffn)
         outs.append(model.norm(to_dense(prefix, patches, plan.grid)))
+    return torch.stack(outs)
+
+
+# ---------------------------------------------------------------- timm NaFlexVit
+
+
+def ref_naflex(model, batch, plans, rule: str = "destination") -> torch.Tensor:
+    """Logits of the reference for a NaFlex batch (dict of ``patches``, ``patch_coord``, ``patch_valid``) or images
+    ``[B, C, H, W]``: each image embedded by NaFlex (with its padding), the loop with the padding masked (``plans``:
+    image -> its grid's TokenPlan), padding rows zero after the final norm, NaFlex's masked pooling and head."""
+    outs = []
+    for i in range(len(plans)):
+        if isinstance(batch, dict):
+            one = {key: value[i : i + 1] for key, value in batch.items()}
+            x, _ = model.embeds(one["patches"], patch_coord=one["patch_coord"], patch_valid=one["patch_valid"])
+            valid = one["patch_valid"]
+        else:
+            (x, _), valid = model.embeds(batch[i : i + 1]), None
+        x = model.norm_pre(x)[0]
+        plan = plans[i]
+        n0 = plan.grid[0] * plan.grid[1]
+        padding = x.shape[0] - plan.num_prefix_tokens - n0
+
+        def attend(blk, seq, sizes, patches, index, key_ok, plan=plan):
+            return attention(model, blk, seq, sizes, patches, rule, plan.grid, index, plan.num_prefix_tokens, key_ok)
+
+        prefix, patches = ref_loop(x, model.blocks, plan, attend, mlp, padding)
+        seq = model.norm(to_dense(prefix, patches, plan.grid))
+        seq = torch.cat([seq, seq.new_zeros(padding, seq.shape[1])])
+        outs.append(model.forward_head(seq[None], patch_valid=valid)[0])
     return torch.stack(outs)
