@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..engine import BlockArgs, BlockCall
 from ..merge import MergeState, class_attention
 from ..schedule import TokenPlan
-from .base import UnsupportedModelError, original_class, unwrap_block
+from .base import UnsupportedModelError, check_blocks, unwrap_block
 from .rope import SUPPORTED_ROPES, MergedPositions, check_rule, gather_rope, rope_at
 from .timm import TimmViTAdapter, _forward_features, _forward_intermediates
 
@@ -165,19 +165,7 @@ class TimmEvaAdapter(TimmViTAdapter):
     def check(self, model: nn.Module) -> None:
         _, block_types, attn_types = _eva_types()
         eva: Any = model
-        for i, module in enumerate(eva.blocks):
-            cls = original_class(module)
-            if cls not in block_types:
-                raise UnsupportedModelError(
-                    f"block {i} is {cls.__module__}.{cls.__qualname__}; DSM's Eva adapter supports timm's EvaBlock "
-                    f"and EvaBlockPostNorm. Register an adapter for this block type (docs, 'Custom ViTs')"
-                )
-            attn = cast(Any, unwrap_block(module)).attn
-            if type(attn) not in attn_types:
-                raise UnsupportedModelError(
-                    f"block {i} uses attention {type(attn).__qualname__}; DSM's Eva adapter supports timm's "
-                    f"EvaAttention and AttentionRope. Register an adapter for it (docs, 'Custom ViTs')"
-                )
+        check_blocks(eva.blocks, "Eva", dict.fromkeys(block_types, attn_types))
         rope = eva.rope
         if rope is not None and type(rope).__name__ not in SUPPORTED_ROPES:
             raise UnsupportedModelError(

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..engine import BlockArgs, BlockCall
 from ..merge import unmerge
 from ..schedule import TokenPlan
-from .base import Adapter, UnsupportedModelError, original_class, patched_adapter, unwrap_block
+from .base import Adapter, UnsupportedModelError, check_blocks, patched_adapter
 from .eva import TimmEvaAdapter, _eva_types, _RopeInputs
 from .rope import SUPPORTED_ROPES
 from .timm import TimmViTAdapter, _forward_intermediates, _timm_types
@@ -137,20 +137,7 @@ class TimmNaFlexAdapter(TimmEvaAdapter):
         _, block_cls, attn_cls = _timm_types()
         _, eva_blocks, eva_attns = _eva_types()
         vit: Any = model
-        for i, module in enumerate(vit.blocks):
-            cls = original_class(module)
-            attn = cast(Any, unwrap_block(module)).attn
-            allowed = (attn_cls,) if cls is block_cls else eva_attns if cls in eva_blocks else None
-            if allowed is None:
-                raise UnsupportedModelError(
-                    f"block {i} is {cls.__module__}.{cls.__qualname__}; DSM's NaFlexVit adapter supports timm's Block "
-                    f"and EvaBlock. Register an adapter for this block type (docs, 'Custom ViTs')"
-                )
-            if type(attn) not in allowed:
-                raise UnsupportedModelError(
-                    f"block {i} uses attention {type(attn).__qualname__}; DSM's NaFlexVit adapter supports timm's "
-                    f"Attention, EvaAttention and AttentionRope. Register an adapter for it (docs, 'Custom ViTs')"
-                )
+        check_blocks(vit.blocks, "NaFlexVit", {block_cls: (attn_cls,), **dict.fromkeys(eva_blocks, eva_attns)})
         rope = vit.rope
         if rope is not None and type(rope).__name__ not in SUPPORTED_ROPES:
             raise UnsupportedModelError(
