@@ -204,3 +204,26 @@ def test_onnx_export_matches(tmp_path):
     model = apply_dsm(tiny_dinov3(), DSMConfig(delay=1, r=6))
     path = export_onnx(model, tmp_path / "dinov3.onnx", 32, dynamic_batch=False)
     assert check_onnx(model, path, images(2)) < 1e-4
+
+
+def test_dsm_callback_guards_a_dinov3_backbone(tmp_path):
+    """DSMCallback in a LightningModule around a DINOv3ViTModel: the guard compares tokens (cosine) and chooses."""
+    from lightning.pytorch import LightningModule
+
+    from dsm_lightning import DSMCallback
+    from tests.lightning_helpers import make_image_folder, tiny_data, trainer
+
+    class Backbone(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_dinov3()
+
+        def validation_step(self, batch, batch_idx):
+            self.model(pixel_values=batch["image"])
+
+    data = tiny_data(make_image_folder(tmp_path, classes=2, per_class=2), img_size=32)
+    callback = DSMCallback(delay=1, r=4, min_agreement=0.5, guard_images=3)
+    module = Backbone()
+    trainer(callbacks=[callback]).validate(module, datamodule=data, verbose=False)
+    assert callback.guard is not None and callback.guard.measure == "cosine" and callback.guard.config is not None
+    assert not is_patched(module.model)

@@ -218,3 +218,28 @@ def test_onnx_export_matches(tmp_path):
     model = apply_dsm(tiny_naflex(**VARIANTS["rope_axial"]), DSMConfig(delay=1, r=4))
     path = export_onnx(model, tmp_path / "naflex.onnx", 32, dynamic_batch=False)
     assert check_onnx(model, path, images(2)) < 1e-4
+
+
+def test_dsm_callback_on_a_naflex_classifier(tmp_path):
+    """DSMCallback around a NaFlexVit classifier fed images: the guard compares top-1 and the stage runs merged."""
+    from lightning.pytorch import LightningModule
+
+    from dsm_lightning import DSMCallback
+    from tests.lightning_helpers import make_image_folder, tiny_data, trainer
+
+    class Classifier(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_naflex(**VARIANTS["rope_axial"])
+            self.seen = []
+
+        def validation_step(self, batch, batch_idx):
+            self.seen.append(is_patched(self.model))
+            self.model(batch["image"])
+
+    data = tiny_data(make_image_folder(tmp_path, classes=2, per_class=4), img_size=32)
+    callback = DSMCallback(delay=1, r=4, min_agreement=0.01, guard_images=4)
+    module = Classifier()
+    trainer(callbacks=[callback]).validate(module, datamodule=data, verbose=False)
+    assert callback.guard is not None and callback.guard.config is not None
+    assert module.seen[0] is False and all(module.seen[1:]) and not is_patched(module.model)
