@@ -34,11 +34,12 @@ def dense_table(model, grid):
     return _dense_rope(model, grid)
 
 
-def position_rope(model, token: Token, rule: str, grid, block: int) -> torch.Tensor:
-    """The rotary embedding of one token ([2 * head_dim], or [heads, 2 * head_dim] for mixed RoPE)."""
+def position_rope(model, token: Token, rule: str, grid, block: int, table=None) -> torch.Tensor:
+    """The rotary embedding of one token ([2 * head_dim], or [heads, 2 * head_dim] for mixed RoPE); ``table``: the
+    model's dense table for ``grid``, if already built."""
     _, _, src, rep = token
     if rule == "destination":
-        dense = dense_table(model, grid)
+        dense = dense_table(model, grid) if table is None else table
         return dense[rep] if dense.ndim == 2 else dense[block, :, rep]
     rows = [s // grid[1] for s in src]
     cols = [s % grid[1] for s in src]
@@ -76,8 +77,9 @@ def attention(model, blk, seq, sizes, tokens: Sequence[Token], rule, grid, index
     half = bool(getattr(attn, "rotate_half", False))
     if model.rope is not None:
         q, k = q.clone(), k.clone()
+        table = dense_table(model, grid)
         for i, token in enumerate(tokens):  # prefix tokens (and padding) are never rotated
-            emb = position_rope(model, token, rule, grid, index)
+            emb = position_rope(model, token, rule, grid, index, table)
             q[p + i] = apply_rot_embed_cat(q[p + i], emb, half=half)
             k[p + i] = apply_rot_embed_cat(k[p + i], emb, half=half)
     groups = attn.num_heads // k.shape[1]

@@ -21,8 +21,8 @@ VARIANTS = {
     "rope_mixed_cls_regs": dict(rope_type="mixed", pos_embed="none", class_token=True, reg_tokens=2),
     "rope_dinov3_swiglu": dict(rope_type="dinov3", rope_rotate_half=True, swiglu_mlp=True, class_token=True),
 }
-#: Images of three sizes (two share a grid), 4 px patches: grids 8x6, 6x8, 8x6, 4x4.
-SIZES = [(32, 24), (24, 32), (32, 24), (16, 16)]
+#: Images of three sizes (two share a grid), 4 px patches: grids 6x4, 4x6, 6x4, 4x4.
+SIZES = [(24, 16), (16, 24), (24, 16), (16, 16)]
 
 
 def tiny_naflex(seed=0, **kwargs):
