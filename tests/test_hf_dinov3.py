@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dsm_lightning import apply_dsm, is_patched, remove_dsm, token_plan, trace_tokens
 from dsm_lightning.adapters import HuggingFaceDinov3Adapter, get_adapter, register_adapter
 from dsm_lightning.adapters.hf_dinov3 import dinov3_rope_at
+from dsm_lightning.merge import MergeState
 from tests.conftest import images
-from tests.rope_reference import ref_dinov3
+from tests.rope_reference import dinov3_position_rope, ref_dinov3
 
 transformers = pytest.importorskip("transformers")
 
 ATTN = ["sdpa", "eager"]
+RULES = ["destination", "centroid"]
 
 
 def tiny_dinov3(attn="sdpa", seed=0, backbone=False, **kwargs):
@@ -227,3 +231,38 @@ def test_dsm_callback_guards_a_dinov3_backbone(tmp_path):
     trainer(callbacks=[callback]).validate(module, datamodule=data, verbose=False)
     assert callback.guard is not None and callback.guard.measure == "cosine" and callback.guard.config is not None
     assert not is_patched(module.model)
+
+
+@pytest.mark.slow
+@settings(max_examples=10)
+@given(st.integers(0, 2**16), st.integers(1, 8), st.sampled_from(["dsm", "tome"]), st.sampled_from(RULES))
+def test_every_token_rotates_at_a_position_of_its_own_patches(seed, r, matching, rule):
+    """Through real merges, the (cos, sin) each layer gets: "destination" is HF's table row of one of the token's
+    own patches; "centroid" is HF's rotation at the mean (row, col) of its patches (inside their hull: tested on
+    the positions in tests/test_eva.py); both are its own patch's row when nothing merged into it."""
+    model = tiny_dinov3(seed=seed % 5)
+    adapter = HuggingFaceDinov3Adapter(rule)
+    apply_dsm(model, r=r, delay=0, matching=matching, protect=0.0)
+    plan = token_plan(model)
+    after = []
+    with torch.no_grad():
+        trace_tokens(model, images(seed=seed), hook=lambda i, t, s: after.append(s))
+    cos_table, sin_table = adapter.dense_rope(model, plan.grid)
+    inputs = adapter.block_inputs(model, plan)
+    for index, state in enumerate([MergeState(), *after[:-1]]):  # the state before each layer, as the engine calls
+        _, (cos, sin) = inputs(index, state)
+        if state.pos is None:
+            assert torch.equal(cos, cos_table)
+            continue
+        for b in range(2):
+            for j in range(cos.shape[2]):
+                src = [int(s) for s in (state.pos[b] == j).nonzero().flatten()]
+                if rule == "destination":
+                    assert any(torch.equal(cos[b, 0, j], cos_table[s]) for s in src), "no row of its own patches"
+                else:
+                    want_cos, want_sin = dinov3_position_rope(model, (None, len(src), set(src), -1), rule, plan.grid)
+                    torch.testing.assert_close(cos[b, 0, j], want_cos, rtol=1e-5, atol=1e-5)
+                    torch.testing.assert_close(sin[b, 0, j], want_sin, rtol=1e-5, atol=1e-5)
+                if len(src) == 1:
+                    torch.testing.assert_close(cos[b, 0, j], cos_table[src[0]], rtol=1e-5, atol=1e-5)
+                    torch.testing.assert_close(sin[b, 0, j], sin_table[src[0]], rtol=1e-5, atol=1e-5)
