@@ -54,8 +54,12 @@ def test_r0_bit_identical_and_remove_exact(attn, gated):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         dense = model(x, output_hidden_states=True)
+        masked = torch.zeros(2, 64, dtype=torch.bool)
+        masked[:, ::3] = True
+        dense_masked = model(x, bool_masked_pos=masked).last_hidden_state
         apply_dsm(model, r=0)
         out = model(x, output_hidden_states=True)
+        assert torch.equal(model(x, bool_masked_pos=masked).last_hidden_state, dense_masked)
         assert torch.equal(out.last_hidden_state, dense.last_hidden_state)
         assert torch.equal(out.pooler_output, dense.pooler_output)
         assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, dense.hidden_states))

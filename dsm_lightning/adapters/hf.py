@@ -69,6 +69,9 @@ class _Family:
     pool: str = ""  # pooler_output: "pooler" (module on the sequence), "class" (the class token), "class_norm"
     # (post-norm on the un-normed class token: CLIP), "head" (attention-pooling head, SigLIP)
     backbone: bool = False  # a ``...Backbone``: feature maps of every stage instead of a sequence
+    pixels: str = "embeddings.patch_embeddings.projection.weight"  # whose dtype ``cast_pixels`` casts to
+    masked_pos: bool = False  # the embeddings take ``bool_masked_pos`` (a mask token replaces masked patches)
+    mlp_in: str = "fc1"  # the MLP's first linear layer (its width: the hidden size for FLOP estimates)
 
 
 _VIT = "transformers.models.vit.modeling_vit"
@@ -99,19 +102,17 @@ _FAMILIES = (
     _Family("SiglipVisionModel", _SIGLIP, "SiglipEncoderLayer", _CLIP_LAYER, "encoder.layers",
             ("SiglipForImageClassification",), "vision_model", prefix=0, final_norm="post_layernorm", pool="head"),
 )  # fmt: skip
-#: Each supported layer class, by (module, name): its layout.
-_LAYERS: Dict[Tuple[str, str], _Layer] = {(f.module, f.layer): f.layout for f in _FAMILIES}
-
 #: Every supported class name (encoders first, then task models).
 SUPPORTED_HF_CLASSES: Tuple[str, ...] = tuple(f.encoder for f in _FAMILIES) + tuple(
     w for f in _FAMILIES for w in f.wrappers
 )
 
 
-def _layout(layer: nn.Module) -> _Layer:
+def _layout(layer: nn.Module, families: Sequence[_Family]) -> _Layer:
     """The declared layout of a (patched) layer, found by module and name along its class's MRO."""
+    layers = {(f.module, f.layer): f.layout for f in families}
     for cls in type(layer).__mro__:
-        found = _LAYERS.get((cls.__module__, cls.__name__))
+        found = layers.get((cls.__module__, cls.__name__))
         if found is not None:
             return found
     raise UnsupportedModelError(f"{type(layer).__qualname__} is not a supported transformers layer")
@@ -122,14 +123,14 @@ def _apply(owner: Any, name: str, x: Tensor) -> Tensor:
     return cast(Tensor, getattr(owner, name)(x)) if name else x
 
 
-def _lookup(model: nn.Module) -> Optional[Tuple[_Family, bool]]:
+def _lookup(model: nn.Module, families: Sequence[_Family]) -> Optional[Tuple[_Family, bool]]:
     """``(family, is_encoder)`` for a supported ``transformers`` model (patched or not), else None. Matches by the
     class's own module and name along its MRO, so ``transformers`` is never imported for a non-HF model."""
     for cls in type(model).__mro__:
         module = cls.__module__
         if not module.startswith("transformers."):
             continue
-        for family in _FAMILIES:
+        for family in families:
             if module == family.module and cls.__name__ == family.encoder:
                 return family, True
             if module == family.module and cls.__name__ in family.wrappers:
@@ -182,11 +183,15 @@ def hf_attention_with_metric(
     return proj(out), metric, cls_attn
 
 
-def _embed(encoder: Any, family: _Family, pixel_values: Tensor, interpolate: bool) -> Tensor:
+def _embed(
+    encoder: Any, family: _Family, pixel_values: Tensor, interpolate: bool, masked: Optional[Tensor] = None
+) -> Tensor:
     """The encoder's embedding (and pre-norm), exactly as its own ``forward`` does before the layers."""
     if family.cast_pixels:
-        pixel_values = pixel_values.to(encoder.embeddings.patch_embeddings.projection.weight.dtype)
-    kwargs = {"interpolate_pos_encoding": interpolate} if family.interpolate else {}
+        pixel_values = pixel_values.to(_get(encoder, family.pixels).dtype)
+    kwargs: Dict[str, Any] = {"interpolate_pos_encoding": interpolate} if family.interpolate else {}
+    if family.masked_pos:
+        kwargs["bool_masked_pos"] = masked
     return _apply(encoder, family.pre_norm, encoder.embeddings(pixel_values, **kwargs))
 
 
@@ -223,7 +228,9 @@ def _forward(
 
     if pixel_values is None:
         raise ValueError("You have to specify pixel_values")
-    if bool_masked_pos is not None or attention_mask is not None:
+    adapter: HuggingFaceViTAdapter = patched_adapter(self)
+    family = adapter.family(self)
+    if (bool_masked_pos is not None and not family.masked_pos) or attention_mask is not None:
         raise ValueError(
             "a DSM-patched model takes no bool_masked_pos / attention_mask (masked-image training); call "
             "remove_dsm(model) to use them"
@@ -237,11 +244,9 @@ def _forward(
     want_hidden = kwargs.get("output_hidden_states")
     if want_hidden is None:
         want_hidden = bool(getattr(config, "output_hidden_states", False))
-    adapter: HuggingFaceViTAdapter = patched_adapter(self)
-    family = adapter.family(self)
     backbone = family.backbone  # its feature maps read every stage's output
     prefix = adapter.num_prefix_tokens(self)
-    tokens = _embed(self, family, pixel_values, bool(interpolate_pos_encoding))
+    tokens = _embed(self, family, pixel_values, bool(interpolate_pos_encoding), bool_masked_pos)
     grid = adapter.grid(self, (int(pixel_values.shape[-2]), int(pixel_values.shape[-1])))
     states: List[Tensor] = [tokens]  # embeddings, then every layer's output unmerged to the dense layout
 
@@ -252,9 +257,7 @@ def _forward(
     hidden = tuple(states) if want_hidden else None
     out: Any
     if backbone:
-        from transformers.modeling_outputs import BackboneOutput
-
-        out = BackboneOutput(feature_maps=_feature_maps(self, states, grid, prefix), hidden_states=hidden)
+        out = adapter.backbone_output(self, states, grid, hidden)
     else:
         seq, pooled = _tail(self, family, unmerge(tokens, state, prefix))
         out = BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled, hidden_states=hidden)
@@ -286,19 +289,21 @@ class HuggingFaceViTAdapter(Adapter):
     name = "transformers"
     supports = "transformers " + ", ".join(SUPPORTED_HF_CLASSES) + " (transformers>=5.18,<6)"
     block_args = (None,)  # HF layers take the attention mask positionally (CLIP's and SigLIP's require it)
+    #: The families this adapter runs, declared (a new family is one more entry, plus the hooks it needs).
+    families: Tuple[_Family, ...] = _FAMILIES
 
     def matches(self, model: nn.Module) -> bool:
-        return _lookup(model) is not None
+        return _lookup(model, self.families) is not None
 
     def family(self, model: nn.Module) -> _Family:
         """The layout description of ``model``'s family."""
-        found = _lookup(model)
+        found = _lookup(model, self.families)
         if found is None:
             raise UnsupportedModelError(f"{type(model).__qualname__} is not a supported transformers vision model")
         return found[0]
 
     def core(self, model: nn.Module) -> nn.Module:
-        family, is_encoder = cast(Tuple[_Family, bool], _lookup(model))
+        family, is_encoder = cast(Tuple[_Family, bool], _lookup(model, self.families))
         return model if is_encoder else cast(nn.Module, getattr(model, family.attr))
 
     def check(self, model: nn.Module) -> None:
@@ -347,7 +352,7 @@ class HuggingFaceViTAdapter(Adapter):
     def dims(self, model: nn.Module) -> Tuple[int, int]:
         config: Any = self.core(model).config
         dim = int(config.hidden_size)
-        fc1 = getattr(cast(Any, unwrap_block(self.blocks(model)[0])).mlp, "fc1", None)
+        fc1 = getattr(cast(Any, unwrap_block(self.blocks(model)[0])).mlp, self.family(model).mlp_in, None)
         hidden = int(fc1.out_features) if isinstance(fc1, nn.Linear) else 4 * dim
         return dim, hidden
 
@@ -361,23 +366,42 @@ class HuggingFaceViTAdapter(Adapter):
     def attend(
         self, block: nn.Module, x: Tensor, bias: Optional[Tensor], class_attention_prefix: Optional[int]
     ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        return self.attend_rope(block, x, None, bias, class_attention_prefix)
+
+    def attend_rope(
+        self,
+        block: nn.Module,
+        x: Tensor,
+        rope: Optional[Tuple[Tensor, Tensor]],
+        bias: Optional[Tensor],
+        prefix: Optional[int],
+    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The attention half of a layer with its residual; ``rope`` (``(cos, sin)`` of the current patch tokens)
+        for a RoPE family."""
         layer: Any = block
-        layout = _layout(block)
+        layout = _layout(block, self.families)
         attn = getattr(layer, layout.attention)
-        y, metric, cls_attn = hf_attention_with_metric(
-            attn, getattr(layer, layout.norms[0])(x), bias, class_attention_prefix
-        )
+        y, metric, cls_attn = hf_attention_with_metric(attn, getattr(layer, layout.norms[0])(x), bias, prefix, rope)
         if layout.scales:
             y = getattr(layer, layout.scales[0])(y)
         return x + _apply(layer, layout.drop, y), metric, cls_attn
 
     def feed_forward(self, block: nn.Module, x: Tensor) -> Tensor:
         layer: Any = block
-        layout = _layout(block)
+        layout = _layout(block, self.families)
         y = layer.mlp(getattr(layer, layout.norms[1])(x))
         if layout.scales:
             y = getattr(layer, layout.scales[1])(y)
         return x + _apply(layer, layout.drop, y)
+
+    def backbone_output(
+        self, backbone: nn.Module, states: List[Tensor], grid: Tuple[int, int], hidden: Optional[Tuple[Tensor, ...]]
+    ) -> Any:
+        """A backbone family's output from every stage in the dense layout (the embeddings, then each layer)."""
+        from transformers.modeling_outputs import BackboneOutput
+
+        maps = _feature_maps(backbone, states, grid, self.num_prefix_tokens(backbone))
+        return BackboneOutput(feature_maps=maps, hidden_states=hidden)
 
     def overrides(self) -> Dict[str, Callable[..., Any]]:
         return {"forward": _forward}

@@ -9,41 +9,39 @@ run HF's own forward with the table HF builds. Merging layers compute the same a
 ``q_proj``/``k_proj``/``v_proj`` through HF's attention function for the model's ``attn_implementation``
 (``"sdpa"`` or ``"eager"``), with LayerScale, drop-path and the plain or gated MLP kept.
 
-The patched ``forward`` unmerges the tokens to the dense layout before the final norm, so ``last_hidden_state``,
-``pooler_output`` (the class token), ``hidden_states`` and the backbone's feature maps keep their shapes and meaning.
+The family is two declarations of the transformers adapter's table (the same forward, unmerging the tokens to the
+dense layout before the final norm, so ``last_hidden_state``, ``pooler_output``, ``hidden_states`` and the
+backbone's feature maps keep their shapes and meaning) plus its hooks: the rotary inputs of every layer and the
+backbone's output.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
+from typing import Any, List, Optional, Tuple, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..engine import BlockArgs, BlockCall
-from ..merge import MergeState, unmerge
+from ..merge import MergeState
 from ..schedule import TokenPlan
-from .base import Adapter, UnsupportedModelError, original_class, patched_adapter, unwrap_block
-from .hf import ATTENTION_IMPLEMENTATIONS, hf_attention_with_metric
+from .hf import HuggingFaceViTAdapter, _Family, _Layer
 from .rope import MergedPositions, check_rule
 
 __all__ = ["HuggingFaceDinov3Adapter", "dinov3_rope_at"]
 
 _MODULE = "transformers.models.dinov3_vit.modeling_dinov3_vit"
-_CLASSES = ("DINOv3ViTModel", "DINOv3ViTBackbone")
-_LAYER = "DINOv3ViTLayer"
+_LAYOUT = _Layer("attention", ("norm1", "norm2"), ("layer_scale1", "layer_scale2"), "drop_path")
+_COMMON: Any = dict(registers=True, cast_pixels=True, pixels="embeddings.patch_embeddings.weight", interpolate=False,
+                    mlp_in="up_proj")  # fmt: skip
+_FAMILIES = (
+    _Family("DINOv3ViTModel", _MODULE, "DINOv3ViTLayer", _LAYOUT, "model.layer", masked_pos=True, final_norm="norm",
+            pool="class", **_COMMON),
+    _Family("DINOv3ViTBackbone", _MODULE, "DINOv3ViTLayer", _LAYOUT, "model.layer", backbone=True, **_COMMON),
+)  # fmt: skip
 
 Rope = Tuple[Tensor, Tensor]
-
-
-def _hf_class(model: nn.Module) -> Optional[str]:
-    """The supported DINOv3 class ``model`` is (patched or not), found by module and name along the MRO, so
-    ``transformers`` is never imported for another model."""
-    for cls in type(model).__mro__:
-        if cls.__module__ == _MODULE and cls.__name__ in _CLASSES:
-            return cls.__name__
-    return None
 
 
 def _pair(value: Any) -> Tuple[int, int]:
@@ -82,82 +80,7 @@ class _RopeInputs:
         return (None, self.emb)
 
 
-def _refuse_unsupported(self: Any, kwargs: Dict[str, Any]) -> bool:
-    """Raise for what a merged forward cannot give; return whether every layer's hidden state is wanted."""
-    if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
-        raise ValueError(
-            "output_attentions=True is not available while DSM is applied (attention between merged tokens has no "
-            "dense meaning); call remove_dsm(model), or pass output_attentions=False"
-        )
-    want = kwargs.get("output_hidden_states")
-    return bool(getattr(self.config, "output_hidden_states", False)) if want is None else bool(want)
-
-
-def _run(self: Any, pixel_values: Tensor, bool_masked_pos: Optional[Tensor], keep_all: bool) -> Tuple[Any, ...]:
-    """Embed, run the layers with merging; returns (last tokens dense, every state dense or None, grid, prefix)."""
-    adapter: HuggingFaceDinov3Adapter = patched_adapter(self)
-    pixel_values = pixel_values.to(self.embeddings.patch_embeddings.weight.dtype)
-    tokens = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
-    grid = adapter.grid(self, (int(pixel_values.shape[-2]), int(pixel_values.shape[-1])))
-    prefix = adapter.num_prefix_tokens(self)
-    states: List[Tensor] = [tokens]
-
-    def keep(index: int, x: Tensor, state: MergeState) -> None:
-        states.append(unmerge(x, state, prefix))
-
-    tokens, state = adapter.run(self, tokens, grid, keep if keep_all else None)
-    return unmerge(tokens, state, prefix), (tuple(states) if keep_all else None), grid, prefix
-
-
-def _forward(self: Any, pixel_values: Tensor, bool_masked_pos: Optional[Tensor] = None, **kwargs: Any) -> Any:
-    """DSM version of ``DINOv3ViTModel.forward`` (and of the backbone's): same arguments and outputs, tokens back in
-    the dense layout (``output_hidden_states=True``: the embeddings, then every layer's output unmerged)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    if _hf_class(self) == "DINOv3ViTBackbone":
-        if bool_masked_pos is not None:
-            raise TypeError("DINOv3ViTBackbone.forward() takes no bool_masked_pos")
-        return _backbone_forward(self, pixel_values, **kwargs)
-    want_hidden = _refuse_unsupported(self, kwargs)
-    dense, hidden, _, _ = _run(self, pixel_values, bool_masked_pos, want_hidden)
-    seq = self.norm(dense)
-    out = BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=seq[:, 0, :], hidden_states=hidden)
-    return out if kwargs.get("return_dict", True) is not False else out.to_tuple()
-
-
-def _backbone_forward(self: Any, pixel_values: Tensor, **kwargs: Any) -> Any:
-    """DSM version of ``DINOv3ViTBackbone.forward``: the ``out_features`` stages read from every layer's output
-    unmerged onto the dense grid, normed and reshaped as HF's own forward does."""
-    from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTBackboneOutput
-
-    want_hidden = _refuse_unsupported(self, kwargs)
-    _, states, grid, prefix = _run(self, pixel_values, None, True)
-    config = self.config
-    maps: List[Tensor] = []
-    cls_tokens: List[Tensor] = []
-    last = len(self.stage_names) - 1
-    sequence = None
-    for idx, (stage, state) in enumerate(zip(self.stage_names, states)):
-        if idx == last:
-            state = sequence = self.norm(state)
-        elif config.apply_layernorm:
-            state = self.norm(state)
-        if stage not in self.out_features:
-            continue
-        cls_tokens.append(state[:, 0, :])
-        patches = state[:, prefix:, :]
-        if config.reshape_hidden_states:
-            patches = patches.reshape(patches.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
-        maps.append(patches)
-    with_cls = bool(getattr(config, "return_class_token", False))
-    fields: Dict[str, Any] = dict(feature_maps=tuple(maps), hidden_states=states if want_hidden else None)
-    fields["cls_tokens"] = tuple(cls_tokens) if with_cls else None
-    out = DINOv3ViTBackboneOutput(**fields)
-    out.last_hidden_state = sequence
-    return out if kwargs.get("return_dict", True) is not False else out.to_tuple()
-
-
-class HuggingFaceDinov3Adapter(Adapter):
+class HuggingFaceDinov3Adapter(HuggingFaceViTAdapter):
     """Hugging Face ``transformers`` ``DINOv3ViTModel`` and ``DINOv3ViTBackbone`` (RoPE, registers, LayerScale,
     plain or gated MLP; ``attn_implementation`` ``"sdpa"`` or ``"eager"``).
 
@@ -168,49 +91,11 @@ class HuggingFaceDinov3Adapter(Adapter):
     """
 
     name = "transformers-dinov3"
-    supports = "transformers " + ", ".join(_CLASSES) + " (transformers>=5.18,<6)"
+    supports = "transformers " + ", ".join(f.encoder for f in _FAMILIES) + " (transformers>=5.18,<6)"
+    families = _FAMILIES
 
     def __init__(self, rope_position: str = "destination") -> None:
         self.rope_position = check_rule(rope_position)
-
-    def matches(self, model: nn.Module) -> bool:
-        return _hf_class(model) is not None
-
-    def check(self, model: nn.Module) -> None:
-        for i, module in enumerate(self.blocks(model)):
-            cls = original_class(module)
-            if cls.__name__ != _LAYER or cls.__module__ != _MODULE:
-                raise UnsupportedModelError(
-                    f"layer {i} is {cls.__module__}.{cls.__qualname__}; DSM's DINOv3 adapter supports "
-                    f"{_MODULE}.{_LAYER}. Register an adapter for this layer type (docs, 'Custom ViTs')"
-                )
-            impl = cast(Any, unwrap_block(module)).attention.config._attn_implementation
-            if impl not in ATTENTION_IMPLEMENTATIONS:
-                raise UnsupportedModelError(
-                    f"DINOv3 runs attn_implementation={impl!r}; merging needs an additive attention mask: load the "
-                    f"model with attn_implementation='sdpa' (fused) or 'eager'"
-                )
-
-    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return cast(Sequence[nn.Module], cast(Any, model).model.layer)
-
-    def num_prefix_tokens(self, model: nn.Module) -> int:
-        return 1 + int(cast(Any, model).config.num_register_tokens)
-
-    def grid(self, model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
-        config: Any = cast(Any, model).config
-        ph, pw = _pair(config.patch_size)
-        height, width = _pair(config.image_size) if img_size is None else img_size
-        return int(height) // ph, int(width) // pw
-
-    def dims(self, model: nn.Module) -> Tuple[int, int]:
-        config: Any = cast(Any, model).config
-        return int(config.hidden_size), int(config.intermediate_size)
-
-    def embed(self, model: nn.Module, images: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
-        hf: Any = model
-        tokens: Tensor = hf.embeddings(images.to(hf.embeddings.patch_embeddings.weight.dtype))
-        return tokens, self.grid(model, (int(images.shape[-2]), int(images.shape[-1])))
 
     def dense_rope(self, model: nn.Module, grid: Tuple[int, int]) -> Rope:
         """HF's own ``(cos, sin)`` ``[N0, head_dim]`` for a ``grid`` (its rope module reads only the input's shape,
@@ -226,23 +111,6 @@ class HuggingFaceDinov3Adapter(Adapter):
             cast(Any, model).rope_embeddings, self.dense_rope(model, plan.grid), plan, self.rope_position
         )
 
-    def attend_rope(
-        self, block: nn.Module, x: Tensor, rope: Optional[Rope], bias: Optional[Tensor], prefix: Optional[int]
-    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """The attention half of a DINOv3 layer with its residual, rotary embedding ``rope``."""
-        layer: Any = block
-        y, metric, cls_attn = hf_attention_with_metric(layer.attention, layer.norm1(x), bias, prefix, rope)
-        return x + layer.drop_path(layer.layer_scale1(y)), metric, cls_attn
-
-    def attend(
-        self, block: nn.Module, x: Tensor, bias: Optional[Tensor], class_attention_prefix: Optional[int]
-    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        return self.attend_rope(block, x, None, bias, class_attention_prefix)
-
-    def feed_forward(self, block: nn.Module, x: Tensor) -> Tensor:
-        layer: Any = block
-        return cast(Tensor, x + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x)))))
-
     def run_block(self, block: nn.Module, x: Tensor, call: BlockCall) -> Tensor:
         rope = call.args[1] if len(call.args) > 1 else None
         x, metric, cls_attn = self.attend_rope(block, x, rope, call.bias, call.class_attention_prefix)
@@ -250,5 +118,27 @@ class HuggingFaceDinov3Adapter(Adapter):
             x = call.merge(x, metric, cls_attn)
         return self.feed_forward(block, x)
 
-    def overrides(self) -> Dict[str, Callable[..., Any]]:
-        return {"forward": _forward}
+    def backbone_output(
+        self, backbone: nn.Module, states: List[Tensor], grid: Tuple[int, int], hidden: Optional[Tuple[Tensor, ...]]
+    ) -> Any:
+        """``DINOv3ViTBackbone``'s output: the ``out_features`` stages of the dense-layout states, normed (the last
+        always) and reshaped as HF's own forward does, with the class tokens when the config asks for them."""
+        from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTBackboneOutput
+
+        hf: Any = backbone
+        config, prefix = hf.config, self.num_prefix_tokens(backbone)
+        maps: List[Tensor] = []
+        cls_tokens: List[Tensor] = []
+        for idx, (stage, state) in enumerate(zip(hf.stage_names, states)):
+            if idx == len(hf.stage_names) - 1 or config.apply_layernorm:
+                state = hf.norm(state)
+            if stage not in hf.out_features:
+                continue
+            cls_tokens.append(state[:, 0, :])
+            patches = state[:, prefix:, :]
+            if config.reshape_hidden_states:
+                patches = patches.reshape(patches.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+            maps.append(patches)
+        fields: Any = dict(feature_maps=tuple(maps), hidden_states=hidden)
+        fields["cls_tokens"] = tuple(cls_tokens) if getattr(config, "return_class_token", False) else None
+        return DINOv3ViTBackboneOutput(**fields)
