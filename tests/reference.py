@@ -8,7 +8,7 @@ embedding and the head are reused from the model, for timm and torchvision ViTs 
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Set, Tuple
+from typing import List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -17,17 +17,21 @@ from dsm_lightning.schedule import TokenPlan
 Token = Tuple[torch.Tensor, float, Set[int]]
 
 
-def ref_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: Sequence[float]) -> torch.Tensor:
-    """q, k, v: [T, H, D]. Proportional attention written out: softmax_j(q_i.k_j / sqrt(D) + log size_j) v_j."""
+def ref_softmax_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: Sequence[float], key_ok: Optional[Sequence[bool]] = None
+) -> torch.Tensor:
+    """q, k, v: [T, H, D]. Proportional attention written out: softmax_j(q_i.k_j / sqrt(D) + log size_j) v_j, over
+    the keys ``j`` with ``key_ok[j]`` (all when None: an attention mask that hides the others)."""
     t, h, d = q.shape
+    keys = [j for j in range(t) if key_ok is None or key_ok[j]]
     out = torch.zeros(t, h, d, dtype=q.dtype)
     for head in range(h):
         for i in range(t):
-            logits = [float(q[i, head] @ k[j, head]) / math.sqrt(d) + math.log(sizes[j]) for j in range(t)]
+            logits = [float(q[i, head] @ k[j, head]) / math.sqrt(d) + math.log(sizes[j]) for j in keys]
             m = max(logits)
             weights = [math.exp(v_ - m) for v_ in logits]
             total = sum(weights)
-            out[i, head] = sum(w / total * v[j, head] for j, w in enumerate(weights))
+            out[i, head] = sum(w / total * v[j, head] for j, w in zip(keys, weights))
     return out
 
 

@@ -21,13 +21,17 @@ from .base import (
 )
 from .eva import TimmEvaAdapter
 from .hf import HuggingFaceViTAdapter
+from .hf_dinov3 import HuggingFaceDinov3Adapter
+from .naflex import TimmNaFlexAdapter
 from .timm import TimmViTAdapter
 from .torchvision import TorchvisionViTAdapter
 
 __all__ = [
     "Adapter",
+    "HuggingFaceDinov3Adapter",
     "HuggingFaceViTAdapter",
     "TimmEvaAdapter",
+    "TimmNaFlexAdapter",
     "TimmViTAdapter",
     "TorchvisionViTAdapter",
     "UnsupportedModelError",
@@ -40,5 +44,7 @@ __all__ = [
 # Built-ins go last, so adapters registered by users (first=True) take precedence, e.g. for subclasses.
 register_adapter(TimmViTAdapter(), first=False)
 register_adapter(TimmEvaAdapter(), first=False)
+register_adapter(TimmNaFlexAdapter(), first=False)
 register_adapter(TorchvisionViTAdapter(), first=False)
 register_adapter(HuggingFaceViTAdapter(), first=False)  # transformers is imported only when a model is run
+register_adapter(HuggingFaceDinov3Adapter(), first=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ __all__ = [
     "original_class",
     "unwrap_block",
     "patched_adapter",
+    "check_blocks",
 ]
 
 
@@ -52,6 +53,41 @@ def original_class(block: nn.Module) -> type:
     inner = unwrap_block(block)
     cls: type = type(inner).__dict__.get(BLOCK_ORIGINAL, type(inner))
     return cls
+
+
+def check_blocks(
+    blocks: Sequence[nn.Module],
+    family: str,
+    layouts: Mapping[type, Tuple[type, ...]],
+    attention: Optional[Callable[[Any], Any]] = None,
+) -> None:
+    """The per-block check of :meth:`Adapter.check`: raise :class:`UnsupportedModelError` naming the first block
+    whose class (before patching, unwrapped) is not a key of ``layouts``, or whose attention module
+    (``attention(block)``, by default ``block.attn``) is not one of the types its class maps to.
+
+    Args:
+        blocks: The model's blocks (wrapped or not, patched or not).
+        family: The adapter's family, named in the message (``"timm"``, ``"Eva"``, ...).
+        layouts: Each supported block class and the attention classes it may hold (empty: not checked).
+        attention: Reads a block's attention module.
+    """
+    read = attention if attention is not None else (lambda block: block.attn)
+    for i, module in enumerate(blocks):
+        cls = original_class(module)
+        allowed = layouts.get(cls)
+        if allowed is None:
+            names = " and ".join(f"{c.__module__}.{c.__qualname__}" for c in layouts)
+            raise UnsupportedModelError(
+                f"block {i} is {cls.__module__}.{cls.__qualname__}; DSM's {family} adapter supports {names}. "
+                f"Register an adapter for this block type (docs, 'Custom ViTs')"
+            )
+        attn = read(unwrap_block(module)) if allowed else None
+        if allowed and type(attn) not in allowed:
+            names = " and ".join(f"{c.__module__}.{c.__qualname__}" for c in allowed)
+            raise UnsupportedModelError(
+                f"block {i} uses attention {type(attn).__module__}.{type(attn).__qualname__}; DSM's {family} adapter "
+                f"supports {names} in a {cls.__qualname__}. Register an adapter for it (docs, 'Custom ViTs')"
+            )
 
 
 class Adapter(abc.ABC):

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from ..engine import BlockArgs, BlockCall
 from ..merge import MergeState, class_attention
 from ..schedule import TokenPlan
-from .base import UnsupportedModelError, original_class, unwrap_block
-from .rope import SUPPORTED_ROPES, check_rule, gather_rope, matched_into, next_destinations, rope_at, token_centroids
+from .base import UnsupportedModelError, check_blocks, unwrap_block
+from .rope import SUPPORTED_ROPES, MergedPositions, check_rule, gather_rope, rope_at
 from .timm import TimmViTAdapter, _forward_features, _forward_intermediates
 
 __all__ = ["TimmEvaAdapter", "rope_attention_with_metric"]
@@ -112,47 +112,31 @@ def _dense_rope(model: Any, grid: Tuple[int, int]) -> Optional[Tensor]:
 
 
 class _RopeInputs:
-    """``args_for`` of one forward pass: each block's rotary embedding for the tokens it receives.
-
-    Positions are recomputed only when the merge state changes (after a merging block) and kept for the blocks
-    after it; under the ``"destination"`` rule each merge's transition updates the representative patches.
-    """
+    """``args_for`` of one forward pass: each block's rotary embedding for the tokens it receives (recomputed only
+    after a merging block, from :class:`~dsm_lightning.adapters.rope.MergedPositions`)."""
 
     def __init__(self, rope: Any, dense: Tensor, plan: TokenPlan, rule: str, mixed: bool) -> None:
-        self.rope, self.dense, self.plan, self.rule, self.mixed = rope, dense, plan, rule, mixed
-        self.state = MergeState()
-        self.rep: Optional[Tensor] = None
+        self.rope, self.dense, self.mixed = rope, dense, mixed
+        self.positions = MergedPositions(plan, rule)
         self.emb = dense
 
+    @property
+    def rep(self) -> Optional[Tensor]:
+        """Each current token's representative patch (``"destination"`` rule, after a merge)."""
+        return self.positions.rep
+
     def __call__(self, index: int, state: MergeState) -> Tuple[Any, ...]:
-        if state.pos is not None and state is not self.state:
-            self._advance(index, state)
+        positions = self.positions
+        if positions.update(index, state):
+            if positions.coords is not None:
+                self.emb = rope_at(self.rope, positions.coords, positions.plan.grid, self.dense.dtype)
+            else:
+                assert positions.rep is not None
+                self.emb = gather_rope(self.dense, positions.rep)
         emb = self.emb
         if self.mixed:
             emb = emb[index] if emb.ndim == 4 else emb[:, index]
         return (emb,)
-
-    def _advance(self, index: int, state: MergeState) -> None:
-        assert state.pos is not None and state.size is not None
-        n_after = state.size.shape[1] - self.plan.num_prefix_tokens
-        if self.rule == "centroid":
-            coords = token_centroids(state.pos, n_after, self.plan.grid)
-            self.emb = rope_at(self.rope, coords, self.plan.grid, self.dense.dtype)
-        else:
-            self.rep = self._destinations(index, state, n_after)
-            self.emb = gather_rope(self.dense, self.rep)
-        self.state = state
-
-    def _destinations(self, index: int, state: MergeState, n_after: int) -> Tensor:
-        """Representative patches after the merge of block ``index - 1`` (the state changes only there)."""
-        assert state.pos is not None
-        before = self.state.pos
-        batch, n0 = state.pos.shape
-        if before is None:
-            before = torch.arange(n0, device=state.pos.device).expand(batch, -1)
-        rep = self.rep if self.rep is not None else before
-        is_b = matched_into(self.plan.blocks[index - 1], rep.shape[1], self.plan, self.state.pos is None, rep.device)
-        return next_destinations(rep, before, state.pos, is_b, n_after)
 
 
 class TimmEvaAdapter(TimmViTAdapter):
@@ -181,19 +165,7 @@ class TimmEvaAdapter(TimmViTAdapter):
     def check(self, model: nn.Module) -> None:
         _, block_types, attn_types = _eva_types()
         eva: Any = model
-        for i, module in enumerate(eva.blocks):
-            cls = original_class(module)
-            if cls not in block_types:
-                raise UnsupportedModelError(
-                    f"block {i} is {cls.__module__}.{cls.__qualname__}; DSM's Eva adapter supports timm's EvaBlock "
-                    f"and EvaBlockPostNorm. Register an adapter for this block type (docs, 'Custom ViTs')"
-                )
-            attn = cast(Any, unwrap_block(module)).attn
-            if type(attn) not in attn_types:
-                raise UnsupportedModelError(
-                    f"block {i} uses attention {type(attn).__qualname__}; DSM's Eva adapter supports timm's "
-                    f"EvaAttention and AttentionRope. Register an adapter for it (docs, 'Custom ViTs')"
-                )
+        check_blocks(eva.blocks, "Eva", dict.fromkeys(block_types, attn_types))
         rope = eva.rope
         if rope is not None and type(rope).__name__ not in SUPPORTED_ROPES:
             raise UnsupportedModelError(

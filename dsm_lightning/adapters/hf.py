@@ -34,69 +34,103 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 @dataclass(frozen=True)
+class _Layer:
+    """How one ``transformers`` layer class is laid out: the attribute names its attention and MLP halves use."""
+
+    attention: str  # the self-attention module (q_proj / k_proj / v_proj)
+    norms: Tuple[str, str]  # the norms before attention and before the MLP
+    scales: Tuple[str, ...] = ()  # LayerScale after attention and after the MLP (none: ())
+    drop: str = ""  # dropout / drop-path on both residual branches ("": none)
+
+
+_VIT_LAYER = _Layer("attention", ("layernorm_before", "layernorm_after"), drop="dropout")
+_DINOV2_LAYER = _Layer("attention", ("norm1", "norm2"), ("layer_scale1", "layer_scale2"), "drop_path")
+_CLIP_LAYER = _Layer("self_attn", ("layer_norm1", "layer_norm2"))
+
+
+@dataclass(frozen=True)
 class _Family:
-    """How one ``transformers`` vision family is laid out (all names are attribute paths on the encoder/layer)."""
+    """One ``transformers`` vision encoder, declared: where things are (attribute paths on the encoder / its layers)
+    and what its forward does around the layers. Nothing about a family is probed at run time."""
 
     encoder: str  # encoder class name
     module: str  # module that defines it
     layer: str  # layer class name
-    layers: str  # attribute path of the layer list on the encoder
-    wrappers: Tuple[str, ...]  # task models holding the encoder as ``getattr(model, attr)``
-    attr: str  # the attribute the task models keep the encoder under
-    kind: str  # layer layout: "vit" (ViT, DeiT), "dinov2", "clip" (CLIP, SigLIP)
-    registers: bool = False
+    layout: _Layer  # the layer's layout
+    layers: str = "encoder.layers"  # attribute path of the layer list on the encoder
+    wrappers: Tuple[str, ...] = ()  # task models holding the encoder as ``getattr(model, attr)``
+    attr: str = ""  # the attribute the task models keep the encoder under
+    prefix: int = 1  # class (+ distillation) tokens; registers come on top
+    registers: bool = False  # ``config.num_register_tokens`` register tokens follow the class token
+    cast_pixels: bool = False  # the forward casts pixels to the patch projection's dtype
+    interpolate: bool = True  # the embeddings take ``interpolate_pos_encoding`` (DINOv2 always interpolates)
+    pre_norm: str = ""  # a norm on the embeddings before the layers
+    final_norm: str = ""  # the norm on the sequence after the layers
+    pool: str = ""  # pooler_output: "pooler" (module on the sequence), "class" (the class token), "class_norm"
+    # (post-norm on the un-normed class token: CLIP), "head" (attention-pooling head, SigLIP)
+    backbone: bool = False  # a ``...Backbone``: feature maps of every stage instead of a sequence
+    pixels: str = "embeddings.patch_embeddings.projection.weight"  # whose dtype ``cast_pixels`` casts to
+    masked_pos: bool = False  # the embeddings take ``bool_masked_pos`` (a mask token replaces masked patches)
+    mlp_in: str = "fc1"  # the MLP's first linear layer (its width: the hidden size for FLOP estimates)
 
+
+_VIT = "transformers.models.vit.modeling_vit"
+_DEIT = "transformers.models.deit.modeling_deit"
+_DINOV2 = "transformers.models.dinov2.modeling_dinov2"
+_DINOV2_REG = "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers"
+_CLIP = "transformers.models.clip.modeling_clip"
+_SIGLIP = "transformers.models.siglip.modeling_siglip"
 
 _FAMILIES = (
-    _Family(
-        "ViTModel", "transformers.models.vit.modeling_vit", "ViTLayer", "layers", ("ViTForImageClassification",),
-        "vit", "vit",
-    ),
-    _Family(
-        "DeiTModel", "transformers.models.deit.modeling_deit", "DeiTLayer", "layers",
-        ("DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"), "deit", "vit",
-    ),
-    _Family(
-        "Dinov2Model", "transformers.models.dinov2.modeling_dinov2", "Dinov2Layer", "encoder.layer",
-        ("Dinov2ForImageClassification",), "dinov2", "dinov2",
-    ),
-    _Family(
-        "Dinov2WithRegistersModel", "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers",
-        "Dinov2WithRegistersLayer", "encoder.layer", ("Dinov2WithRegistersForImageClassification",),
-        "dinov2_with_registers", "dinov2", registers=True,
-    ),
-    _Family(
-        "Dinov2Backbone", "transformers.models.dinov2.modeling_dinov2", "Dinov2Layer", "encoder.layer", (), "",
-        "dinov2",
-    ),
-    _Family(
-        "Dinov2WithRegistersBackbone", "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers",
-        "Dinov2WithRegistersLayer", "encoder.layer", (), "", "dinov2", registers=True,
-    ),
-    _Family(
-        "CLIPVisionModel", "transformers.models.clip.modeling_clip", "CLIPEncoderLayer", "encoder.layers",
-        ("CLIPVisionModelWithProjection", "CLIPForImageClassification"), "vision_model", "clip",
-    ),
-    _Family(
-        "SiglipVisionModel", "transformers.models.siglip.modeling_siglip", "SiglipEncoderLayer", "encoder.layers",
-        ("SiglipForImageClassification",), "vision_model", "clip",
-    ),
+    _Family("ViTModel", _VIT, "ViTLayer", _VIT_LAYER, "layers", ("ViTForImageClassification",), "vit",
+            cast_pixels=True, final_norm="layernorm", pool="pooler"),
+    _Family("DeiTModel", _DEIT, "DeiTLayer", _VIT_LAYER, "layers",
+            ("DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"), "deit", prefix=2,
+            cast_pixels=True, final_norm="layernorm", pool="pooler"),
+    _Family("Dinov2Model", _DINOV2, "Dinov2Layer", _DINOV2_LAYER, "encoder.layer", ("Dinov2ForImageClassification",),
+            "dinov2", interpolate=False, final_norm="layernorm", pool="class"),
+    _Family("Dinov2WithRegistersModel", _DINOV2_REG, "Dinov2WithRegistersLayer", _DINOV2_LAYER, "encoder.layer",
+            ("Dinov2WithRegistersForImageClassification",), "dinov2_with_registers", registers=True,
+            interpolate=False, final_norm="layernorm", pool="class"),
+    _Family("Dinov2Backbone", _DINOV2, "Dinov2Layer", _DINOV2_LAYER, "encoder.layer", interpolate=False,
+            backbone=True),
+    _Family("Dinov2WithRegistersBackbone", _DINOV2_REG, "Dinov2WithRegistersLayer", _DINOV2_LAYER, "encoder.layer",
+            registers=True, interpolate=False, backbone=True),
+    _Family("CLIPVisionModel", _CLIP, "CLIPEncoderLayer", _CLIP_LAYER, "encoder.layers",
+            ("CLIPVisionModelWithProjection", "CLIPForImageClassification"), "vision_model", pre_norm="pre_layrnorm",
+            pool="class_norm"),
+    _Family("SiglipVisionModel", _SIGLIP, "SiglipEncoderLayer", _CLIP_LAYER, "encoder.layers",
+            ("SiglipForImageClassification",), "vision_model", prefix=0, final_norm="post_layernorm", pool="head"),
 )  # fmt: skip
-
 #: Every supported class name (encoders first, then task models).
 SUPPORTED_HF_CLASSES: Tuple[str, ...] = tuple(f.encoder for f in _FAMILIES) + tuple(
     w for f in _FAMILIES for w in f.wrappers
 )
 
 
-def _lookup(model: nn.Module) -> Optional[Tuple[_Family, bool]]:
+def _layout(layer: nn.Module, families: Sequence[_Family]) -> _Layer:
+    """The declared layout of a (patched) layer, found by module and name along its class's MRO."""
+    layers = {(f.module, f.layer): f.layout for f in families}
+    for cls in type(layer).__mro__:
+        found = layers.get((cls.__module__, cls.__name__))
+        if found is not None:
+            return found
+    raise UnsupportedModelError(f"{type(layer).__qualname__} is not a supported transformers layer")
+
+
+def _apply(owner: Any, name: str, x: Tensor) -> Tensor:
+    """``owner.<name>(x)``; ``x`` itself when the declaration leaves the step out (``name == ""``)."""
+    return cast(Tensor, getattr(owner, name)(x)) if name else x
+
+
+def _lookup(model: nn.Module, families: Sequence[_Family]) -> Optional[Tuple[_Family, bool]]:
     """``(family, is_encoder)`` for a supported ``transformers`` model (patched or not), else None. Matches by the
     class's own module and name along its MRO, so ``transformers`` is never imported for a non-HF model."""
     for cls in type(model).__mro__:
         module = cls.__module__
         if not module.startswith("transformers."):
             continue
-        for family in _FAMILIES:
+        for family in families:
             if module == family.module and cls.__name__ == family.encoder:
                 return family, True
             if module == family.module and cls.__name__ in family.wrappers:
@@ -111,13 +145,19 @@ def _get(obj: Any, path: str) -> Any:
 
 
 def hf_attention_with_metric(
-    attn: Any, x: Tensor, bias: Optional[Tensor], num_prefix: Optional[int] = None
+    attn: Any,
+    x: Tensor,
+    bias: Optional[Tensor],
+    num_prefix: Optional[int] = None,
+    rope: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """A ``transformers`` self-attention (``q_proj``/``k_proj``/``v_proj`` + ``o_proj`` or ``out_proj``) with an
     additive ``bias`` ``[B, 1, 1, T]``, through HF's own attention function for the model's ``attn_implementation``.
 
     Returns ``(out, keys per head [B, heads, T, head_dim], cls_attn or None)`` like the timm adapter's
-    :func:`~dsm_lightning.adapters.timm.attention_with_metric`.
+    :func:`~dsm_lightning.adapters.timm.attention_with_metric`. ``rope`` (``(cos, sin)`` of the current patch
+    tokens) rotates queries and keys with the family's own ``apply_rotary_pos_emb`` (patch tokens only); the metric
+    is taken before the rotation, the class attention after it.
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -126,6 +166,9 @@ def hf_attention_with_metric(
     q = attn.q_proj(x).view(shape).transpose(1, 2)
     k = attn.k_proj(x).view(shape).transpose(1, 2)
     v = attn.v_proj(x).view(shape).transpose(1, 2)
+    metric = k
+    if rope is not None:
+        q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb(q, k, *rope)
     scaling = float(getattr(attn, "scaling", getattr(attn, "scale", attn.head_dim**-0.5)))
     cls_attn = None if num_prefix is None else class_attention(q, k, scaling, bias, num_prefix)
     impl = attn.config._attn_implementation
@@ -137,37 +180,35 @@ def hf_attention_with_metric(
     out, _ = fn(attn, q, k, v, bias, dropout=float(dropout) if attn.training else 0.0, scaling=scaling)
     out = out.reshape(batch, n, -1).contiguous()
     proj = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
-    return proj(out), k, cls_attn
+    return proj(out), metric, cls_attn
 
 
-def _embed(encoder: Any, family: _Family, pixel_values: Tensor, interpolate: bool) -> Tensor:
-    """The encoder's embedding (and CLIP's pre-norm), exactly as its own ``forward`` does before the layers."""
-    if family.kind == "vit":
-        dtype = encoder.embeddings.patch_embeddings.projection.weight.dtype
-        out: Tensor = encoder.embeddings(pixel_values.to(dtype), interpolate_pos_encoding=interpolate)
-        return out
-    if family.kind == "dinov2":  # always interpolates
-        out = encoder.embeddings(pixel_values)
-        return out
-    out = encoder.embeddings(pixel_values, interpolate_pos_encoding=interpolate)
-    if family.encoder == "CLIPVisionModel":
-        out = encoder.pre_layrnorm(out)
-    return out
+def _embed(
+    encoder: Any, family: _Family, pixel_values: Tensor, interpolate: bool, masked: Optional[Tensor] = None
+) -> Tensor:
+    """The encoder's embedding (and pre-norm), exactly as its own ``forward`` does before the layers."""
+    if family.cast_pixels:
+        pixel_values = pixel_values.to(_get(encoder, family.pixels).dtype)
+    kwargs: Dict[str, Any] = {"interpolate_pos_encoding": interpolate} if family.interpolate else {}
+    if family.masked_pos:
+        kwargs["bool_masked_pos"] = masked
+    return _apply(encoder, family.pre_norm, encoder.embeddings(pixel_values, **kwargs))
 
 
 def _tail(encoder: Any, family: _Family, dense: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
     """``(last_hidden_state, pooler_output)`` from the unmerged tokens after the last layer, as the encoder's own
-    ``forward`` computes them."""
-    if family.kind == "vit":
-        seq = encoder.layernorm(dense)
-        return seq, encoder.pooler(seq) if encoder.pooler is not None else None
-    if family.kind == "dinov2":
-        seq = encoder.layernorm(dense)
-        return seq, seq[:, 0, :]
-    if family.encoder == "CLIPVisionModel":  # no final norm on the sequence; post-norm on the class token
-        return dense, encoder.post_layernorm(dense[:, 0, :])
-    seq = encoder.post_layernorm(dense)  # SigLIP: attention pooling head over the dense layout = size-weighted
-    return seq, encoder.head(seq) if encoder.use_head else None
+    ``forward`` computes them (SigLIP's attention pooling over the dense layout is size-weighted)."""
+    seq = _apply(encoder, family.final_norm, dense)
+    pooled: Optional[Tensor] = None
+    if family.pool == "pooler" and encoder.pooler is not None:
+        pooled = encoder.pooler(seq)
+    elif family.pool == "class":
+        pooled = seq[:, 0, :]
+    elif family.pool == "class_norm":
+        pooled = encoder.post_layernorm(dense[:, 0, :])
+    elif family.pool == "head" and encoder.use_head:
+        pooled = encoder.head(seq)
+    return seq, pooled
 
 
 def _forward(
@@ -187,7 +228,9 @@ def _forward(
 
     if pixel_values is None:
         raise ValueError("You have to specify pixel_values")
-    if bool_masked_pos is not None or attention_mask is not None:
+    adapter: HuggingFaceViTAdapter = patched_adapter(self)
+    family = adapter.family(self)
+    if (bool_masked_pos is not None and not family.masked_pos) or attention_mask is not None:
         raise ValueError(
             "a DSM-patched model takes no bool_masked_pos / attention_mask (masked-image training); call "
             "remove_dsm(model) to use them"
@@ -201,11 +244,9 @@ def _forward(
     want_hidden = kwargs.get("output_hidden_states")
     if want_hidden is None:
         want_hidden = bool(getattr(config, "output_hidden_states", False))
-    adapter: HuggingFaceViTAdapter = patched_adapter(self)
-    family = adapter.family(self)
-    backbone = family.encoder.endswith("Backbone")  # its feature maps read every stage's output
+    backbone = family.backbone  # its feature maps read every stage's output
     prefix = adapter.num_prefix_tokens(self)
-    tokens = _embed(self, family, pixel_values, bool(interpolate_pos_encoding))
+    tokens = _embed(self, family, pixel_values, bool(interpolate_pos_encoding), bool_masked_pos)
     grid = adapter.grid(self, (int(pixel_values.shape[-2]), int(pixel_values.shape[-1])))
     states: List[Tensor] = [tokens]  # embeddings, then every layer's output unmerged to the dense layout
 
@@ -216,9 +257,7 @@ def _forward(
     hidden = tuple(states) if want_hidden else None
     out: Any
     if backbone:
-        from transformers.modeling_outputs import BackboneOutput
-
-        out = BackboneOutput(feature_maps=_feature_maps(self, states, grid, prefix), hidden_states=hidden)
+        out = adapter.backbone_output(self, states, grid, hidden)
     else:
         seq, pooled = _tail(self, family, unmerge(tokens, state, prefix))
         out = BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled, hidden_states=hidden)
@@ -250,19 +289,21 @@ class HuggingFaceViTAdapter(Adapter):
     name = "transformers"
     supports = "transformers " + ", ".join(SUPPORTED_HF_CLASSES) + " (transformers>=5.18,<6)"
     block_args = (None,)  # HF layers take the attention mask positionally (CLIP's and SigLIP's require it)
+    #: The families this adapter runs, declared (a new family is one more entry, plus the hooks it needs).
+    families: Tuple[_Family, ...] = _FAMILIES
 
     def matches(self, model: nn.Module) -> bool:
-        return _lookup(model) is not None
+        return _lookup(model, self.families) is not None
 
     def family(self, model: nn.Module) -> _Family:
         """The layout description of ``model``'s family."""
-        found = _lookup(model)
+        found = _lookup(model, self.families)
         if found is None:
             raise UnsupportedModelError(f"{type(model).__qualname__} is not a supported transformers vision model")
         return found[0]
 
     def core(self, model: nn.Module) -> nn.Module:
-        family, is_encoder = cast(Tuple[_Family, bool], _lookup(model))
+        family, is_encoder = cast(Tuple[_Family, bool], _lookup(model, self.families))
         return model if is_encoder else cast(nn.Module, getattr(model, family.attr))
 
     def check(self, model: nn.Module) -> None:
@@ -274,8 +315,7 @@ class HuggingFaceViTAdapter(Adapter):
                     f"layer {i} is {cls.__module__}.{cls.__qualname__}; DSM's transformers adapter supports "
                     f"{family.module}.{family.layer} for {family.encoder}"
                 )
-            inner: Any = unwrap_block(module)
-            attn = inner.self_attn if family.kind == "clip" else inner.attention
+            attn = getattr(unwrap_block(module), family.layout.attention)
             if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "config", "head_dim")):
                 import transformers
 
@@ -295,12 +335,8 @@ class HuggingFaceViTAdapter(Adapter):
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         family = self.family(model)
-        config: Any = self.core(model).config
-        if family.encoder == "SiglipVisionModel":
-            return 0
-        if family.encoder == "DeiTModel":
-            return 2
-        return 1 + (int(config.num_register_tokens) if family.registers else 0)
+        registers = int(cast(Any, self.core(model)).config.num_register_tokens) if family.registers else 0
+        return family.prefix + registers
 
     def _patch_size(self, model: nn.Module) -> Tuple[int, int]:
         p = cast(Any, self.core(model)).config.patch_size
@@ -316,7 +352,7 @@ class HuggingFaceViTAdapter(Adapter):
     def dims(self, model: nn.Module) -> Tuple[int, int]:
         config: Any = self.core(model).config
         dim = int(config.hidden_size)
-        fc1 = getattr(cast(Any, unwrap_block(self.blocks(model)[0])).mlp, "fc1", None)
+        fc1 = getattr(cast(Any, unwrap_block(self.blocks(model)[0])).mlp, self.family(model).mlp_in, None)
         hidden = int(fc1.out_features) if isinstance(fc1, nn.Linear) else 4 * dim
         return dim, hidden
 
@@ -330,32 +366,42 @@ class HuggingFaceViTAdapter(Adapter):
     def attend(
         self, block: nn.Module, x: Tensor, bias: Optional[Tensor], class_attention_prefix: Optional[int]
     ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        return self.attend_rope(block, x, None, bias, class_attention_prefix)
+
+    def attend_rope(
+        self,
+        block: nn.Module,
+        x: Tensor,
+        rope: Optional[Tuple[Tensor, Tensor]],
+        bias: Optional[Tensor],
+        prefix: Optional[int],
+    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The attention half of a layer with its residual; ``rope`` (``(cos, sin)`` of the current patch tokens)
+        for a RoPE family."""
         layer: Any = block
-        if hasattr(layer, "layernorm_before"):  # ViT, DeiT
-            y, metric, cls_attn = hf_attention_with_metric(
-                layer.attention, layer.layernorm_before(x), bias, class_attention_prefix
-            )
-            return x + layer.dropout(y), metric, cls_attn
-        if hasattr(layer, "layer_scale1"):  # DINOv2 (+ registers): LayerScale and drop-path kept
-            y, metric, cls_attn = hf_attention_with_metric(
-                layer.attention, layer.norm1(x), bias, class_attention_prefix
-            )
-            return x + layer.drop_path(layer.layer_scale1(y)), metric, cls_attn
-        y, metric, cls_attn = hf_attention_with_metric(  # CLIP, SigLIP
-            layer.self_attn, layer.layer_norm1(x), bias, class_attention_prefix
-        )
-        return x + y, metric, cls_attn
+        layout = _layout(block, self.families)
+        attn = getattr(layer, layout.attention)
+        y, metric, cls_attn = hf_attention_with_metric(attn, getattr(layer, layout.norms[0])(x), bias, prefix, rope)
+        if layout.scales:
+            y = getattr(layer, layout.scales[0])(y)
+        return x + _apply(layer, layout.drop, y), metric, cls_attn
 
     def feed_forward(self, block: nn.Module, x: Tensor) -> Tensor:
         layer: Any = block
-        out: Tensor
-        if hasattr(layer, "layernorm_after"):
-            out = x + layer.dropout(layer.mlp(layer.layernorm_after(x)))
-        elif hasattr(layer, "layer_scale2"):
-            out = x + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))
-        else:
-            out = x + layer.mlp(layer.layer_norm2(x))
-        return out
+        layout = _layout(block, self.families)
+        y = layer.mlp(getattr(layer, layout.norms[1])(x))
+        if layout.scales:
+            y = getattr(layer, layout.scales[1])(y)
+        return x + _apply(layer, layout.drop, y)
+
+    def backbone_output(
+        self, backbone: nn.Module, states: List[Tensor], grid: Tuple[int, int], hidden: Optional[Tuple[Tensor, ...]]
+    ) -> Any:
+        """A backbone family's output from every stage in the dense layout (the embeddings, then each layer)."""
+        from transformers.modeling_outputs import BackboneOutput
+
+        maps = _feature_maps(backbone, states, grid, self.num_prefix_tokens(backbone))
+        return BackboneOutput(feature_maps=maps, hidden_states=hidden)
 
     def overrides(self) -> Dict[str, Callable[..., Any]]:
         return {"forward": _forward}

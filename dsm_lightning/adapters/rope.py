@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..merge import window_order
+from ..merge import MergeState, window_order
 from ..schedule import BlockPlan, TokenPlan
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "gather_rope",
     "rope_at",
     "SUPPORTED_ROPES",
+    "MergedPositions",
 ]
 
 #: How a merged token's position is chosen (see the module docstring).
@@ -113,6 +114,46 @@ def next_destinations(rep: Tensor, before: Tensor, after: Tensor, is_b: Tensor, 
     target = torch.where(keeps_place, new_index, num_after)  # the rest goes to a dropped slot
     out = torch.zeros(rep.shape[0], num_after + 1, dtype=torch.long, device=rep.device)
     return out.scatter_(1, target, rep)[:, :num_after]
+
+
+class MergedPositions:
+    """Where the current patch tokens sit, followed through one forward pass (any RoPE family's ``args_for``).
+
+    :meth:`update` is called with the state before every block; positions change only after a merging block, and
+    then hold :attr:`rep` (``"destination"``: each token's representative patch, ``[B, N]``) or :attr:`coords`
+    (``"centroid"``: ``[B, N, 2]`` continuous (row, col)). Before the first merge both are None (the dense grid).
+    """
+
+    def __init__(self, plan: TokenPlan, rule: str) -> None:
+        self.plan, self.rule = plan, check_rule(rule)
+        self.state = MergeState()
+        self.rep: Optional[Tensor] = None
+        self.coords: Optional[Tensor] = None
+
+    def update(self, index: int, state: MergeState) -> bool:
+        """Follow the merge that produced ``state`` (the state before block ``index``); True when the positions
+        changed (a merge happened since the last call)."""
+        if state.pos is None or state is self.state:
+            return False
+        assert state.size is not None
+        n_after = state.size.shape[1] - self.plan.num_prefix_tokens
+        if self.rule == "centroid":
+            self.coords = token_centroids(state.pos, n_after, self.plan.grid)
+        else:
+            self.rep = self._destinations(index, state, n_after)
+        self.state = state
+        return True
+
+    def _destinations(self, index: int, state: MergeState, n_after: int) -> Tensor:
+        """Representative patches after the merge of block ``index - 1`` (the state changes only there)."""
+        assert state.pos is not None
+        before = self.state.pos
+        batch, n0 = state.pos.shape
+        if before is None:
+            before = torch.arange(n0, device=state.pos.device).expand(batch, -1)
+        rep = self.rep if self.rep is not None else before
+        is_b = matched_into(self.plan.blocks[index - 1], rep.shape[1], self.plan, self.state.pos is None, rep.device)
+        return next_destinations(rep, before, state.pos, is_b, n_after)
 
 
 def gather_rope(dense: Tensor, rep: Tensor) -> Tensor:

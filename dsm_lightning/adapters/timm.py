@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..merge import MergeState, class_attention, unmerge
-from .base import Adapter, UnsupportedModelError, original_class, patched_adapter, unwrap_block
+from .base import Adapter, check_blocks, patched_adapter, unwrap_block
 
 __all__ = ["TimmViTAdapter", "attention_with_metric"]
 
@@ -147,21 +147,7 @@ class TimmViTAdapter(Adapter):
 
     def check(self, model: nn.Module) -> None:
         _, block_cls, attn_cls = _timm_types()
-        vit: Any = model
-        for i, module in enumerate(vit.blocks):
-            cls = original_class(module)
-            if cls is not block_cls:
-                raise UnsupportedModelError(
-                    f"block {i} is {cls.__module__}.{cls.__qualname__}; DSM's timm adapter supports "
-                    f"{block_cls.__module__}.Block (pre-norm, attention then MLP). Register an adapter for this block "
-                    f"type (README, 'Custom ViTs')"
-                )
-            attn: Any = cast(Any, unwrap_block(module)).attn
-            if type(attn) is not attn_cls:
-                raise UnsupportedModelError(
-                    f"block {i} uses attention {type(attn).__module__}.{type(attn).__qualname__}; DSM's timm "
-                    f"adapter supports timm.layers.Attention (rotary / differential attention are not supported)"
-                )
+        check_blocks(cast(Any, model).blocks, "timm", {block_cls: (attn_cls,)})
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         return cast(Sequence[nn.Module], cast(Any, model).blocks)

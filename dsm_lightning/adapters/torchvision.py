@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..merge import class_attention, unmerge
-from .base import Adapter, UnsupportedModelError, original_class, patched_adapter, unwrap_block
+from .base import Adapter, UnsupportedModelError, check_blocks, patched_adapter, unwrap_block
 
 __all__ = ["TorchvisionViTAdapter", "mha_with_metric"]
 
@@ -67,12 +67,8 @@ class TorchvisionViTAdapter(Adapter):
         from torchvision.models.vision_transformer import EncoderBlock
 
         vit: Any = model
+        check_blocks(vit.encoder.layers, "torchvision", {EncoderBlock: ()})
         for i, module in enumerate(vit.encoder.layers):
-            if original_class(module) is not EncoderBlock:
-                raise UnsupportedModelError(
-                    f"encoder layer {i} is {original_class(module).__qualname__}; the torchvision adapter supports "
-                    f"EncoderBlock"
-                )
             mha = cast(Any, unwrap_block(module)).self_attention
             if not (
                 isinstance(mha, nn.MultiheadAttention)
