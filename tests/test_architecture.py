@@ -101,3 +101,16 @@ def test_the_library_never_imports_the_app():
         if module.startswith("dsm_lightning.app") or module == "dsm_lightning.__main__":
             continue
         assert not any(t.startswith("dsm_lightning.app") for t in targets), f"{module} imports the app"
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A ``_name`` belongs to its module: shared state and helpers get a public name in the module that owns them
+    (e.g. ``state`` for the patch record and the compile mark)."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("dsm_lightning")):
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                if private:
+                    found.append(f"{path.relative_to(PACKAGE)} imports {private} from {node.module or '.'}")
+    assert not found, "\n".join(found)

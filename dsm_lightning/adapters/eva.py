@@ -27,12 +27,12 @@ from ..merge import MergeState, class_attention
 from ..schedule import TokenPlan
 from .base import UnsupportedModelError, check_blocks, unwrap_block
 from .rope import SUPPORTED_ROPES, MergedPositions, check_rule, gather_rope, rope_at
-from .timm import TimmViTAdapter, _forward_features, _forward_intermediates
+from .timm import TimmViTAdapter, vit_forward_features, vit_forward_intermediates
 
 __all__ = ["TimmEvaAdapter", "rope_attention_with_metric"]
 
 
-def _eva_types() -> Tuple[type, Tuple[type, ...], Tuple[type, ...]]:
+def eva_types() -> Tuple[type, Tuple[type, ...], Tuple[type, ...]]:
     from timm.layers import AttentionRope
     from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 
@@ -111,7 +111,7 @@ def _dense_rope(model: Any, grid: Tuple[int, int]) -> Optional[Tensor]:
     return cast(Tensor, rope.get_embed())
 
 
-class _RopeInputs:
+class RopeInputs:
     """``args_for`` of one forward pass: each block's rotary embedding for the tokens it receives (recomputed only
     after a merging block, from :class:`~dsm_lightning.adapters.rope.MergedPositions`)."""
 
@@ -157,13 +157,13 @@ class TimmEvaAdapter(TimmViTAdapter):
 
     def matches(self, model: nn.Module) -> bool:
         try:
-            eva_cls, _, _ = _eva_types()
+            eva_cls, _, _ = eva_types()
         except ImportError:
             return False
         return isinstance(model, eva_cls)
 
     def check(self, model: nn.Module) -> None:
-        _, block_types, attn_types = _eva_types()
+        _, block_types, attn_types = eva_types()
         eva: Any = model
         check_blocks(eva.blocks, "Eva", dict.fromkeys(block_types, attn_types))
         rope = eva.rope
@@ -196,7 +196,7 @@ class TimmEvaAdapter(TimmViTAdapter):
         dense = _dense_rope(eva, plan.grid)
         if dense is None:
             return None
-        return _RopeInputs(eva.rope, dense, plan, self.rope_position, bool(getattr(eva, "rope_mixed", False)))
+        return RopeInputs(eva.rope, dense, plan, self.rope_position, bool(getattr(eva, "rope_mixed", False)))
 
     def attend_rope(
         self, block: nn.Module, x: Tensor, rope: Optional[Tensor], bias: Optional[Tensor], prefix: Optional[int]
@@ -230,4 +230,4 @@ class TimmEvaAdapter(TimmViTAdapter):
         return cast(Sequence[nn.Module], cast(Any, model).blocks)
 
     def overrides(self) -> Dict[str, Callable[..., Any]]:
-        return {"forward_features": _forward_features, "forward_intermediates": _forward_intermediates}
+        return {"forward_features": vit_forward_features, "forward_intermediates": vit_forward_intermediates}

@@ -34,7 +34,7 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 @dataclass(frozen=True)
-class _Layer:
+class Layer:
     """How one ``transformers`` layer class is laid out: the attribute names its attention and MLP halves use."""
 
     attention: str  # the self-attention module (q_proj / k_proj / v_proj)
@@ -43,20 +43,20 @@ class _Layer:
     drop: str = ""  # dropout / drop-path on both residual branches ("": none)
 
 
-_VIT_LAYER = _Layer("attention", ("layernorm_before", "layernorm_after"), drop="dropout")
-_DINOV2_LAYER = _Layer("attention", ("norm1", "norm2"), ("layer_scale1", "layer_scale2"), "drop_path")
-_CLIP_LAYER = _Layer("self_attn", ("layer_norm1", "layer_norm2"))
+_VIT_LAYER = Layer("attention", ("layernorm_before", "layernorm_after"), drop="dropout")
+_DINOV2_LAYER = Layer("attention", ("norm1", "norm2"), ("layer_scale1", "layer_scale2"), "drop_path")
+_CLIP_LAYER = Layer("self_attn", ("layer_norm1", "layer_norm2"))
 
 
 @dataclass(frozen=True)
-class _Family:
+class Family:
     """One ``transformers`` vision encoder, declared: where things are (attribute paths on the encoder / its layers)
     and what its forward does around the layers. Nothing about a family is probed at run time."""
 
     encoder: str  # encoder class name
     module: str  # module that defines it
     layer: str  # layer class name
-    layout: _Layer  # the layer's layout
+    layout: Layer  # the layer's layout
     layers: str = "encoder.layers"  # attribute path of the layer list on the encoder
     wrappers: Tuple[str, ...] = ()  # task models holding the encoder as ``getattr(model, attr)``
     attr: str = ""  # the attribute the task models keep the encoder under
@@ -82,24 +82,24 @@ _CLIP = "transformers.models.clip.modeling_clip"
 _SIGLIP = "transformers.models.siglip.modeling_siglip"
 
 _FAMILIES = (
-    _Family("ViTModel", _VIT, "ViTLayer", _VIT_LAYER, "layers", ("ViTForImageClassification",), "vit",
+    Family("ViTModel", _VIT, "ViTLayer", _VIT_LAYER, "layers", ("ViTForImageClassification",), "vit",
             cast_pixels=True, final_norm="layernorm", pool="pooler"),
-    _Family("DeiTModel", _DEIT, "DeiTLayer", _VIT_LAYER, "layers",
+    Family("DeiTModel", _DEIT, "DeiTLayer", _VIT_LAYER, "layers",
             ("DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"), "deit", prefix=2,
             cast_pixels=True, final_norm="layernorm", pool="pooler"),
-    _Family("Dinov2Model", _DINOV2, "Dinov2Layer", _DINOV2_LAYER, "encoder.layer", ("Dinov2ForImageClassification",),
+    Family("Dinov2Model", _DINOV2, "Dinov2Layer", _DINOV2_LAYER, "encoder.layer", ("Dinov2ForImageClassification",),
             "dinov2", interpolate=False, final_norm="layernorm", pool="class"),
-    _Family("Dinov2WithRegistersModel", _DINOV2_REG, "Dinov2WithRegistersLayer", _DINOV2_LAYER, "encoder.layer",
+    Family("Dinov2WithRegistersModel", _DINOV2_REG, "Dinov2WithRegistersLayer", _DINOV2_LAYER, "encoder.layer",
             ("Dinov2WithRegistersForImageClassification",), "dinov2_with_registers", registers=True,
             interpolate=False, final_norm="layernorm", pool="class"),
-    _Family("Dinov2Backbone", _DINOV2, "Dinov2Layer", _DINOV2_LAYER, "encoder.layer", interpolate=False,
+    Family("Dinov2Backbone", _DINOV2, "Dinov2Layer", _DINOV2_LAYER, "encoder.layer", interpolate=False,
             backbone=True),
-    _Family("Dinov2WithRegistersBackbone", _DINOV2_REG, "Dinov2WithRegistersLayer", _DINOV2_LAYER, "encoder.layer",
+    Family("Dinov2WithRegistersBackbone", _DINOV2_REG, "Dinov2WithRegistersLayer", _DINOV2_LAYER, "encoder.layer",
             registers=True, interpolate=False, backbone=True),
-    _Family("CLIPVisionModel", _CLIP, "CLIPEncoderLayer", _CLIP_LAYER, "encoder.layers",
+    Family("CLIPVisionModel", _CLIP, "CLIPEncoderLayer", _CLIP_LAYER, "encoder.layers",
             ("CLIPVisionModelWithProjection", "CLIPForImageClassification"), "vision_model", pre_norm="pre_layrnorm",
             pool="class_norm"),
-    _Family("SiglipVisionModel", _SIGLIP, "SiglipEncoderLayer", _CLIP_LAYER, "encoder.layers",
+    Family("SiglipVisionModel", _SIGLIP, "SiglipEncoderLayer", _CLIP_LAYER, "encoder.layers",
             ("SiglipForImageClassification",), "vision_model", prefix=0, final_norm="post_layernorm", pool="head"),
 )  # fmt: skip
 #: Every supported class name (encoders first, then task models).
@@ -108,7 +108,7 @@ SUPPORTED_HF_CLASSES: Tuple[str, ...] = tuple(f.encoder for f in _FAMILIES) + tu
 )
 
 
-def _layout(layer: nn.Module, families: Sequence[_Family]) -> _Layer:
+def _layout(layer: nn.Module, families: Sequence[Family]) -> Layer:
     """The declared layout of a (patched) layer, found by module and name along its class's MRO."""
     layers = {(f.module, f.layer): f.layout for f in families}
     for cls in type(layer).__mro__:
@@ -123,7 +123,7 @@ def _apply(owner: Any, name: str, x: Tensor) -> Tensor:
     return cast(Tensor, getattr(owner, name)(x)) if name else x
 
 
-def _lookup(model: nn.Module, families: Sequence[_Family]) -> Optional[Tuple[_Family, bool]]:
+def _lookup(model: nn.Module, families: Sequence[Family]) -> Optional[Tuple[Family, bool]]:
     """``(family, is_encoder)`` for a supported ``transformers`` model (patched or not), else None. Matches by the
     class's own module and name along its MRO, so ``transformers`` is never imported for a non-HF model."""
     for cls in type(model).__mro__:
@@ -184,7 +184,7 @@ def hf_attention_with_metric(
 
 
 def _embed(
-    encoder: Any, family: _Family, pixel_values: Tensor, interpolate: bool, masked: Optional[Tensor] = None
+    encoder: Any, family: Family, pixel_values: Tensor, interpolate: bool, masked: Optional[Tensor] = None
 ) -> Tensor:
     """The encoder's embedding (and pre-norm), exactly as its own ``forward`` does before the layers."""
     if family.cast_pixels:
@@ -195,7 +195,7 @@ def _embed(
     return _apply(encoder, family.pre_norm, encoder.embeddings(pixel_values, **kwargs))
 
 
-def _tail(encoder: Any, family: _Family, dense: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+def _tail(encoder: Any, family: Family, dense: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
     """``(last_hidden_state, pooler_output)`` from the unmerged tokens after the last layer, as the encoder's own
     ``forward`` computes them (SigLIP's attention pooling over the dense layout is size-weighted)."""
     seq = _apply(encoder, family.final_norm, dense)
@@ -290,12 +290,12 @@ class HuggingFaceViTAdapter(Adapter):
     supports = "transformers " + ", ".join(SUPPORTED_HF_CLASSES) + " (transformers>=5.18,<6)"
     block_args = (None,)  # HF layers take the attention mask positionally (CLIP's and SigLIP's require it)
     #: The families this adapter runs, declared (a new family is one more entry, plus the hooks it needs).
-    families: Tuple[_Family, ...] = _FAMILIES
+    families: Tuple[Family, ...] = _FAMILIES
 
     def matches(self, model: nn.Module) -> bool:
         return _lookup(model, self.families) is not None
 
-    def family(self, model: nn.Module) -> _Family:
+    def family(self, model: nn.Module) -> Family:
         """The layout description of ``model``'s family."""
         found = _lookup(model, self.families)
         if found is None:
@@ -303,7 +303,7 @@ class HuggingFaceViTAdapter(Adapter):
         return found[0]
 
     def core(self, model: nn.Module) -> nn.Module:
-        family, is_encoder = cast(Tuple[_Family, bool], _lookup(model, self.families))
+        family, is_encoder = cast(Tuple[Family, bool], _lookup(model, self.families))
         return model if is_encoder else cast(nn.Module, getattr(model, family.attr))
 
     def check(self, model: nn.Module) -> None:

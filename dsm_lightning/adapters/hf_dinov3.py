@@ -26,19 +26,19 @@ from torch import Tensor, nn
 from ..engine import BlockArgs, BlockCall
 from ..merge import MergeState
 from ..schedule import TokenPlan
-from .hf import HuggingFaceViTAdapter, _Family, _Layer
+from .hf import Family, HuggingFaceViTAdapter, Layer
 from .rope import MergedPositions, check_rule
 
 __all__ = ["HuggingFaceDinov3Adapter", "dinov3_rope_at"]
 
 _MODULE = "transformers.models.dinov3_vit.modeling_dinov3_vit"
-_LAYOUT = _Layer("attention", ("norm1", "norm2"), ("layer_scale1", "layer_scale2"), "drop_path")
+_LAYOUT = Layer("attention", ("norm1", "norm2"), ("layer_scale1", "layer_scale2"), "drop_path")
 _COMMON: Any = dict(registers=True, cast_pixels=True, pixels="embeddings.patch_embeddings.weight", interpolate=False,
                     mlp_in="up_proj")  # fmt: skip
 _FAMILIES = (
-    _Family("DINOv3ViTModel", _MODULE, "DINOv3ViTLayer", _LAYOUT, "model.layer", masked_pos=True, final_norm="norm",
+    Family("DINOv3ViTModel", _MODULE, "DINOv3ViTLayer", _LAYOUT, "model.layer", masked_pos=True, final_norm="norm",
             pool="class", **_COMMON),
-    _Family("DINOv3ViTBackbone", _MODULE, "DINOv3ViTLayer", _LAYOUT, "model.layer", backbone=True, **_COMMON),
+    Family("DINOv3ViTBackbone", _MODULE, "DINOv3ViTLayer", _LAYOUT, "model.layer", backbone=True, **_COMMON),
 )  # fmt: skip
 
 Rope = Tuple[Tensor, Tensor]

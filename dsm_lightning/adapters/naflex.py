@@ -28,9 +28,9 @@ from ..engine import BlockArgs, BlockCall
 from ..merge import unmerge
 from ..schedule import TokenPlan
 from .base import Adapter, UnsupportedModelError, check_blocks, patched_adapter
-from .eva import TimmEvaAdapter, _eva_types, _RopeInputs
+from .eva import RopeInputs, TimmEvaAdapter, eva_types
 from .rope import SUPPORTED_ROPES
-from .timm import TimmViTAdapter, _forward_intermediates, _timm_types
+from .timm import TimmViTAdapter, timm_types, vit_forward_intermediates
 
 __all__ = ["TimmNaFlexAdapter"]
 
@@ -44,7 +44,7 @@ def _naflex_type() -> type:
 
 
 def _is_eva(block: nn.Module) -> bool:
-    return isinstance(block, _eva_types()[1])
+    return isinstance(block, eva_types()[1])
 
 
 def _dense_rope(model: Any, grid: Tuple[int, int]) -> Optional[Tensor]:
@@ -113,7 +113,7 @@ def _forward_intermediates_naflex(self: Any, x: Any, *args: Any, **kwargs: Any) 
         )
     kwargs.pop("patch_coord", None)
     kwargs.pop("patch_valid", None)
-    return _forward_intermediates(self, x, *args, **kwargs)
+    return vit_forward_intermediates(self, x, *args, **kwargs)
 
 
 class TimmNaFlexAdapter(TimmEvaAdapter):
@@ -134,8 +134,8 @@ class TimmNaFlexAdapter(TimmEvaAdapter):
             return False
 
     def check(self, model: nn.Module) -> None:
-        _, block_cls, attn_cls = _timm_types()
-        _, eva_blocks, eva_attns = _eva_types()
+        _, block_cls, attn_cls = timm_types()
+        _, eva_blocks, eva_attns = eva_types()
         vit: Any = model
         check_blocks(vit.blocks, "NaFlexVit", {block_cls: (attn_cls,), **dict.fromkeys(eva_blocks, eva_attns)})
         rope = vit.rope
@@ -176,7 +176,7 @@ class TimmNaFlexAdapter(TimmEvaAdapter):
         dense = _dense_rope(vit, plan.grid)
         if dense is None:
             return None
-        return _RopeInputs(vit.rope, dense, plan, self.rope_position, bool(vit.rope_is_mixed))
+        return RopeInputs(vit.rope, dense, plan, self.rope_position, bool(vit.rope_is_mixed))
 
     def attend(
         self, block: nn.Module, x: Tensor, bias: Optional[Tensor], class_attention_prefix: Optional[int]

@@ -21,7 +21,7 @@ __all__ = ["TimmViTAdapter", "attention_with_metric"]
 # types as ``Tensor | Module``; the family code below therefore reads them through ``Any``.
 
 
-def _timm_types() -> Tuple[type, type, type]:
+def timm_types() -> Tuple[type, type, type]:
     from timm.models.vision_transformer import Block, VisionTransformer
 
     try:
@@ -65,7 +65,7 @@ def attention_with_metric(
     return out, k, cls_attn  # per-head keys: averaged over heads only when metric='keys' uses them
 
 
-def _forward_features(self: Any, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+def vit_forward_features(self: Any, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
     """DSM version of ``VisionTransformer.forward_features``: tokens come back in the dense layout."""
     if attn_mask is not None or is_causal:
         raise ValueError("a DSM-patched model takes no attn_mask/is_causal; call remove_dsm(model) to use them")
@@ -75,7 +75,7 @@ def _forward_features(self: Any, x: Tensor, attn_mask: Optional[Tensor] = None, 
     return unmerge(self.norm(tokens), state, self.num_prefix_tokens)
 
 
-def _forward_intermediates(
+def vit_forward_intermediates(
     self: Any,
     x: Tensor,
     indices: Optional[Union[int, List[int]]] = None,
@@ -140,13 +140,13 @@ class TimmViTAdapter(Adapter):
 
     def matches(self, model: nn.Module) -> bool:
         try:
-            vit_cls, _, _ = _timm_types()
+            vit_cls, _, _ = timm_types()
         except ImportError:
             return False
         return isinstance(model, vit_cls)
 
     def check(self, model: nn.Module) -> None:
-        _, block_cls, attn_cls = _timm_types()
+        _, block_cls, attn_cls = timm_types()
         check_blocks(cast(Any, model).blocks, "timm", {block_cls: (attn_cls,)})
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
@@ -191,4 +191,4 @@ class TimmViTAdapter(Adapter):
         return out
 
     def overrides(self) -> Dict[str, Callable[..., Any]]:
-        return {"forward_features": _forward_features, "forward_intermediates": _forward_intermediates}
+        return {"forward_features": vit_forward_features, "forward_intermediates": vit_forward_intermediates}
