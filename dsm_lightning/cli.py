@@ -43,6 +43,12 @@ __all__ = [
     "main",
 ]
 
+#: Limits on YAML the command line reads (``--config`` files and values): size in characters, nesting depth, and
+#: nodes after expanding aliases (a "billion laughs" file of a few lines expands to billions).
+YAML_LIMITS = {"chars": 8 * 2**20, "depth": 100, "nodes": 200_000}
+#: The jsonargparse parser mode whose loader checks :data:`YAML_LIMITS` before loading.
+YAML_MODE = "dsm_yaml"
+
 #: Input paths that resolve relative to the config file that sets them.
 CONFIG_RELATIVE_KEYS = ("data.train_dir", "data.val_dir", "data.test_dir", "data.predict_dir", "model.checkpoint_path")
 
@@ -265,9 +271,61 @@ def config_relative_paths(config: Any) -> dict:
     return {key: resolved for key, (raw, resolved) in found.items() if config.get(key) == raw}
 
 
+class YAMLLimitError(yaml.YAMLError, ValueError):
+    """YAML beyond :data:`YAML_LIMITS` (too large, too deep, or aliases expanding too far), refused unexpanded."""
+
+
+def check_yaml(text: str) -> None:
+    """Refuse YAML beyond :data:`YAML_LIMITS` from its event stream alone, in time linear in its length: nothing is
+    composed or expanded, so a file that would take hours (nested aliases) or overflow the stack (deep nesting) is
+    refused in milliseconds."""
+    if len(text) > YAML_LIMITS["chars"]:
+        raise YAMLLimitError(
+            f"a YAML config of {len(text):,} characters is larger than the {YAML_LIMITS['chars']:,} accepted; "
+            f"pass a config file of settings, not data"
+        )
+    sizes: Dict[str, int] = {}  # anchor -> nodes under it, aliases expanded
+    stack: List[List[Any]] = [[None, 0]]  # [anchor, nodes] of each open collection
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            stack.append([event.anchor, 1])
+            if len(stack) > YAML_LIMITS["depth"]:
+                raise YAMLLimitError(
+                    f"a YAML config nested deeper than {YAML_LIMITS['depth']} levels is refused; flatten it"
+                )
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, nodes = stack.pop()
+        elif isinstance(event, yaml.AliasEvent):
+            anchor, nodes = None, sizes.get(str(event.anchor), 1)
+        elif isinstance(event, yaml.ScalarEvent):
+            anchor, nodes = event.anchor, 1
+        else:
+            continue
+        if anchor is not None:
+            sizes[anchor] = nodes
+        stack[-1][1] += nodes
+        if stack[-1][1] > YAML_LIMITS["nodes"]:
+            raise YAMLLimitError(
+                f"a YAML config whose aliases (*name) expand to more than {YAML_LIMITS['nodes']:,} values is refused "
+                f"(an alias bomb?); write the values out, or drop the anchors (&name) and aliases"
+            )
+
+
+def _limited_yaml_load(text: str) -> Any:
+    from jsonargparse._loaders_dumpers import yaml_load
+
+    if isinstance(text, str):
+        check_yaml(text)
+    return yaml_load(text)
+
+
 def cli(args: Optional[List[str]] = None) -> DSMLightningCLI:
     """Run the command line with ``args`` (``sys.argv`` when None), raising errors as they are (for Python callers
     and tests; the console command is :func:`main`)."""
+    from jsonargparse import set_loader
+
+    set_loader(YAML_MODE, _limited_yaml_load, exceptions=(yaml.YAMLError,))  # idempotent: the same mode each call
     return DSMLightningCLI(
         ImageClassifier,
         ImageFolderDataModule,
@@ -276,7 +334,7 @@ def cli(args: Optional[List[str]] = None) -> DSMLightningCLI:
         save_config_callback=LogDirConfigCallback,
         auto_configure_optimizers=False,
         parser_class=OneLineErrorParser,
-        parser_kwargs={"description": DESCRIPTION, "prog": "dsm-lightning"},
+        parser_kwargs={"description": DESCRIPTION, "prog": "dsm-lightning", "parser_mode": YAML_MODE},
     )
 
 

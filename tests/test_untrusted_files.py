@@ -118,3 +118,50 @@ def test_every_file_in_a_predict_folder_is_predicted_or_listed(tmp_path):
     assert [p.endswith("anim.gif") for p in predicted] == [True], "a GIF is read (its first frame)"
     assert np.asarray(items[0]["image"])[0, 0, 0] == 10
     assert list(skipped) == [str(tmp_path / "notes.txt")] and "not an image" in skipped[str(tmp_path / "notes.txt")]
+
+
+def _alias_bomb(levels: int, width: int = 9) -> str:
+    lines = ["model:", "  model_kwargs:", '    a0: &a0 ["lol"]']
+    for i in range(1, levels):
+        lines.append(f"    a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (_alias_bomb(9), "aliases .* expand to more than"),
+        (_alias_bomb(30, width=2), "aliases .* expand to more than"),  # another shape: binary, deeper
+        ("a: &x {k: [1, 2, 3]}\n" + "".join(f"b{i}: *x\n" for i in range(60_000)), "expand to more than"),
+        ("x: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than 100"),
+        ("x: " + "{a: " * 500 + "1" + "}" * 500 + "\n", "nested deeper than 100"),
+        ("x: '" + "a" * (9 * 2**20) + "'\n", "larger than"),
+    ],
+    ids=["bomb9x9", "bomb30x2", "many-aliases", "deep-list", "deep-map", "huge"],
+)
+def test_yaml_beyond_the_limits_is_refused_unexpanded_in_milliseconds(text, match):
+    from dsm_lightning.cli import check_yaml
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=match):
+        check_yaml(text)
+    assert time.perf_counter() - start < 5
+
+
+def test_ordinary_yaml_with_a_few_anchors_is_accepted():
+    from dsm_lightning.cli import check_yaml
+
+    check_yaml("base: &b {batch_size: 4, num_workers: 0}\ndata:\n  <<: *b\n  predict_dir: imgs\n" + "x: [1, 2]\n" * 50)
+
+
+def test_an_alias_bomb_config_ends_the_cli_with_one_line_before_expansion(tmp_path, capsys):
+    from dsm_lightning.cli import cli
+
+    config = tmp_path / "downloaded.yaml"
+    config.write_text(_alias_bomb(9))
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as stopped:
+        cli(["predict", f"--config={config}", "--trainer.logger=false"])
+    assert stopped.value.code == 2 and time.perf_counter() - start < 20
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "alias bomb" in err[0] and "drop the anchors" in err[0]
