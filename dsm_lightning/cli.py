@@ -14,12 +14,14 @@ directory. User errors (a missing folder, a bad value) end the command with one 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
+import pickle
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Dict, Iterator, List, NoReturn, Optional, Tuple
 
 import torch
 import yaml
@@ -30,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from .callback import DSMCallback
 from .console import TRACEBACK_ENV, run_console
 from .data import ImageFolderDataModule
-from .module import ImageClassifier
+from .module import ImageClassifier, load_error_reason
 from .writer import PredictionWriter
 
 __all__ = [
@@ -226,6 +228,36 @@ class DSMLightningCLI(LightningCLI):
         if isinstance(self.trainer_class, type) and hasattr(self.trainer_class, "export"):
             return {**base, "export": {"model", "datamodule"}}
         return base
+
+    def _parse_ckpt_path(self) -> None:
+        with self._weights_only_ckpt():
+            try:
+                super()._parse_ckpt_path()
+            except (RuntimeError, EOFError, KeyError, AttributeError) as err:  # a truncated or foreign file
+                sub = self.config.get("subcommand")
+                raise ValueError(
+                    f"cannot read --ckpt_path={str(self.config[sub].get('ckpt_path'))!r} as a Lightning checkpoint "
+                    f"({type(err).__name__}: {load_error_reason(err)}); pass a .ckpt file that Trainer saved"
+                ) from None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        with self._weights_only_ckpt():
+            super()._run_subcommand(subcommand)
+
+    @contextlib.contextmanager
+    def _weights_only_ckpt(self) -> Iterator[None]:
+        """A ``--ckpt_path`` that ``torch.load(weights_only=True)`` refuses (a pickle that may run code) ends the
+        command in one line that never advises torch's ``weights_only=False``."""
+        try:
+            yield
+        except pickle.UnpicklingError as err:
+            sub = self.config.get("subcommand")
+            ckpt = self.config[sub].get("ckpt_path") if sub else None
+            raise ValueError(
+                f"--ckpt_path={str(ckpt)!r} is not a weights-only checkpoint ({load_error_reason(err)}): it holds "
+                f"Python objects that may run code. Do not load it unless you made it; re-save its weights as a "
+                f"state_dict or a .safetensors file and pass that with --model.checkpoint_path"
+            ) from None
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)

@@ -179,6 +179,17 @@ def build_model(
     return timm.create_model(model_name, pretrained=pretrained, **kwargs)
 
 
+def load_error_reason(err: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` refused, in one line, without torch's advice to turn the protection
+    off (``weights_only=False`` runs whatever code the file holds)."""
+    lines = [" ".join(line.split()) for line in str(err).splitlines() if line.strip()]
+    useful = [line for line in lines if "weights_only" not in line and not line.startswith("Check the documentation")]
+    reason = next((line for line in useful if "GLOBAL" in line or "global" in line), useful[0] if useful else "")
+    if not reason:  # only torch's generic "Weights only load failed ... weights_only=False ..." line
+        reason = "the file holds Python objects that are not tensors"
+    return reason if len(reason) <= 300 else reason[:297] + "..."
+
+
 def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(
@@ -198,9 +209,8 @@ def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors, truncated zip archives, non-weights pickles
         raise ValueError(
-            f"cannot load {path} with torch.load(weights_only=True) ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); pass a state_dict saved with torch.save "
-            f"or a .safetensors file"
+            f"cannot load {path} with torch.load(weights_only=True) ({type(err).__name__}: {load_error_reason(err)}); "
+            f"pass a state_dict saved with torch.save or a .safetensors file"
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # a Lightning checkpoint

@@ -165,3 +165,49 @@ def test_an_alias_bomb_config_ends_the_cli_with_one_line_before_expansion(tmp_pa
     assert stopped.value.code == 2 and time.perf_counter() - start < 20
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(err) == 1 and "alias bomb" in err[0] and "drop the anchors" in err[0]
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("stage", ["validate", "predict"])
+@pytest.mark.parametrize("kind", ["pickle", "truncated", "not-a-zip"])
+def test_ckpt_path_that_is_not_weights_only_is_refused_in_one_line_without_unsafe_advice(tmp_path, stage, kind):
+    import torch
+
+    from dsm_lightning.cli import cli
+    from tests.lightning_helpers import make_image_folder
+    from tests.test_cli_writer import cli_args
+
+    data = make_image_folder(tmp_path / "imgs", classes=3, per_class=1)
+    marker = tmp_path / "PWNED"
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "x": _Payload(marker)}, ckpt)
+    if kind == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[:200])
+    elif kind == "not-a-zip":
+        ckpt.write_bytes(b"\x80\x04K\x01." + b"junk" * 10)
+    args = cli_args(tmp_path, data, tmp_path / "p.csv", f"--data.val_dir={data}", f"--ckpt_path={ckpt}")
+    with pytest.raises(ValueError, match="ckpt_path") as refused:
+        cli([stage, *args])
+    message = str(refused.value)
+    assert "weights_only=False" not in message and "`False`" not in message and "\n" not in message
+    assert ("may run code" in message and "GLOBAL" in message) if kind == "pickle" else "cannot read" in message
+    assert not marker.exists()
+
+
+def test_model_checkpoint_path_pickle_error_gives_no_unsafe_advice(tmp_path):
+    import torch
+
+    weights = tmp_path / "evil.pt"
+    torch.save({"w": _Payload(tmp_path / "PWNED")}, weights)
+    with pytest.raises(ValueError, match="GLOBAL.*pass a state_dict") as refused:
+        ImageClassifier("vit_tiny_patch16_224", model_kwargs=TINY_KW, checkpoint_path=str(weights))
+    assert "weights_only` set to `False" not in str(refused.value) and not (tmp_path / "PWNED").exists()
