@@ -211,3 +211,37 @@ def test_model_checkpoint_path_pickle_error_gives_no_unsafe_advice(tmp_path):
     with pytest.raises(ValueError, match="GLOBAL.*pass a state_dict") as refused:
         ImageClassifier("vit_tiny_patch16_224", model_kwargs=TINY_KW, checkpoint_path=str(weights))
     assert "weights_only` set to `False" not in str(refused.value) and not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize(("low", "high"), [(0, 2**24), (-30000, 30000), (-(2**31), 2**31 - 1)])
+def test_32_bit_integer_image_beyond_16_bits_keeps_its_tones_with_a_warning(tmp_path, low, high):
+    ramp = np.tile(np.linspace(low, high, 64), (8, 1)).astype(np.int32)
+    Image.fromarray(ramp, mode="I").save(tmp_path / "ramp32.tif")
+    assert Image.open(tmp_path / "ramp32.tif").mode == "I"
+    with pytest.warns(UserWarning, match=r"ramp32.tif: a 32-bit integer image with values .* scaled by its own range"):
+        rgb = np.asarray(load_rgb(tmp_path / "ramp32.tif")).astype(int)[0, :, 0]
+    assert rgb[0] == 0 and rgb[-1] == 255 and (np.diff(rgb) >= 0).all() and len(set(rgb)) >= 60
+
+
+def test_32_bit_integer_image_within_16_bits_reads_as_16_bit_without_a_warning(tmp_path, recwarn):
+    Image.fromarray(np.tile(np.linspace(0, 65535, 64), (8, 1)).astype(np.int32), mode="I").save(tmp_path / "i.tif")
+    rgb = np.asarray(load_rgb(tmp_path / "i.tif"))[0, :, 0]
+    assert rgb[0] == 0 and rgb[-1] == 255 and not [w for w in recwarn if "32-bit" in str(w.message)]
+
+
+def test_broken_links_pipes_and_devices_in_a_predict_folder_are_listed_with_their_reason(tmp_path):
+    import os
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nonexistent")
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    (tmp_path / "x.png").mkdir()  # a folder named like an image is walked as a folder
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png" / "inner.png")
+    files = ImageFiles(str(tmp_path), labelled=False, skip_bad=True)
+    items = [files[i] for i in range(len(files))]
+    predicted = sorted(os.path.basename(i["path"]) for i in items if "image" in i)
+    skipped = {os.path.basename(i["skipped"][0]): i["skipped"][1] for i in items if "skipped" in i}
+    assert predicted == ["good.png", "inner.png"]
+    assert skipped["dangling.png"].startswith("broken symbolic link")
+    assert "named pipe" in skipped["fifo.png"] and "device" in skipped["zero.png"] and len(skipped) == 3
