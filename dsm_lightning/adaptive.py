@@ -47,6 +47,15 @@ def fit_thresholds(model: nn.Module, images: Tensor, config: Optional[DSMConfig]
         >>> len(fitted.threshold), fitted.flops_target
         (12, 0.6)
     """
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[0] == 0:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"fit_thresholds needs a batch of images [B, 3, H, W] with B >= 1 (64 or more), got {shape}")
+    bad = (~torch.isfinite(images.flatten(1)).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"fit_thresholds got non-finite pixels (nan/inf) in image(s) {bad[:10]}; check the data loading and "
+            f"normalisation (the thresholds fitted on them would mean nothing)"
+        )
     before = get_config(model) if is_patched(model) else None
     base = (config or before or DSMConfig()).replace(threshold=None)
     plan = token_plan(model, base, img_size=(images.shape[-2], images.shape[-1]))

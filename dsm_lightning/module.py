@@ -43,6 +43,16 @@ SIDECAR_CREATE_KWARGS: Dict[str, Tuple[Tuple[type, ...], Optional[Tuple[float, f
 }
 
 
+#: String arguments a side-car may set, with their accepted values (timm's pooling types).
+SIDECAR_CHOICES: Dict[str, Tuple[str, ...]] = {"global_pool": ("", "avg", "avgmax", "max", "token", "map")}
+#: Largest model a side-car may describe: parameters (estimated from its blocks and position embedding) and tokens
+#: per image. Larger than any published ViT; a combination of in-range values beyond them is refused.
+SIDECAR_MAX_PARAMS = 5e9
+SIDECAR_MAX_TOKENS = 65_536
+#: Largest side-car file read, in bytes (class names of the 21k ImageNet classes take under 1 MiB).
+SIDECAR_MAX_BYTES = 16 * 2**20
+
+
 def _check_create_kwarg(meta: Path, key: str, value: Any) -> None:
     if key not in SIDECAR_CREATE_KWARGS:
         raise ValueError(
@@ -61,6 +71,27 @@ def _check_create_kwarg(meta: Path, key: str, value: Any) -> None:
         limit = f" in [{bounds[0]:g}, {bounds[1]:g}]" if bounds else ""
         names = "/".join(k.__name__ for k in kinds)
         raise ValueError(f"{meta}: create_kwargs[{key!r}] = {value!r} is out of range; expected {names}{limit}")
+    if key in SIDECAR_CHOICES and value not in SIDECAR_CHOICES[key]:
+        raise ValueError(
+            f"{meta}: create_kwargs[{key!r}] = {value!r} is not one of {', '.join(map(repr, SIDECAR_CHOICES[key]))}"
+        )
+
+
+def _check_model_size(meta: Path, kwargs: Dict[str, Any]) -> None:
+    """Refuse ``create_kwargs`` whose values, each in range, add up to a model far larger than any real ViT
+    (missing values count as ViT-B/16's)."""
+    dim, depth = kwargs.get("embed_dim", 768), kwargs.get("depth", 12)
+    size, patch = kwargs.get("img_size", 224), kwargs.get("patch_size", 16)
+    h, w = (size, size) if isinstance(size, int) else (size[0], size[-1])
+    tokens = (h // patch) * (w // patch)
+    params = depth * (4 + 2 * kwargs.get("mlp_ratio", 4.0)) * dim * dim + tokens * dim
+    if params > SIDECAR_MAX_PARAMS or tokens > SIDECAR_MAX_TOKENS:
+        raise ValueError(
+            f"{meta}: create_kwargs describe a ViT of about {params / 1e9:,.1f} billion parameters and {tokens:,} "
+            f"tokens per image, beyond any real ViT (limits {SIDECAR_MAX_PARAMS / 1e9:g} billion, "
+            f"{SIDECAR_MAX_TOKENS:,} tokens); fix the side-car, or pass the arguments with --model.model_kwargs if "
+            f"you trust them"
+        )
 
 
 def read_sidecar(checkpoint_path: str) -> Dict[str, Any]:
@@ -79,10 +110,17 @@ def read_sidecar(checkpoint_path: str) -> Dict[str, Any]:
     meta = Path(checkpoint_path).with_suffix(".json")
     if not meta.is_file():
         return {}
+    if meta.stat().st_size > SIDECAR_MAX_BYTES:
+        raise ValueError(
+            f"{meta} holds {meta.stat().st_size:,} bytes, more than a side-car's {SIDECAR_MAX_BYTES:,}; fix or "
+            f"remove the side-car file"
+        )
     try:
-        data = json.loads(meta.read_text())
+        data = json.loads(meta.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{meta} is not valid JSON ({err}); fix or remove the side-car file") from None
+    except RecursionError:
+        raise ValueError(f"{meta} nests JSON too deeply to be a side-car; fix or remove the side-car file") from None
     if not isinstance(data, dict):
         raise ValueError(
             f"{meta} holds a JSON {type(data).__name__}; a side-car file is a JSON object such as "
@@ -105,6 +143,7 @@ def read_sidecar(checkpoint_path: str) -> Dict[str, Any]:
         )
     for key, value in data.get("create_kwargs", {}).items():
         _check_create_kwarg(meta, key, value)
+    _check_model_size(meta, data.get("create_kwargs", {}))
     return data
 
 
@@ -159,6 +198,16 @@ def build_model(
             kwargs["num_classes"] = num_classes
         if pretrained:
             raise ValueError("pretrained=True needs a download; pass checkpoint_path= with local weights instead")
+        builders = set(torchvision.models.list_models())
+        if name != "VisionTransformer" and name not in builders:
+            import difflib
+
+            close = difflib.get_close_matches(name, sorted(builders), n=3, cutoff=0.8)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+            raise ValueError(
+                f"model_name={model_name!r}: torchvision has no model builder {name!r}; {hint}pass torchvision:<name> "
+                f"with a name from torchvision.models.list_models() (e.g. vit_b_16) or torchvision:VisionTransformer"
+            )
         ctor = getattr(torchvision.models, name)
         # a builder (vit_b_16) takes weights=; the class itself (VisionTransformer) takes a custom configuration
         return ctor(**kwargs) if isinstance(ctor, type) else ctor(weights=None, **kwargs)
@@ -345,7 +394,16 @@ class ImageClassifier(LightningModule):
                 num_classes = kwargs.pop("num_classes", None)
             kwargs.pop("num_classes", None)
         self.model_name: str = model_name or meta.get("timm_name") or DEFAULT_MODEL
-        self.model = build_model(self.model_name, num_classes, pretrained, **kwargs)
+        try:
+            self.model = build_model(self.model_name, num_classes, pretrained, **kwargs)
+        except (TypeError, AttributeError, AssertionError, ValueError) as err:
+            if model_name is not None or "timm_name" not in meta or not checkpoint_path:
+                raise
+            raise ValueError(
+                f"{Path(checkpoint_path).with_suffix('.json')}: its timm_name {self.model_name!r} and create_kwargs "
+                f"do not build a model ({type(err).__name__}: {' '.join(str(err).split())}); fix the side-car or "
+                f"pass --model.model_name"
+            ) from None
         if checkpoint_path:
             load_checkpoint(self.model, checkpoint_path)
         if class_names is None:

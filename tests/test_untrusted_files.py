@@ -67,6 +67,13 @@ def test_trust_remote_code_is_refused_even_when_the_user_passes_it(tmp_path):
         ({"depth": True}, r"'depth'"),
         ({"pretrained_cfg_overlay": {"file": "/etc/passwd"}}, r"\['pretrained_cfg_overlay'\] is not a constructor"),
         ({"act_layer": "os.system"}, r"\['act_layer'\] is not a constructor"),
+        ({"global_pool": "evil"}, r"\['global_pool'\] = 'evil' is not one of '', 'avg'"),
+        (
+            {"embed_dim": 8192, "depth": 64, "num_heads": 128, "img_size": 4096, "patch_size": 1, "mlp_ratio": 16},
+            r"billion parameters and 16,777,216 tokens per image, beyond any real ViT",
+        ),
+        ({"embed_dim": 8192, "depth": 64}, r"billion parameters .* beyond any real ViT"),
+        ({"img_size": 4096, "patch_size": 2}, r"4,194,304 tokens per image"),
     ],
 )
 def test_sidecar_constructor_arguments_are_whitelisted_and_bounded(tmp_path, create_kwargs, match):
@@ -208,7 +215,7 @@ def test_model_checkpoint_path_pickle_error_gives_no_unsafe_advice(tmp_path):
 
     weights = tmp_path / "evil.pt"
     torch.save({"w": _Payload(tmp_path / "PWNED")}, weights)
-    with pytest.raises(ValueError, match="GLOBAL.*pass a state_dict") as refused:
+    with pytest.raises(ValueError, match=r"GLOBAL.*pass a state_dict") as refused:
         ImageClassifier("vit_tiny_patch16_224", model_kwargs=TINY_KW, checkpoint_path=str(weights))
     assert "weights_only` set to `False" not in str(refused.value) and not (tmp_path / "PWNED").exists()
 
@@ -245,3 +252,33 @@ def test_broken_links_pipes_and_devices_in_a_predict_folder_are_listed_with_thei
     assert predicted == ["good.png", "inner.png"]
     assert skipped["dangling.png"].startswith("broken symbolic link")
     assert "named pipe" in skipped["fifo.png"] and "device" in skipped["zero.png"] and len(skipped) == 3
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "match"),
+    [
+        (
+            {"timm_name": "torchvision:get_model"},
+            r"model\.json: its timm_name 'torchvision:get_model'.*no model builder",
+        ),
+        ({"timm_name": "torchvision:nope"}, r"model\.json: .*torchvision has no model builder 'nope'"),
+        ({"timm_name": "torchvision:vit_b_1"}, r"did you mean 'vit_b_16'"),
+        ({"timm_name": "torchvision:../../os"}, r"no model builder"),
+        ({"timm_name": "torchvision:VisionTransformer"}, r"model\.json: .*do not build a model \(TypeError"),
+        ({"timm_name": "vit_tiny_patch16_22"}, r"model\.json: .*unknown timm model"),
+    ],
+)
+def test_sidecar_model_names_that_are_not_models_end_in_one_line_naming_the_sidecar(tmp_path, sidecar, match):
+    with pytest.raises(ValueError, match=match) as refused:
+        ImageClassifier(checkpoint_path=str(_bundle(tmp_path, sidecar)))
+    assert "\n" not in str(refused.value)
+
+
+def test_deeply_nested_or_huge_sidecar_json_is_refused_in_one_line(tmp_path):
+    weights = _bundle(tmp_path, {})
+    weights.with_suffix(".json").write_text('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ValueError, match="nests JSON too deeply"):
+        read_sidecar(str(weights))
+    weights.with_suffix(".json").write_text('{"classes": ["' + "a" * (17 * 2**20) + '"]}')
+    with pytest.raises(ValueError, match="more than a side-car's"):
+        read_sidecar(str(weights))
