@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, cast
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
-__all__ = ["ImageClassifier", "build_model", "load_checkpoint", "read_sidecar"]
+__all__ = ["ImageClassifier", "build_model", "load_checkpoint", "read_sidecar", "sidecar_data_config"]
 
 #: Model of :class:`ImageClassifier` when neither ``model_name`` nor a checkpoint side-car names one.
 DEFAULT_MODEL = "vit_small_patch16_224"
@@ -98,10 +100,12 @@ def read_sidecar(checkpoint_path: str) -> Dict[str, Any]:
     """The JSON file next to a checkpoint (same name, ``.json``), or ``{}`` when there is none.
 
     Keys read: ``timm_name`` (a timm or ``torchvision:`` model name), ``create_kwargs`` (constructor arguments from
-    :data:`SIDECAR_CREATE_KWARGS`, e.g. ``img_size``, ``num_classes``, ``global_pool``, each within its range) and
-    ``classes`` (class names, one per output). Other keys are ignored. A side-car describes weights; it can never
-    name a ``transformers`` folder (``hf:``, whose loader can import code), enable remote code or build a model far
-    larger than any real ViT.
+    :data:`SIDECAR_CREATE_KWARGS`, e.g. ``img_size``, ``num_classes``, ``global_pool``, each within its range),
+    ``classes`` (class names, one per output) and the weights' preprocessing (``interpolation``, ``crop_pct``,
+    ``mean``, ``std``, or a free-text ``preprocess`` naming ``Resize(224, bilinear)``; see
+    :func:`sidecar_data_config`), which the DataModule follows unless told otherwise. Other keys are ignored. A
+    side-car describes weights; it can never name a ``transformers`` folder (``hf:``, whose loader can import code),
+    enable remote code or build a model far larger than any real ViT.
 
     Raises:
         ValueError: If the file is not valid JSON or a key has the wrong type or value (the message names the file
@@ -144,7 +148,45 @@ def read_sidecar(checkpoint_path: str) -> Dict[str, Any]:
     for key, value in data.get("create_kwargs", {}).items():
         _check_create_kwarg(meta, key, value)
     _check_model_size(meta, data.get("create_kwargs", {}))
+    sidecar_data_config(checkpoint_path, data)  # refuse bad preprocessing values now, naming the file
     return data
+
+
+#: Interpolations a side-car may name (timm's).
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+def sidecar_data_config(checkpoint_path: str, meta: Dict[str, Any]) -> Dict[str, Any]:
+    """The preprocessing a side-car states for its weights, as timm data-config fields: ``interpolation``,
+    ``crop_pct``, ``mean`` and ``std`` keys, else what its free-text ``preprocess`` says
+    (``"... Resize(224, bilinear) -> CenterCrop(224) ..."``: the interpolation, and the crop fraction)."""
+    where = Path(checkpoint_path).with_suffix(".json")
+    cfg: Dict[str, Any] = {}
+    text = meta.get("preprocess")
+    if isinstance(text, str):
+        resize = re.search(r"Resize\(\s*(\d+)\s*,\s*(\w+)\s*\)", text)
+        if resize and resize.group(2).lower() in _INTERPOLATIONS:
+            cfg["interpolation"] = resize.group(2).lower()
+            crop = re.search(r"CenterCrop\(\s*(\d+)", text)
+            cfg["crop_pct"] = min(1.0, int(crop.group(1)) / int(resize.group(1))) if crop else 1.0
+    if "interpolation" in meta:
+        if meta["interpolation"] not in _INTERPOLATIONS:
+            raise ValueError(f"{where}: 'interpolation' must be one of {', '.join(_INTERPOLATIONS)}")
+        cfg["interpolation"] = meta["interpolation"]
+    if "crop_pct" in meta:
+        value = meta["crop_pct"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"{where}: 'crop_pct' must be a fraction in (0, 1], got {value!r}")
+        cfg["crop_pct"] = float(value)
+    for key in ("mean", "std"):
+        if key in meta:
+            value = meta[key]
+            ok = isinstance(value, list) and len(value) == 3
+            ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            if not ok or (key == "std" and min(value) <= 0):
+                raise ValueError(f"{where}: {key!r} must be 3 finite numbers{' > 0' if key == 'std' else ''}")
+            cfg[key] = tuple(float(v) for v in value)
+    return cfg
 
 
 def _hf_folder(model_name: str) -> Path:
@@ -404,6 +446,8 @@ class ImageClassifier(LightningModule):
                 f"do not build a model ({type(err).__name__}: {' '.join(str(err).split())}); fix the side-car or "
                 f"pass --model.model_name"
             ) from None
+        #: Preprocessing the checkpoint's side-car states (:func:`sidecar_data_config`), on top of the model's.
+        self.sidecar_preprocessing = sidecar_data_config(checkpoint_path, meta) if checkpoint_path else {}
         if checkpoint_path:
             load_checkpoint(self.model, checkpoint_path)
         if class_names is None:
@@ -444,7 +488,12 @@ class ImageClassifier(LightningModule):
         raise ValueError(f"{self.model_name} has no classifier head (num_classes=0); set num_classes")
 
     def data_config(self) -> Dict[str, Any]:
-        """Preprocessing of the model (timm's ``resolve_data_config``), used by the DataModule."""
+        """Preprocessing of the model, used by the DataModule: timm's ``resolve_data_config`` (a ``transformers``
+        folder's ``preprocessor_config.json``; torchvision's ImageNet recipe), with what the checkpoint's side-car
+        states on top (:attr:`sidecar_preprocessing`: interpolation, crop, mean, std)."""
+        return {**self._model_data_config(), **getattr(self, "sidecar_preprocessing", {})}
+
+    def _model_data_config(self) -> Dict[str, Any]:
         from timm.data import resolve_data_config
 
         if self.model_name.startswith("hf:"):
