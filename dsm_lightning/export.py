@@ -210,7 +210,9 @@ def compare_onnx(
         import onnxruntime as ort
     except ImportError:
         raise ExportError("checking an export needs onnxruntime: pip install 'dsm-lightning[onnx]'") from None
-    session = ort.InferenceSession(str(path), providers=list(providers) or ["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: graph optimisation's warnings (one per CastLike node) are noise
+    session = ort.InferenceSession(str(path), options, providers=list(providers) or ["CPUExecutionProvider"])
     (got_np,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
     got = torch.from_numpy(got_np)
     with torch.no_grad():
