@@ -21,7 +21,7 @@ import pickle
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, NoReturn, Optional, Tuple
+from typing import Any, Dict, Iterator, List, NoReturn, Optional, Tuple, cast
 
 import torch
 import yaml
@@ -266,6 +266,16 @@ class DSMLightningCLI(LightningCLI):
         parser.add_argument("--version", action="version", version=f"dsm-lightning {__version__}")
         return parser
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's, plus :class:`~dsm_lightning.progress.LogProgress` (a plain progress line every 30 s) when
+        standard output is not a terminal, where progress bars show nothing until the end."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if not _is_terminal(sys.stdout) and trainer.progress_bar_callback is not None:
+            from .progress import LogProgress
+
+            cast(Any, trainer).callbacks.append(LogProgress())
+        return trainer
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(DSMCallback, "dsm")
         parser.add_lightning_class_args(PredictionWriter, "writer")
@@ -275,6 +285,13 @@ class DSMLightningCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         for key, value in config_relative_paths(config).items():
             config[key] = value
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        return False
 
 
 def _lookup(tree: Any, dotted: str) -> Any:

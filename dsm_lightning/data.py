@@ -96,7 +96,9 @@ def _walk(root: Path) -> Tuple[List[str], List[str]]:
     reached twice (a link loop such as ``up -> ..``, or two links to one place) is walked once, and each entry is
     listed once. Other entries are those that are neither files nor folders: broken links, pipes, devices, sockets
     (never opened)."""
-    seen_dirs, seen_files, found, odd = set(), set(), [], []
+    seen_dirs, seen_files = set(), set()
+    found: List[str] = []
+    odd: List[str] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen_dirs:

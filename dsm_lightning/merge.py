@@ -497,7 +497,8 @@ def _protected(
     if cls_attn is None:
         raise ConfigError(
             "DSMConfig.protect needs the class attention, but this model's adapter passed none to "
-            "BlockCall.merge(tokens, metric, cls_attn); set protect=0 or extend the adapter (docs/models.md, 'Custom ViTs')"
+            "BlockCall.merge(tokens, metric, cls_attn); set protect=0 or extend the adapter "
+            "(docs/models.md, 'Custom ViTs')"
         )
     return protected_mask(cls_attn[:, num_prefix:], config.protect, alive)
 
