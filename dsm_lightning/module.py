@@ -152,6 +152,9 @@ def read_sidecar(checkpoint_path: str) -> Dict[str, Any]:
     return data
 
 
+#: timm modules whose models DSM's adapters patch (VisionTransformer and subclasses, Eva); model-name suggestions
+#: come from these only.
+_TIMM_VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit", "eva")
 #: Interpolations a side-car may name (timm's).
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 
@@ -261,7 +264,9 @@ def build_model(
     if not timm.is_model(model_name):
         import difflib
 
-        close = difflib.get_close_matches(model_name, timm.list_models(), n=3, cutoff=0.8)
+        # suggest only names DSM can patch: models of timm's ViT modules (a close ResNet name would be refused)
+        vits = [m for module in _TIMM_VIT_MODULES for m in timm.list_models(module=module)]
+        close = difflib.get_close_matches(model_name, vits, n=3, cutoff=0.8)
         hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
         raise ValueError(
             f"unknown timm model {model_name!r}; {hint}(timm.list_models('vit_*') lists ViTs; "
