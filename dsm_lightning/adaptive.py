@@ -40,7 +40,7 @@ def fit_thresholds(model: nn.Module, images: Tensor, config: Optional[DSMConfig]
         ``config`` with ``threshold`` set, one value per block (2.0, merging nothing, where the plan merges nothing
         or the images needed no merge).
 
-    Example:
+    Examples:
         >>> import timm, torch
         >>> model = timm.create_model("vit_tiny_patch16_224", num_classes=10).eval()
         >>> fitted = fit_thresholds(model, torch.randn(8, 3, 224, 224), DSMConfig(flops_target=0.6))

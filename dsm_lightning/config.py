@@ -61,54 +61,54 @@ def window_grid(windows: Union[int, Sequence[int]]) -> Tuple[int, int]:
 class DSMConfig:
     """Settings of Delayed Spatial Merging.
 
-        Blocks ``0 .. delay-1`` stay dense. The next ``local_blocks`` blocks merge inside ``windows`` equal windows of
-        the patch grid (each window merges ``ceil(r / windows)`` tokens); every later block merges ``r`` tokens over the
-        whole image. :meth:`DSMConfig.tome` is official ToMe (``delay=0, local_blocks=0, metric="keys", protect=0``, a
+    Blocks ``0 .. delay-1`` stay dense. The next ``local_blocks`` blocks merge inside ``windows`` equal windows of
+    the patch grid (each window merges ``ceil(r / windows)`` tokens); every later block merges ``r`` tokens over the
+    whole image. :meth:`DSMConfig.tome` is official ToMe (``delay=0, local_blocks=0, metric="keys", protect=0``, a
     constant ``r`` and ToMe's own matching order).
 
-        The defaults are the schedule that stayed closest to the dense model at matched FLOPs on held-out real data
-        (README, "Accuracy vs speed"): no delay, no local phase, a proportional ``r``, token features as the matching
-        metric and the 20% most class-attended tokens protected. Delay and the local phase lost fidelity there at equal
-        FLOPs; they stay available.
+    The defaults are the schedule that stayed closest to the dense model at matched FLOPs on held-out real data
+    (README, "Accuracy vs speed"): no delay, no local phase, a proportional ``r``, token features as the matching
+    metric and the 20% most class-attended tokens protected. Delay and the local phase lost fidelity there at equal
+    FLOPs; they stay available.
 
-        Args:
-            delay: Number of leading blocks that are never merged (default 0).
-            r: Tokens merged per merging block. An int applies to every block from ``delay`` on; a float in
-                ``(0, 0.5]`` merges that fraction of the tokens entering each merging block (a proportional schedule);
-                a sequence gives one value per block (length = depth; entries before ``delay`` must be 0). ``None``
-                (default) picks, per input size, the smallest ``r`` of the ``schedule`` family whose planned FLOPs are
-                at most ``flops_target`` times the dense model's.
-            windows: Local windows: a perfect square (``4`` = 2x2) or ``(rows, cols)``.
-            local_blocks: How many merging blocks after the delay merge inside windows before global merging starts
-                (default 0).
-            prop_attn: Proportional attention: add ``log(size)`` to the attention logits so a merged token counts as
-                many tokens as it holds.
-            flops_target: Fraction of the dense FLOPs to aim for when ``r`` is None (0.55 = 1.8x fewer FLOPs).
-            schedule: Family searched when ``r`` is None: ``"proportional"`` (default; the same fraction of the
-                remaining tokens in every merging block) or ``"constant"`` (the same r in every merging block, as
-                ToMe). At matched FLOPs the proportional family kept more agreement with the dense model for every
-                delay we measured (README, "Accuracy vs speed").
-            metric: What pairs are matched on: ``"tokens"`` (default: the token features themselves, after the block's
-                attention) or ``"keys"`` (ToMe: attention keys averaged over heads).
-            protect: Fraction of the patch tokens entering a merging block, those the class token attends to most
-                (averaged over heads; the mean query for models without a class token), that neither merge away nor
-                receive a merge in that block (default 0.2). ``0`` (ToMe) protects none; needs an adapter that reports
-                class attention (timm and torchvision do).
-            matching: Which tokens form the two sets of the global bipartite matching, and in what order the unmerged
-                ones leave it. ``"dsm"`` (default): the patch tokens alternate from the first patch, and unmerged tokens
-                leave in the order of their best similarity. ``"tome"``: as official ToMe, the whole sequence alternates
-                with the prefix tokens in it (with a class token, set ``a`` starts at the second patch), and unmerged
-                tokens keep their input order whenever there is a prefix token. The two differ only in these arbitrary
-                choices; both are measured (README, "Accuracy vs speed"). Local (windowed) merges always use ``"dsm"``.
-            threshold: Adaptive merging. ``None`` (default): every image merges the planned number of tokens. A
-                float, or one float per block: each global merging block of the plan merges, in each image, every
-                pair whose cosine similarity is at least the block's threshold, so redundant images merge more
-                (values above 1 merge nothing). Fit thresholds to a FLOP budget with
-                :func:`~dsm_lightning.fit_thresholds`. Images of a batch are padded to the longest one (padding
-                rows have size 0 and are hidden from attention), so proportional attention is required.
-            buckets: With ``threshold``, how many token counts a block's output may have (the batch's longest image
-                is rounded up to the next of ``buckets`` evenly spaced counts), which bounds the shapes a compiled
-                graph sees.
+    Args:
+        delay: Number of leading blocks that are never merged (default 0).
+        r: Tokens merged per merging block. An int applies to every block from ``delay`` on; a float in
+            ``(0, 0.5]`` merges that fraction of the tokens entering each merging block (a proportional schedule);
+            a sequence gives one value per block (length = depth; entries before ``delay`` must be 0). ``None``
+            (default) picks, per input size, the smallest ``r`` of the ``schedule`` family whose planned FLOPs are
+            at most ``flops_target`` times the dense model's.
+        windows: Local windows: a perfect square (``4`` = 2x2) or ``(rows, cols)``.
+        local_blocks: How many merging blocks after the delay merge inside windows before global merging starts
+            (default 0).
+        prop_attn: Proportional attention: add ``log(size)`` to the attention logits so a merged token counts as
+            many tokens as it holds.
+        flops_target: Fraction of the dense FLOPs to aim for when ``r`` is None (0.55 = 1.8x fewer FLOPs).
+        schedule: Family searched when ``r`` is None: ``"proportional"`` (default; the same fraction of the
+            remaining tokens in every merging block) or ``"constant"`` (the same r in every merging block, as
+            ToMe). At matched FLOPs the proportional family kept more agreement with the dense model for every
+            delay we measured (README, "Accuracy vs speed").
+        metric: What pairs are matched on: ``"tokens"`` (default: the token features themselves, after the block's
+            attention) or ``"keys"`` (ToMe: attention keys averaged over heads).
+        protect: Fraction of the patch tokens entering a merging block, those the class token attends to most
+            (averaged over heads; the mean query for models without a class token), that neither merge away nor
+            receive a merge in that block (default 0.2). ``0`` (ToMe) protects none; needs an adapter that reports
+            class attention (timm and torchvision do).
+        matching: Which tokens form the two sets of the global bipartite matching, and in what order the unmerged
+            ones leave it. ``"dsm"`` (default): the patch tokens alternate from the first patch, and unmerged tokens
+            leave in the order of their best similarity. ``"tome"``: as official ToMe, the whole sequence alternates
+            with the prefix tokens in it (with a class token, set ``a`` starts at the second patch), and unmerged
+            tokens keep their input order whenever there is a prefix token. The two differ only in these arbitrary
+            choices; both are measured (README, "Accuracy vs speed"). Local (windowed) merges always use ``"dsm"``.
+        threshold: Adaptive merging. ``None`` (default): every image merges the planned number of tokens. A
+            float, or one float per block: each global merging block of the plan merges, in each image, every
+            pair whose cosine similarity is at least the block's threshold, so redundant images merge more
+            (values above 1 merge nothing). Fit thresholds to a FLOP budget with
+            :func:`~dsm_lightning.fit_thresholds`. Images of a batch are padded to the longest one (padding
+            rows have size 0 and are hidden from attention), so proportional attention is required.
+        buckets: With ``threshold``, how many token counts a block's output may have (the batch's longest image
+            is rounded up to the next of ``buckets`` evenly spaced counts), which bounds the shapes a compiled
+            graph sees.
     """
 
     delay: int = 0
@@ -133,7 +133,7 @@ class DSMConfig:
         official code (tested against a line-by-line transcription of it). Unlike ToMe, an ``r`` too large for a
         block raises instead of being clamped.
 
-        Example:
+        Examples:
             >>> DSMConfig.tome(16).r, DSMConfig.tome(16).matching
             (16, 'tome')
         """

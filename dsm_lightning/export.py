@@ -5,7 +5,7 @@ only the batch dimension is dynamic. The bipartite matching's stable sort (which
 exporting by an exact rank count (:func:`dsm_lightning.merge.stable_argsort`), so the exported graph makes the same
 merges as eager PyTorch, ties included.
 
-Example:
+Examples:
     >>> import timm, torch
     >>> from dsm_lightning import DSMConfig, apply_dsm
     >>> from dsm_lightning.export import export_onnx

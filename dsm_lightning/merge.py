@@ -159,7 +159,7 @@ def _best_partners(unit: Tensor, odd: int, blocked: Optional[Tensor] = None) -> 
 def bucket_tokens(count: int, n: int, buckets: int) -> int:
     """Round a token count up to the next of ``buckets`` evenly spaced levels between 0 and ``n``, capped at ``n``.
 
-    Example:
+    Examples:
         >>> tuple(bucket_tokens(c, 256, 16) for c in (1, 16, 17, 200, 256))
         (16, 16, 32, 208, 256)
     """

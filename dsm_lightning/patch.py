@@ -173,7 +173,7 @@ def apply_dsm(model: nn.Module, config: Optional[DSMConfig] = None, **overrides:
         UnsupportedModelError: For a model or block type no adapter supports.
         ValueError: For a config that cannot work on this model at its default input size.
 
-    Example:
+    Examples:
         >>> import timm, torch
         >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64).eval()
         >>> x = torch.randn(2, 3, 64, 64)
@@ -262,7 +262,7 @@ def token_plan(
     Raises:
         ValueError: With the limit that was broken (delay >= depth, r too large, too many windows, ...).
 
-    Example:
+    Examples:
         >>> plan = token_plan(depth=12, grid=(14, 14), num_prefix_tokens=1, config=DSMConfig.tome(16))
         >>> tokens = [b.tokens_out for b in plan.blocks]
         >>> tokens[:3], plan.tokens_out
