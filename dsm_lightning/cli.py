@@ -285,6 +285,7 @@ class DSMLightningCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         for key, value in config_relative_paths(config).items():
             config[key] = value
+        _warn_outputs_outside(config)
 
 
 def _is_terminal(stream: Any) -> bool:
@@ -367,6 +368,29 @@ def _limited_yaml_load(text: str) -> Any:
     if isinstance(text, str):
         check_yaml(text)
     return yaml_load(text)
+
+
+def _warn_outputs_outside(config: Any) -> None:
+    """One warning when a ``--config`` file (perhaps downloaded) sets ``writer.output`` to a place outside the
+    working directory: outputs are written where the path says, as documented, but the user should see where."""
+    value = config.get("writer.output")
+    if not isinstance(value, str):
+        return
+    for file in config.get("config") or []:
+        path = Path(str(getattr(file, "absolute", file)))
+        try:
+            tree = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if _lookup(tree, "writer.output") != value:
+            continue
+        target = Path(value).expanduser().resolve()
+        if not target.is_relative_to(Path.cwd().resolve()):
+            rank_zero_warn(
+                f"{path.name} sets writer.output={value!r}, outside the working directory ({target}); predictions "
+                f"go there. Pass --writer.output to choose another place"
+            )
+        return
 
 
 def cli(args: Optional[List[str]] = None) -> DSMLightningCLI:

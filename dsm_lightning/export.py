@@ -78,6 +78,20 @@ def describe(model: nn.Module, image_size: Tuple[int, int]) -> Dict[str, Any]:
     return meta
 
 
+def _check_metadata(metadata: Dict[str, Any], own: Dict[str, Any]) -> None:
+    """Refuse, before tracing, extra metadata that would replace DSM's own record or is not strict JSON."""
+    reserved = sorted(set(metadata) & ({"version", "input_size", "dsm_config", "tokens_per_block"} | set(own)))
+    if reserved:
+        raise ExportError(
+            f"metadata keys {reserved} are DSM's own record of the graph (its config, input size, token counts); "
+            f"store your entries under other names"
+        )
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ExportError(f"metadata must be JSON values (str, number, list, dict; no NaN): {err}") from None
+
+
 def export_onnx(
     model: nn.Module,
     path: Union[str, os.PathLike],
@@ -103,7 +117,9 @@ def export_onnx(
         batch_size: Batch of the example input used for tracing.
         dynamic_batch: Export with a dynamic batch dimension.
         optimize: Run the ONNX exporter's graph optimizer (slow on large graphs; ONNX Runtime optimizes at load).
-        metadata: Extra string-able entries for the metadata record.
+        metadata: Extra entries for the metadata record (JSON values: strings, numbers, lists, dicts); the keys
+            DSM writes itself (``version``, ``input_size``, ``dsm_config``, ``tokens_per_block``) are refused, so
+            the record never misdescribes the graph.
         overwrite: Replace an existing file (by default an existing file is an error, never silently replaced).
 
     Returns:
@@ -118,7 +134,9 @@ def export_onnx(
     size = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
     example = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
     dynamic = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
-    record = {**describe(model, size), **(metadata or {})}
+    own = describe(model, size)
+    _check_metadata(metadata or {}, own)
+    record = {**own, **(metadata or {})}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

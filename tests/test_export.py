@@ -127,6 +127,21 @@ def test_export_refuses_what_it_should(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match=r"model.eval\(\)"):
         export_onnx(model.train(), tmp_path / "t.onnx", 64)
     model.eval()
+    import math
+    import time
+    from pathlib import Path
+
+    start = time.perf_counter()
+    for bad, match in [
+        ({"dsm_config": None, "input_size": [3, 999, 999]}, r"\['dsm_config', 'input_size'\] are DSM's own record"),
+        ({"tokens_per_block": []}, "DSM's own record"),
+        ({"where": Path("x")}, "must be JSON values"),
+        ({"loss": math.nan}, "must be JSON values"),
+        ({"tags": {1, 2}}, "must be JSON values"),
+    ]:
+        with pytest.raises(ExportError, match=match):
+            export_onnx(model, tmp_path / "meta.onnx", 64, metadata=bad)
+    assert time.perf_counter() - start < 5 and not (tmp_path / "meta.onnx").exists(), "refused before tracing"
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     with pytest.raises(ExportError, match=r"dsm-lightning\[onnx\]"):
         export_onnx(model, tmp_path / "n.onnx", 64)

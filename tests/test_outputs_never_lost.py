@@ -359,3 +359,20 @@ def test_ctrl_c_during_the_final_merge_leaves_the_old_output_and_nothing_else(tm
     monkeypatch.setattr(writer_module, "_cell", interrupted)  # the merge is writing the temporary file
     status, _ = _predict_until_stopped(tmp_path, [], capsys)
     assert status == 1
+
+
+def test_a_config_that_sends_predictions_outside_the_working_directory_says_so(tmp_path, monkeypatch, recwarn):
+    data = make_image_folder(tmp_path / "imgs", labelled=False, classes=1, per_class=1)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    config = tmp_path / "downloaded.yaml"
+    config.write_text("writer:\n  output: ../escaped/p.csv\n")
+    args = [a for a in cli_args(tmp_path, data, tmp_path / "unused.csv") if not a.startswith("--writer.output")]
+    with pytest.warns(UserWarning, match=r"downloaded.yaml sets writer.output='../escaped/p.csv', outside the working"):
+        main(["predict", f"--config={config}", *args])
+    assert len(read_csv(tmp_path / "escaped" / "p.csv")) == 1
+    config.write_text("writer:\n  output: inside/p.csv\n")
+    main(["predict", f"--config={config}", *args])
+    main(["predict", f"--config={config}", *args, f"--writer.output={tmp_path}/flag.csv"])  # the user's own choice
+    assert not [w for w in recwarn if "outside the working" in str(w.message)], "neither warns"
