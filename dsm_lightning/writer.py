@@ -83,7 +83,18 @@ class PredictionWriter(BasePredictionWriter):
             self._take_lock_by_pid()
             return
         for _ in range(10):
-            fd = os.open(self._lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a symbolic link: a planted link would have us truncate the file it points to
+                fd = os.open(self._lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except IsADirectoryError:
+                raise IsADirectoryError(
+                    f"{self._lock} is a directory, where the writer keeps its lock; remove it or pass another "
+                    f"--writer.output"
+                ) from None
+            except OSError:
+                if not self._lock.is_symlink():
+                    raise
+                self._lock.unlink()  # the link only, never its target
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

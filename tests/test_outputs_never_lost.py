@@ -376,3 +376,19 @@ def test_a_config_that_sends_predictions_outside_the_working_directory_says_so(t
     main(["predict", f"--config={config}", *args])
     main(["predict", f"--config={config}", *args, f"--writer.output={tmp_path}/flag.csv"])  # the user's own choice
     assert not [w for w in recwarn if "outside the working" in str(w.message)], "neither warns"
+
+
+def test_a_lock_that_is_a_symbolic_link_is_replaced_and_its_target_never_written(tmp_path):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious")
+    lock = tmp_path / ".p.csv.lock"
+    for target in (victim, tmp_path / "nowhere"):
+        lock.symlink_to(target)
+        writer = PredictionWriter(str(tmp_path / "p.csv"))
+        writer._take_lock()
+        assert not lock.is_symlink() and lock.read_text().split()[0] == str(os.getpid())
+        writer._release()
+    assert victim.read_text() == "precious" and not (tmp_path / "nowhere").exists()
+    lock.mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory, where the writer keeps its lock; remove it"):
+        PredictionWriter(str(tmp_path / "p.csv"))._take_lock()
