@@ -392,3 +392,23 @@ def test_a_lock_that_is_a_symbolic_link_is_replaced_and_its_target_never_written
     lock.mkdir()
     with pytest.raises(IsADirectoryError, match="is a directory, where the writer keeps its lock; remove it"):
         PredictionWriter(str(tmp_path / "p.csv"))._take_lock()
+
+
+class _SigtermInValidation(Callback):
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_in_validate_exits_143_not_0_and_unpatches(tmp_path, capsys):
+    from dsm_lightning import DSMCallback, is_patched
+    from dsm_lightning.console import run_console
+    from tests.lightning_helpers import tiny_classifier, tiny_data, trainer
+
+    data = make_image_folder(tmp_path / "imgs", classes=3, per_class=4)
+    module = tiny_classifier()
+    run = trainer(callbacks=[DSMCallback(delay=1, r=2, min_agreement=None), _SigtermInValidation()])
+    with pytest.raises(SystemExit) as stopped:
+        run_console(lambda: run.validate(module, datamodule=tiny_data(data), verbose=False), "dsm-lightning")
+    assert stopped.value.code == 143 and not is_patched(module.model)
+    assert "dsm-lightning: stopped by SIGTERM" in capsys.readouterr().err
