@@ -412,3 +412,27 @@ def test_sigterm_in_validate_exits_143_not_0_and_unpatches(tmp_path, capsys):
         run_console(lambda: run.validate(module, datamodule=tiny_data(data), verbose=False), "dsm-lightning")
     assert stopped.value.code == 143 and not is_patched(module.model)
     assert "dsm-lightning: stopped by SIGTERM" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), ("SIGHUP", 129), ("SIGINT", 1)])
+def test_a_signal_to_a_cli_predict_process_stops_it_cleanly(tmp_path, name, code):
+    import glob
+    import subprocess
+    import sys
+    import time
+
+    data = make_image_folder(tmp_path / "imgs", labelled=False, classes=1, per_class=150)
+    out = tmp_path / "p.csv"
+    out.write_text("OLD\n")
+    args = [a for a in cli_args(tmp_path, data, out) if not a.startswith("--data.batch_size")]
+    command = [sys.executable, "-m", "dsm_lightning", "predict", *args, "--data.batch_size=1"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    start = time.time()
+    while not [p for p in glob.glob(str(tmp_path / ".p.csv.*.part")) if os.path.getsize(p) > 1000]:
+        assert proc.poll() is None and time.time() - start < 240, "the run ended before the signal"
+        time.sleep(0.1)
+    proc.send_signal(getattr(signal, name))
+    _, err = proc.communicate(timeout=60)  # it stops within seconds; before, SIGTERM ran on to the end
+    assert proc.returncode == code, err[-2000:]
+    assert out.read_text() == "OLD\n" and sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "p.csv"]
