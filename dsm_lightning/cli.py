@@ -331,8 +331,8 @@ def check_yaml(text: str) -> None:
     refused in milliseconds."""
     if len(text) > YAML_LIMITS["chars"]:
         raise YAMLLimitError(
-            f"a YAML config of {len(text):,} characters is larger than the {YAML_LIMITS['chars']:,} accepted; "
-            f"pass a config file of settings, not data"
+            f"YAML (a --config file or value) of {len(text):,} characters is larger than the "
+            f"{YAML_LIMITS['chars']:,} accepted; pass a config file of settings, not data"
         )
     sizes: Dict[str, int] = {}  # anchor -> nodes under it, aliases expanded
     stack: List[List[Any]] = [[None, 0]]  # [anchor, nodes] of each open collection
@@ -341,7 +341,8 @@ def check_yaml(text: str) -> None:
             stack.append([event.anchor, 1])
             if len(stack) > YAML_LIMITS["depth"]:
                 raise YAMLLimitError(
-                    f"a YAML config nested deeper than {YAML_LIMITS['depth']} levels is refused; flatten it"
+                    f"YAML (a --config file or value) nested deeper than {YAML_LIMITS['depth']} levels is refused; "
+                    f"flatten it"
                 )
             continue
         if isinstance(event, yaml.CollectionEndEvent):
@@ -350,6 +351,8 @@ def check_yaml(text: str) -> None:
             anchor, nodes = None, sizes.get(str(event.anchor), 1)
         elif isinstance(event, yaml.ScalarEvent):
             anchor, nodes = event.anchor, 1
+            if "*" in event.value and "&" in event.value:  # a string that jsonargparse may parse as YAML again
+                check_yaml(event.value)
         else:
             continue
         if anchor is not None:
@@ -357,8 +360,9 @@ def check_yaml(text: str) -> None:
         stack[-1][1] += nodes
         if stack[-1][1] > YAML_LIMITS["nodes"]:
             raise YAMLLimitError(
-                f"a YAML config whose aliases (*name) expand to more than {YAML_LIMITS['nodes']:,} values is refused "
-                f"(an alias bomb?); write the values out, or drop the anchors (&name) and aliases"
+                f"YAML (a --config file or value) whose aliases (*name) expand to more than "
+                f"{YAML_LIMITS['nodes']:,} values is refused (an alias bomb?); write the values out, or drop the "
+                f"anchors (&name) and aliases"
             )
 
 
@@ -399,6 +403,9 @@ def cli(args: Optional[List[str]] = None) -> DSMLightningCLI:
     from jsonargparse import set_loader
 
     set_loader(YAML_MODE, _limited_yaml_load, exceptions=(yaml.YAMLError,))  # idempotent: the same mode each call
+    for value in sys.argv[1:] if args is None else args:  # values jsonargparse parses as YAML outside the loader
+        if isinstance(value, str) and "*" in value:
+            check_yaml(value.split("=", 1)[1] if value.startswith("--") and "=" in value else value)
     return DSMLightningCLI(
         ImageClassifier,
         ImageFolderDataModule,
@@ -414,4 +421,8 @@ def cli(args: Optional[List[str]] = None) -> DSMLightningCLI:
 def main(args: Optional[List[str]] = None) -> None:
     """Console entry point (``dsm-lightning``, ``python -m dsm_lightning``): a user error prints one line (the
     message and its fix) and exits with status 1; ``DSM_LIGHTNING_TRACEBACK=1`` shows the traceback instead."""
+    for stream in (sys.stdout, sys.stderr):  # a C/ASCII locale: print escapes, never fail after the work is done
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     run_console(lambda: cli(args), "dsm-lightning")

@@ -282,3 +282,27 @@ def test_deeply_nested_or_huge_sidecar_json_is_refused_in_one_line(tmp_path):
     weights.with_suffix(".json").write_text('{"classes": ["' + "a" * (17 * 2**20) + '"]}')
     with pytest.raises(ValueError, match="more than a side-car's"):
         read_sidecar(str(weights))
+
+
+def _flow_bomb(levels: int = 9) -> str:
+    inner = ", ".join(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels))
+    return "{a0: &a0 [lol], " + inner + "}"
+
+
+@pytest.mark.parametrize("form", ["--key=value", "--key value", "string in a config file"])
+def test_an_alias_bomb_as_a_command_line_value_or_a_string_in_a_config_is_refused_too(tmp_path, form):
+    from dsm_lightning.cli import cli
+
+    bomb = _flow_bomb()
+    if form == "--key=value":
+        args = [f"--model.model_kwargs={bomb}"]
+    elif form == "--key value":
+        args = ["--model.model_kwargs", bomb]
+    else:
+        config = tmp_path / "c.yaml"
+        config.write_text("model:\n  model_kwargs: " + json.dumps(bomb) + "\n")  # jsonargparse parses it again
+        args = [f"--config={config}"]
+    start = time.perf_counter()
+    with pytest.raises((ValueError, SystemExit)):
+        cli(["predict", "--trainer.logger=false", *args])
+    assert time.perf_counter() - start < 20, "refused before expansion (it took 73 s, growing with each level)"
