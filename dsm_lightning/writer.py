@@ -22,6 +22,7 @@ from a downloaded side-car or from folder names) are prefixed with ``'``, as OWA
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import signal
@@ -103,8 +104,11 @@ class PredictionWriter(BasePredictionWriter):
                     f"another run ({_owner(self._lock)}) is writing {_shown(self.output)}; wait for it to finish or "
                     f"pass another --writer.output"
                 ) from None
-            except OSError:
+            except OSError as err:
                 os.close(fd)
+                if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                    self._take_lock_by_pid()  # a file system without flock (some network mounts)
+                    return
                 raise
             try:  # the file we locked may have been released (unlinked) by its owner since we opened it
                 same = os.stat(self._lock).st_ino == os.fstat(fd).st_ino
@@ -120,7 +124,9 @@ class PredictionWriter(BasePredictionWriter):
             return
         raise FileExistsError(f"could not take {self._lock} (other runs keep taking it); pass another --writer.output")
 
-    def _take_lock_by_pid(self) -> None:  # pragma: no cover - only where fcntl is missing (Windows)
+    def _take_lock_by_pid(self) -> None:
+        """The lock without ``flock`` (Windows, file systems without it): created atomically, and taken over when
+        the process it names is gone or is this one."""
         for _ in range(2):
             try:
                 fd = os.open(self._lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

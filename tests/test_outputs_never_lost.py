@@ -436,3 +436,24 @@ def test_a_signal_to_a_cli_predict_process_stops_it_cleanly(tmp_path, name, code
     _, err = proc.communicate(timeout=60)  # it stops within seconds; before, SIGTERM ran on to the end
     assert proc.returncode == code, err[-2000:]
     assert out.read_text() == "OLD\n" and sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "p.csv"]
+
+
+def test_without_flock_the_lock_falls_back_to_the_process_id(tmp_path, monkeypatch):
+    import errno
+
+    import dsm_lightning.writer as writer_module
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(writer_module.fcntl, "flock", no_locks)
+    lock = tmp_path / ".p.csv.lock"
+    for stale in ("999999999", str(os.getpid()), "garbage"):  # a dead run, this very process, junk: taken over
+        lock.write_text(stale)
+        writer = PredictionWriter(str(tmp_path / "p.csv"))
+        writer._take_lock()
+        assert lock.read_text().split()[0] == str(os.getpid())
+        writer._release()
+    lock.write_text("1")  # PID 1 is alive and not us: refused, naming the lock to delete
+    with pytest.raises(FileExistsError, match=r"another run \(process 1\).*delete .*\.p\.csv\.lock"):
+        PredictionWriter(str(tmp_path / "p.csv"))._take_lock()
