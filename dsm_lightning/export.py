@@ -186,13 +186,26 @@ def _check_exportable(model: nn.Module, out: Path, overwrite: bool) -> None:
         )
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux ``/proc``; 0o022 elsewhere)."""
+    try:
+        with open("/proc/self/status") as fh:
+            line = next((line for line in fh if line.startswith("Umask:")), "")
+        return int(line.split()[1], 8) if line else 0o022
+    except (OSError, ValueError, IndexError):
+        return 0o022
+
+
 def _save(program: Any, out: Path, overwrite: bool) -> None:
     """Write through a temporary file and ``os.replace``, so a reader never sees half a file and nothing that
     appeared meanwhile is overwritten unless ``overwrite``."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")[1])
+    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
         program.save(str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would make it: mkstemp's 0600 hides the file from the group
         if out.exists() and not overwrite:  # created meanwhile by someone else
             raise ExportError(f"{out} appeared while exporting; nothing was overwritten")
         os.replace(tmp, out)

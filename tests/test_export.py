@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsm_lightning import DSMConfig, apply_dsm, remove_dsm
-from dsm_lightning.export import ExportError, check_onnx, compare_onnx, export_onnx, read_metadata
+from dsm_lightning.export import ExportError, _umask, check_onnx, compare_onnx, export_onnx, read_metadata
 from dsm_lightning.merge import stable_argsort
 
 pytest.importorskip("onnxscript")
@@ -60,6 +60,7 @@ def test_default_config_with_dynamic_batch(tmp_path, capfd):
     for batch in (1, 3):
         assert check_onnx(model, path, _images(batch)) < TOL
     assert "onnxruntime" not in capfd.readouterr().err, "no ONNX Runtime warnings (CastLike constant folding)"
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask(), "the umask's permissions, not mkstemp's 0600"
     assert compare_onnx(model, path, _images(4)) == {"max_abs_diff": pytest.approx(0, abs=TOL), "top1_agreement": 1.0}
     meta = read_metadata(path)
     assert meta["dsm_config"] == DSMConfig().to_dict()
