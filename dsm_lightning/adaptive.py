@@ -50,6 +50,11 @@ def fit_thresholds(model: nn.Module, images: Tensor, config: Optional[DSMConfig]
     if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[0] == 0:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"fit_thresholds needs a batch of images [B, 3, H, W] with B >= 1 (64 or more), got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(
+            f"fit_thresholds needs float images, normalised as the model expects; got {images.dtype} (convert and "
+            f"normalise them as the model's data transform does)"
+        )
     bad = (~torch.isfinite(images.flatten(1)).all(dim=1)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(

@@ -254,6 +254,8 @@ def test_fit_thresholds_on_no_images_or_non_finite_images_says_so_in_one_line():
         fit_thresholds(model, x[:0], DSMConfig(flops_target=0.6))
     with pytest.raises(ValueError, match=r"needs a batch of images.*got \(3, 32, 32\)"):
         fit_thresholds(model, x[0], DSMConfig(flops_target=0.6))
+    with pytest.raises(ValueError, match=r"needs float images.*got torch\.uint8"):
+        fit_thresholds(model, (x * 50).clamp(0, 255).to(torch.uint8), DSMConfig(flops_target=0.6))
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"non-finite pixels \(nan/inf\) in image\(s\) \[2\]"):
             fit_thresholds(model, x.clone().index_fill_(0, torch.tensor([2]), bad), DSMConfig(flops_target=0.6))
