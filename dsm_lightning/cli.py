@@ -405,7 +405,12 @@ def cli(args: Optional[List[str]] = None) -> DSMLightningCLI:
     set_loader(YAML_MODE, _limited_yaml_load, exceptions=(yaml.YAMLError,))  # idempotent: the same mode each call
     for value in sys.argv[1:] if args is None else args:  # values jsonargparse parses as YAML outside the loader
         if isinstance(value, str) and "*" in value:
-            check_yaml(value.split("=", 1)[1] if value.startswith("--") and "=" in value else value)
+            try:
+                check_yaml(value.split("=", 1)[1] if value.startswith("--") and "=" in value else value)
+            except YAMLLimitError:
+                raise
+            except yaml.YAMLError:  # not YAML (a glob such as *.png): jsonargparse takes it as a string
+                pass
     return DSMLightningCLI(
         ImageClassifier,
         ImageFolderDataModule,
