@@ -309,8 +309,9 @@ def test_an_alias_bomb_as_a_command_line_value_or_a_string_in_a_config_is_refuse
 
 
 @pytest.mark.parametrize("value", ["*.png", "imgs/*", "*nothing"])
-def test_a_value_with_a_star_that_is_not_an_alias_bomb_passes_the_check(tmp_path, value):
+def test_a_value_with_a_star_that_is_not_an_alias_bomb_passes_the_check(tmp_path, monkeypatch, value):
     from dsm_lightning.cli import cli
 
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        cli(["predict", "--trainer.logger=false", f"--data.predict_dir={tmp_path / value}"])
+        cli(["predict", "--trainer.logger=false", f"--data.predict_dir={value}"])
