@@ -5,7 +5,8 @@ the same way (``--8<-- "benchmarks/results/matched_tome_clip.md"``: a table exac
 the page cannot drift from the results). Paths relative to the repository root are
 rewritten for the site (the PNGs under ``benchmarks/results/`` are published under ``results/``, ``docs/x.md`` is
 ``x.md``), and ``#anchor`` links to a heading on another page point at that page, so ``mkdocs build --strict`` can
-check every link.
+check every link. Sphinx roles left in docstrings (``:func:`apply_dsm```, ``:class:`~dsm_lightning.DSMConfig```)
+are rendered as code, linked to the object's entry where the page has one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parents[1]
 INCLUDE = re.compile(r'^--8<-- "([^"]+)"$', flags=re.M)
+#: A Sphinx cross-reference role as it reaches the HTML: ``:func:`` followed by the backticked name, now code.
+ROLE = re.compile(
+    r":(?:py:)?(?:func|class|meth|attr|data|mod|exc|obj):\s*<code>(~?)([\w.]+)(\(\))?(?:\s*&lt;~?([\w.]+)&gt;)?</code>"
+)
 
 
 def _included(text: str) -> str:
@@ -58,3 +63,24 @@ def on_page_markdown(markdown, page, config, files):
         return f"]({target}#{match.group(1)})" if target and target != page.file.src_path else match.group(0)
 
     return re.sub(r"\]\(#([\w-]+)\)", anchor, markdown)
+
+
+def on_page_content(html, page, config, files):
+    """Sphinx roles (``:func:`x```) that mkdocstrings leaves as text become code, linked to ``x``'s entry (its
+    ``id`` is the dotted path) when the page documents it; ``~`` shows only the last name, as Sphinx does."""
+    ids = set(re.findall(r'id="([\w.]+)"', html))
+
+    def resolve(name: str):
+        if name in ids:
+            return name
+        ends = sorted(i for i in ids if i.endswith("." + name))
+        return ends[0] if ends else None
+
+    def role(match):
+        short, name, call, explicit = match.group(1), match.group(2), match.group(3) or "", match.group(4)
+        shown = (name.rsplit(".", 1)[-1] if short else name) + call
+        target = resolve(explicit or name) or (resolve(name) if explicit else None)
+        code = f"<code>{shown}</code>"
+        return f'<a href="#{target}">{code}</a>' if target else code
+
+    return ROLE.sub(role, html)

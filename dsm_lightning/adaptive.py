@@ -40,13 +40,27 @@ def fit_thresholds(model: nn.Module, images: Tensor, config: Optional[DSMConfig]
         ``config`` with ``threshold`` set, one value per block (2.0, merging nothing, where the plan merges nothing
         or the images needed no merge).
 
-    Example:
+    Examples:
         >>> import timm, torch
         >>> model = timm.create_model("vit_tiny_patch16_224", num_classes=10).eval()
         >>> fitted = fit_thresholds(model, torch.randn(8, 3, 224, 224), DSMConfig(flops_target=0.6))
         >>> len(fitted.threshold), fitted.flops_target
         (12, 0.6)
     """
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[0] == 0:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"fit_thresholds needs a batch of images [B, 3, H, W] with B >= 1 (64 or more), got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(
+            f"fit_thresholds needs float images, normalised as the model expects; got {images.dtype} (convert and "
+            f"normalise them as the model's data transform does)"
+        )
+    bad = (~torch.isfinite(images.flatten(1)).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"fit_thresholds got non-finite pixels (nan/inf) in image(s) {bad[:10]}; check the data loading and "
+            f"normalisation (the thresholds fitted on them would mean nothing)"
+        )
     before = get_config(model) if is_patched(model) else None
     base = (config or before or DSMConfig()).replace(threshold=None)
     plan = token_plan(model, base, img_size=(images.shape[-2], images.shape[-1]))

@@ -133,7 +133,7 @@ class DSMConfig:
         official code (tested against a line-by-line transcription of it). Unlike ToMe, an ``r`` too large for a
         block raises instead of being clamped.
 
-        Example:
+        Examples:
             >>> DSMConfig.tome(16).r, DSMConfig.tome(16).matching
             (16, 'tome')
         """

@@ -5,7 +5,7 @@ only the batch dimension is dynamic. The bipartite matching's stable sort (which
 exporting by an exact rank count (:func:`dsm_lightning.merge.stable_argsort`), so the exported graph makes the same
 merges as eager PyTorch, ties included.
 
-Example:
+Examples:
     >>> import timm, torch
     >>> from dsm_lightning import DSMConfig, apply_dsm
     >>> from dsm_lightning.export import export_onnx
@@ -78,6 +78,20 @@ def describe(model: nn.Module, image_size: Tuple[int, int]) -> Dict[str, Any]:
     return meta
 
 
+def _check_metadata(metadata: Dict[str, Any], own: Dict[str, Any]) -> None:
+    """Refuse, before tracing, extra metadata that would replace DSM's own record or is not strict JSON."""
+    reserved = sorted(set(metadata) & ({"version", "input_size", "dsm_config", "tokens_per_block"} | set(own)))
+    if reserved:
+        raise ExportError(
+            f"metadata keys {reserved} are DSM's own record of the graph (its config, input size, token counts); "
+            f"store your entries under other names"
+        )
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ExportError(f"metadata must be JSON values (str, number, list, dict; no NaN): {err}") from None
+
+
 def export_onnx(
     model: nn.Module,
     path: Union[str, os.PathLike],
@@ -103,7 +117,9 @@ def export_onnx(
         batch_size: Batch of the example input used for tracing.
         dynamic_batch: Export with a dynamic batch dimension.
         optimize: Run the ONNX exporter's graph optimizer (slow on large graphs; ONNX Runtime optimizes at load).
-        metadata: Extra string-able entries for the metadata record.
+        metadata: Extra entries for the metadata record (JSON values: strings, numbers, lists, dicts); the keys
+            DSM writes itself (``version``, ``input_size``, ``dsm_config``, ``tokens_per_block``) are refused, so
+            the record never misdescribes the graph.
         overwrite: Replace an existing file (by default an existing file is an error, never silently replaced).
 
     Returns:
@@ -118,7 +134,9 @@ def export_onnx(
     size = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
     example = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
     dynamic = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
-    record = {**describe(model, size), **(metadata or {})}
+    own = describe(model, size)
+    _check_metadata(metadata or {}, own)
+    record = {**own, **(metadata or {})}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -168,13 +186,26 @@ def _check_exportable(model: nn.Module, out: Path, overwrite: bool) -> None:
         )
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux ``/proc``; 0o022 elsewhere)."""
+    try:
+        with open("/proc/self/status") as fh:
+            line = next((line for line in fh if line.startswith("Umask:")), "")
+        return int(line.split()[1], 8) if line else 0o022
+    except (OSError, ValueError, IndexError):
+        return 0o022
+
+
 def _save(program: Any, out: Path, overwrite: bool) -> None:
     """Write through a temporary file and ``os.replace``, so a reader never sees half a file and nothing that
     appeared meanwhile is overwritten unless ``overwrite``."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")[1])
+    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
         program.save(str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would make it: mkstemp's 0600 hides the file from the group
         if out.exists() and not overwrite:  # created meanwhile by someone else
             raise ExportError(f"{out} appeared while exporting; nothing was overwritten")
         os.replace(tmp, out)
@@ -210,7 +241,9 @@ def compare_onnx(
         import onnxruntime as ort
     except ImportError:
         raise ExportError("checking an export needs onnxruntime: pip install 'dsm-lightning[onnx]'") from None
-    session = ort.InferenceSession(str(path), providers=list(providers) or ["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: graph optimisation's warnings (one per CastLike node) are noise
+    session = ort.InferenceSession(str(path), options, providers=list(providers) or ["CPUExecutionProvider"])
     (got_np,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
     got = torch.from_numpy(got_np)
     with torch.no_grad():

@@ -159,7 +159,7 @@ def _best_partners(unit: Tensor, odd: int, blocked: Optional[Tensor] = None) -> 
 def bucket_tokens(count: int, n: int, buckets: int) -> int:
     """Round a token count up to the next of ``buckets`` evenly spaced levels between 0 and ``n``, capped at ``n``.
 
-    Example:
+    Examples:
         >>> tuple(bucket_tokens(c, 256, 16) for c in (1, 16, 17, 200, 256))
         (16, 16, 32, 208, 256)
     """
@@ -497,7 +497,8 @@ def _protected(
     if cls_attn is None:
         raise ConfigError(
             "DSMConfig.protect needs the class attention, but this model's adapter passed none to "
-            "BlockCall.merge(tokens, metric, cls_attn); set protect=0 or extend the adapter (docs, 'Custom ViTs')"
+            "BlockCall.merge(tokens, metric, cls_attn); set protect=0 or extend the adapter "
+            "(docs/models.md, 'Custom ViTs')"
         )
     return protected_mask(cls_attn[:, num_prefix:], config.protect, alive)
 

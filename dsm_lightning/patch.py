@@ -11,6 +11,7 @@ model that was never patched.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, cast
 
 from torch import Tensor, nn
@@ -38,7 +39,12 @@ _BLOCK_CLASS_CACHE: Dict[Tuple[type, Adapter], type] = {}
 def _patched_class(cls: type, adapter: Adapter) -> type:
     key = (cls, adapter)  # per instance: two instances of one adapter class may differ (TimmEvaAdapter rule)
     if key not in _CLASS_CACHE:
-        attrs = {**adapter.overrides(), PATCH_ADAPTER: adapter, "__reduce_ex__": _reduce_patched}
+        attrs = {
+            **adapter.overrides(),
+            PATCH_ADAPTER: adapter,
+            "__reduce_ex__": _reduce_patched,
+            "__copy__": _copy_patched,
+        }
         _CLASS_CACHE[key] = type(f"DSM{cls.__name__}", (cls,), attrs)
     return _CLASS_CACHE[key]
 
@@ -101,6 +107,27 @@ def _reduce_patched(model: nn.Module, protocol: int) -> Tuple[Any, ...]:
     return _unpickle_patched, (record.original, state, record.config)
 
 
+def _copy_patched(model: nn.Module) -> nn.Module:
+    """``copy.copy`` of a patched model: new module objects all the way down that share the parameters and buffers
+    (what a shallow copy shares), so patching or un-patching the copy's blocks leaves the original's alone. Plain
+    ``copy.copy`` would share the blocks themselves, and ``remove_dsm`` on the copy would break the original."""
+    copies: Dict[int, nn.Module] = {}
+
+    def clone(module: nn.Module) -> nn.Module:
+        if id(module) not in copies:
+            new = module.__class__.__new__(module.__class__)
+            state = dict(module.__dict__)
+            for key in ("_parameters", "_buffers", "_non_persistent_buffers_set"):
+                if key in state:
+                    state[key] = copy.copy(state[key])
+            copies[id(module)] = new
+            state["_modules"] = {k: None if m is None else clone(m) for k, m in module.__dict__["_modules"].items()}
+            object.__setattr__(new, "__dict__", state)
+        return copies[id(module)]
+
+    return clone(model)
+
+
 def _unpickle_patched(cls: Type[nn.Module], state: Dict[str, Any], config: DSMConfig) -> nn.Module:
     return apply_dsm(_unpickle_module(cls, state), config)
 
@@ -144,7 +171,7 @@ def apply_dsm(model: nn.Module, config: Optional[DSMConfig] = None, **overrides:
         UnsupportedModelError: For a model or block type no adapter supports.
         ValueError: For a config that cannot work on this model at its default input size.
 
-    Example:
+    Examples:
         >>> import timm, torch
         >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64).eval()
         >>> x = torch.randn(2, 3, 64, 64)
@@ -233,7 +260,7 @@ def token_plan(
     Raises:
         ValueError: With the limit that was broken (delay >= depth, r too large, too many windows, ...).
 
-    Example:
+    Examples:
         >>> plan = token_plan(depth=12, grid=(14, 14), num_prefix_tokens=1, config=DSMConfig.tome(16))
         >>> tokens = [b.tokens_out for b in plan.blocks]
         >>> tokens[:3], plan.tokens_out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .config import DSMConfig
@@ -140,6 +140,8 @@ class TokenPlan:
         blocks: One :class:`BlockPlan` per block.
         r: The ``r`` used (the chosen one when ``config.r`` is None): an int for a constant schedule, a fraction
             for a proportional one, ``None`` for per-block lists.
+        dims: ``(embed_dim, mlp_hidden_dim)`` of the model planned for, when known: :meth:`table` then shows
+            GFLOPs per block and the FLOPs against dense without being told them.
     """
 
     grid: Tuple[int, int]
@@ -147,6 +149,7 @@ class TokenPlan:
     config: DSMConfig
     blocks: Tuple[BlockPlan, ...]
     r: Union[int, float, None]
+    dims: Optional[Tuple[int, int]] = None
 
     @property
     def num_patches(self) -> int:
@@ -202,7 +205,10 @@ class TokenPlan:
         return out
 
     def table(self, dim: Optional[int] = None, mlp_hidden: Optional[int] = None) -> str:
-        """A printable per-block table (tokens include prefix tokens)."""
+        """A printable per-block table (tokens include prefix tokens), with GFLOPs per block and the block FLOPs
+        against dense when the dims are passed or known (:attr:`dims`, set by ``token_plan(model)``)."""
+        if dim is None and mlp_hidden is None and self.dims is not None:
+            dim, mlp_hidden = self.dims
         rows = self.rows(dim, mlp_hidden)
         head = f"{'block':>5} {'mode':>6} {'r':>4} {'tokens':>11}"
         head += f" {'GFLOPs':>7}" if dim else ""
@@ -322,7 +328,19 @@ def _plan(
     config: DSMConfig,
     dims: Optional[Tuple[int, int]] = None,
 ) -> TokenPlan:
-    """Uncached core of :func:`token_plan` (all arguments hashable Python values)."""
+    """Uncached core of :func:`token_plan` (all arguments hashable Python values), remembering ``dims``."""
+    plan = _plan_blocks(depth, grid, num_prefix_tokens, config, dims)
+    return plan if dims is None else replace(plan, dims=(int(dims[0]), int(dims[1])))
+
+
+def _plan_blocks(
+    depth: int,
+    grid: Tuple[int, int],
+    num_prefix_tokens: int,
+    config: DSMConfig,
+    dims: Optional[Tuple[int, int]] = None,
+) -> TokenPlan:
+    """The plan's blocks and r (see :func:`_plan`)."""
     grid = (int(grid[0]), int(grid[1]))
     _validate(depth, grid, num_prefix_tokens, config)
     use_windows = config.local_blocks > 0 and config.num_windows > 1

@@ -14,7 +14,7 @@ def read_csv(path) -> list:
     """Rows of a CSV file as dicts."""
     import csv
 
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -22,7 +22,7 @@ def read_tsv(path) -> list:
     """Rows of a tab-separated file with a header (the writer's ``.skipped.tsv``) as dicts."""
     import csv
 
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh, dialect="excel-tab"))
 
 

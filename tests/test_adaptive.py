@@ -242,3 +242,21 @@ def test_other_families_give_batch_independent_results(family):
             y = model(x[i : i + 1])
             single.append(y if isinstance(y, torch.Tensor) else y[0])
     torch.testing.assert_close(out, torch.cat(single), rtol=1e-4, atol=1e-5)
+
+
+def test_fit_thresholds_on_no_images_or_non_finite_images_says_so_in_one_line():
+    from dsm_lightning import DSMConfig, fit_thresholds, is_patched
+    from tests.conftest import images, tiny_vit
+
+    model = tiny_vit()
+    x = images(batch=4)
+    with pytest.raises(ValueError, match=r"needs a batch of images \[B, 3, H, W\] with B >= 1.*got \(0, 3, 32, 32\)"):
+        fit_thresholds(model, x[:0], DSMConfig(flops_target=0.6))
+    with pytest.raises(ValueError, match=r"needs a batch of images.*got \(3, 32, 32\)"):
+        fit_thresholds(model, x[0], DSMConfig(flops_target=0.6))
+    with pytest.raises(ValueError, match=r"needs float images.*got torch\.uint8"):
+        fit_thresholds(model, (x * 50).clamp(0, 255).to(torch.uint8), DSMConfig(flops_target=0.6))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"non-finite pixels \(nan/inf\) in image\(s\) \[2\]"):
+            fit_thresholds(model, x.clone().index_fill_(0, torch.tensor([2]), bad), DSMConfig(flops_target=0.6))
+    assert not is_patched(model)

@@ -80,7 +80,7 @@ def test_predict_skips_unreadable_images_by_default_and_lists_them(tmp_path, cap
         main(["predict", *cli_args(tmp_path, data, out)])
     rows = read_csv(out)
     assert len(rows) == 12 and not any("broken" in r["path"] or "truncated" in r["path"] for r in rows)
-    listed = read_tsv(tmp_path / "preds.skipped.tsv")
+    listed = read_tsv(tmp_path / "preds.csv.skipped.tsv")
     assert sorted(Path(row["path"]).name for row in listed) == [
         "a_broken.png",
         "b_broken.jpg",
@@ -99,7 +99,7 @@ def test_batch_of_only_unreadable_images_is_skipped_whole(tmp_path):
     with pytest.warns(UserWarning):
         main(["predict", *cli_args(tmp_path, data, out)])
     assert len(out.read_text().splitlines()) == 3
-    assert len(read_tsv(tmp_path / "preds.skipped.tsv")) == 6
+    assert len(read_tsv(tmp_path / "preds.jsonl.skipped.tsv")) == 6
 
 
 def test_validate_stops_on_unreadable_image_by_default(tmp_path):

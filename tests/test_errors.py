@@ -137,6 +137,27 @@ def test_misspelt_model_name_suggests_close_timm_names():
         build_model("vit_smal_patch16_224")
 
 
+@pytest.mark.parametrize("name", ["vit_smal_patch14_dinov2", "resnet5", "convnext_tiy", "deit_smal_patch16_224"])
+def test_model_name_suggestions_are_only_models_dsm_supports(name):
+    import timm
+
+    from dsm_lightning import apply_dsm
+    from dsm_lightning.app.module import build_model
+
+    with pytest.raises(ValueError, match="unknown timm model") as refused:
+        build_model(name)
+    message = str(refused.value)
+    hint = message.split("did you mean", 1)[1].split("?")[0] if "did you mean" in message else ""
+    suggested = re.findall(r"'([\w.]+)'", hint)
+    if name.startswith(("resnet", "convnext")):
+        assert not suggested, "no ResNet or ConvNeXt is offered"
+    else:
+        assert suggested
+    for close in suggested:  # each suggestion builds and patches
+        model = timm.create_model(close, pretrained=False, img_size=32, patch_size=8, depth=1, num_classes=2)
+        apply_dsm(model, r=1)
+
+
 def test_console_prints_user_errors_in_one_line_and_keeps_tracebacks_for_bugs(capsys, monkeypatch):
     from dsm_lightning.app.console import TRACEBACK_ENV, run_console
     from dsm_lightning.errors import InputError

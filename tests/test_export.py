@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsm_lightning import DSMConfig, apply_dsm, remove_dsm
-from dsm_lightning.export import ExportError, check_onnx, compare_onnx, export_onnx, read_metadata
+from dsm_lightning.export import ExportError, _umask, check_onnx, compare_onnx, export_onnx, read_metadata
 from dsm_lightning.merge import stable_argsort
 
 pytest.importorskip("onnxscript")
@@ -53,11 +53,14 @@ def test_stable_argsort_while_exporting_equals_the_stable_sort(rows, descending)
     assert torch.equal(got, want)
 
 
-def test_default_config_with_dynamic_batch(tmp_path):
+def test_default_config_with_dynamic_batch(tmp_path, capfd):
     model = apply_dsm(_timm(), DSMConfig())
     path = export_onnx(model, tmp_path / "m.onnx", 64)
+    capfd.readouterr()
     for batch in (1, 3):
         assert check_onnx(model, path, _images(batch)) < TOL
+    assert "onnxruntime" not in capfd.readouterr().err, "no ONNX Runtime warnings (CastLike constant folding)"
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask(), "the umask's permissions, not mkstemp's 0600"
     assert compare_onnx(model, path, _images(4)) == {"max_abs_diff": pytest.approx(0, abs=TOL), "top1_agreement": 1.0}
     meta = read_metadata(path)
     assert meta["dsm_config"] == DSMConfig().to_dict()
@@ -125,6 +128,21 @@ def test_export_refuses_what_it_should(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match=r"model.eval\(\)"):
         export_onnx(model.train(), tmp_path / "t.onnx", 64)
     model.eval()
+    import math
+    import time
+    from pathlib import Path
+
+    start = time.perf_counter()
+    for bad, match in [
+        ({"dsm_config": None, "input_size": [3, 999, 999]}, r"\['dsm_config', 'input_size'\] are DSM's own record"),
+        ({"tokens_per_block": []}, "DSM's own record"),
+        ({"where": Path("x")}, "must be JSON values"),
+        ({"loss": math.nan}, "must be JSON values"),
+        ({"tags": {1, 2}}, "must be JSON values"),
+    ]:
+        with pytest.raises(ExportError, match=match):
+            export_onnx(model, tmp_path / "meta.onnx", 64, metadata=bad)
+    assert time.perf_counter() - start < 5 and not (tmp_path / "meta.onnx").exists(), "refused before tracing"
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     with pytest.raises(ExportError, match=r"dsm-lightning\[onnx\]"):
         export_onnx(model, tmp_path / "n.onnx", 64)

@@ -182,3 +182,11 @@ def test_protected_tokens_neither_merge_nor_receive(data, seed):
         if r <= free_a:
             for i in protected[b].nonzero().flatten().tolist():
                 assert counts[m.new_index[b, i]] == 1, f"protected token {i} shares its output token (r={r})"
+
+
+def test_a_models_plan_table_shows_the_gflops_column_and_the_dense_ratio_the_readme_promises():
+    from dsm_lightning import apply_dsm, token_plan
+    from tests.conftest import tiny_vit
+
+    table = token_plan(apply_dsm(tiny_vit(), r=4)).table()
+    assert "GFLOPs" in table.splitlines()[0] and table.splitlines()[-1].endswith("x dense")

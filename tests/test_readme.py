@@ -37,6 +37,23 @@ def bindings(tmp_path: Path) -> dict:
     }
 
 
+def _tiny_reference(root: Path) -> None:
+    """A tiny stand-in for the Quick start's reference checkpoint (side-car included) and its images, at the paths
+    the README names."""
+    import json
+
+    from safetensors.torch import save_file
+
+    kwargs = {**TINY_KW, "num_classes": 3}
+    weights = root / "outputs" / "reference" / "dinov2_s14_fmnist.safetensors"
+    weights.parent.mkdir(parents=True)
+    model = ImageClassifier("vit_tiny_patch16_224", num_classes=3, model_kwargs=TINY_KW).model
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    meta = {"timm_name": "vit_tiny_patch16_224", "create_kwargs": kwargs, "classes": ["a", "b", "c"]}
+    weights.with_suffix(".json").write_text(json.dumps({**meta, "preprocess": "Resize(32, bilinear)"}))
+    make_image_folder(root / "examples" / "images" / "fashion-mnist" / "val")
+
+
 def kind(snippet: str) -> str:
     if "calibrate(" in snippet:
         return "calibrate"
@@ -52,6 +69,8 @@ def test_readme_snippet_runs(index, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)  # snippets may write files (dsm.yaml, lightning_logs)
     namespace = dict(bindings(tmp_path)[kind(snippet)])
+    if "outputs/reference/dinov2_s14_fmnist" in snippet:
+        _tiny_reference(tmp_path)
     registered = adapters.registered_adapters()  # built-ins loaded first, so restoring keeps them
     try:
         exec(compile(snippet, f"{page} snippet {index + 1}", "exec"), namespace)

@@ -163,3 +163,17 @@ def test_default_config_runs_a_dynamic_size_model_on_a_tiny_grid():
     apply_dsm(model)  # defaults: no local phase, so a 2x2 grid needs no windows
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+
+
+def test_shallow_copy_of_a_patched_model_can_be_unpatched_or_repatched_without_touching_the_original():
+    model = apply_dsm(tiny_vit(), delay=1, r=3)
+    x = images(batch=2)
+    with torch.no_grad():
+        expected = model(x)
+        shallow = remove_dsm(copy.copy(model))
+        assert is_patched(model) and not is_patched(shallow)
+        assert torch.equal(model(x), expected), "the original still runs merged"
+        assert torch.equal(shallow(x), tiny_vit()(x)), "the copy runs dense"
+        assert shallow.blocks[0].attn.qkv.weight is model.blocks[0].attn.qkv.weight, "weights stay shared"
+        again = apply_dsm(copy.copy(model), r=1)
+        assert get_config(again).r == 1 and get_config(model).r == 3 and torch.equal(model(x), expected)

@@ -67,6 +67,13 @@ def test_trust_remote_code_is_refused_even_when_the_user_passes_it(tmp_path):
         ({"depth": True}, r"'depth'"),
         ({"pretrained_cfg_overlay": {"file": "/etc/passwd"}}, r"\['pretrained_cfg_overlay'\] is not a constructor"),
         ({"act_layer": "os.system"}, r"\['act_layer'\] is not a constructor"),
+        ({"global_pool": "evil"}, r"\['global_pool'\] = 'evil' is not one of '', 'avg'"),
+        (
+            {"embed_dim": 8192, "depth": 64, "num_heads": 128, "img_size": 4096, "patch_size": 1, "mlp_ratio": 16},
+            r"billion parameters and 16,777,216 tokens per image, beyond any real ViT",
+        ),
+        ({"embed_dim": 8192, "depth": 64}, r"billion parameters .* beyond any real ViT"),
+        ({"img_size": 4096, "patch_size": 2}, r"4,194,304 tokens per image"),
     ],
 )
 def test_sidecar_constructor_arguments_are_whitelisted_and_bounded(tmp_path, create_kwargs, match):
@@ -118,3 +125,193 @@ def test_every_file_in_a_predict_folder_is_predicted_or_listed(tmp_path):
     assert [p.endswith("anim.gif") for p in predicted] == [True], "a GIF is read (its first frame)"
     assert np.asarray(items[0]["image"])[0, 0, 0] == 10
     assert list(skipped) == [str(tmp_path / "notes.txt")] and "not an image" in skipped[str(tmp_path / "notes.txt")]
+
+
+def _alias_bomb(levels: int, width: int = 9) -> str:
+    lines = ["model:", "  model_kwargs:", '    a0: &a0 ["lol"]']
+    for i in range(1, levels):
+        lines.append(f"    a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (_alias_bomb(9), "aliases .* expand to more than"),
+        (_alias_bomb(30, width=2), "aliases .* expand to more than"),  # another shape: binary, deeper
+        ("a: &x {k: [1, 2, 3]}\n" + "".join(f"b{i}: *x\n" for i in range(60_000)), "expand to more than"),
+        ("x: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than 100"),
+        ("x: " + "{a: " * 500 + "1" + "}" * 500 + "\n", "nested deeper than 100"),
+        ("x: '" + "a" * (9 * 2**20) + "'\n", "larger than"),
+    ],
+    ids=["bomb9x9", "bomb30x2", "many-aliases", "deep-list", "deep-map", "huge"],
+)
+def test_yaml_beyond_the_limits_is_refused_unexpanded_in_milliseconds(text, match):
+    from dsm_lightning.app.cli import check_yaml
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=match):
+        check_yaml(text)
+    assert time.perf_counter() - start < 5
+
+
+def test_ordinary_yaml_with_a_few_anchors_is_accepted():
+    from dsm_lightning.app.cli import check_yaml
+
+    check_yaml("base: &b {batch_size: 4, num_workers: 0}\ndata:\n  <<: *b\n  predict_dir: imgs\n" + "x: [1, 2]\n" * 50)
+
+
+def test_an_alias_bomb_config_ends_the_cli_with_one_line_before_expansion(tmp_path, capsys):
+    from dsm_lightning.app.cli import cli
+
+    config = tmp_path / "downloaded.yaml"
+    config.write_text(_alias_bomb(9))
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as stopped:
+        cli(["predict", f"--config={config}", "--trainer.logger=false"])
+    assert stopped.value.code == 2 and time.perf_counter() - start < 20
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "alias bomb" in err[0] and "drop the anchors" in err[0]
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("stage", ["validate", "predict"])
+@pytest.mark.parametrize("kind", ["pickle", "truncated", "not-a-zip"])
+def test_ckpt_path_that_is_not_weights_only_is_refused_in_one_line_without_unsafe_advice(tmp_path, stage, kind):
+    import torch
+
+    from dsm_lightning.app.cli import cli
+    from tests.lightning_helpers import make_image_folder
+    from tests.test_cli_writer import cli_args
+
+    data = make_image_folder(tmp_path / "imgs", classes=3, per_class=1)
+    marker = tmp_path / "PWNED"
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "x": _Payload(marker)}, ckpt)
+    if kind == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[:200])
+    elif kind == "not-a-zip":
+        ckpt.write_bytes(b"\x80\x04K\x01." + b"junk" * 10)
+    args = cli_args(tmp_path, data, tmp_path / "p.csv", f"--data.val_dir={data}", f"--ckpt_path={ckpt}")
+    with pytest.raises(ValueError, match="ckpt_path") as refused:
+        cli([stage, *args])
+    message = str(refused.value)
+    assert "weights_only=False" not in message and "`False`" not in message and "\n" not in message
+    assert ("may run code" in message and "GLOBAL" in message) if kind == "pickle" else "cannot read" in message
+    assert not marker.exists()
+
+
+def test_model_checkpoint_path_pickle_error_gives_no_unsafe_advice(tmp_path):
+    import torch
+
+    weights = tmp_path / "evil.pt"
+    torch.save({"w": _Payload(tmp_path / "PWNED")}, weights)
+    with pytest.raises(ValueError, match=r"GLOBAL.*pass a state_dict") as refused:
+        ImageClassifier("vit_tiny_patch16_224", model_kwargs=TINY_KW, checkpoint_path=str(weights))
+    assert "weights_only` set to `False" not in str(refused.value) and not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize(("low", "high"), [(0, 2**24), (-30000, 30000), (-(2**31), 2**31 - 1)])
+def test_32_bit_integer_image_beyond_16_bits_keeps_its_tones_with_a_warning(tmp_path, low, high):
+    ramp = np.tile(np.linspace(low, high, 64), (8, 1)).astype(np.int32)
+    Image.fromarray(ramp, mode="I").save(tmp_path / "ramp32.tif")
+    assert Image.open(tmp_path / "ramp32.tif").mode == "I"
+    with pytest.warns(UserWarning, match=r"ramp32.tif: a 32-bit integer image with values .* scaled by its own range"):
+        rgb = np.asarray(load_rgb(tmp_path / "ramp32.tif")).astype(int)[0, :, 0]
+    assert rgb[0] == 0 and rgb[-1] == 255 and (np.diff(rgb) >= 0).all() and len(set(rgb)) >= 60
+
+
+def test_32_bit_integer_image_within_16_bits_reads_as_16_bit_without_a_warning(tmp_path, recwarn):
+    Image.fromarray(np.tile(np.linspace(0, 65535, 64), (8, 1)).astype(np.int32), mode="I").save(tmp_path / "i.tif")
+    rgb = np.asarray(load_rgb(tmp_path / "i.tif"))[0, :, 0]
+    assert rgb[0] == 0 and rgb[-1] == 255 and not [w for w in recwarn if "32-bit" in str(w.message)]
+
+
+def test_broken_links_pipes_and_devices_in_a_predict_folder_are_listed_with_their_reason(tmp_path):
+    import os
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nonexistent")
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    (tmp_path / "x.png").mkdir()  # a folder named like an image is walked as a folder
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png" / "inner.png")
+    files = ImageFiles(str(tmp_path), labelled=False, skip_bad=True)
+    items = [files[i] for i in range(len(files))]
+    predicted = sorted(os.path.basename(i["path"]) for i in items if "image" in i)
+    skipped = {os.path.basename(i["skipped"][0]): i["skipped"][1] for i in items if "skipped" in i}
+    assert predicted == ["good.png", "inner.png"]
+    assert skipped["dangling.png"].startswith("broken symbolic link")
+    assert "named pipe" in skipped["fifo.png"] and "device" in skipped["zero.png"] and len(skipped) == 3
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "match"),
+    [
+        (
+            {"timm_name": "torchvision:get_model"},
+            r"model\.json: its timm_name 'torchvision:get_model'.*no model builder",
+        ),
+        ({"timm_name": "torchvision:nope"}, r"model\.json: .*torchvision has no model builder 'nope'"),
+        ({"timm_name": "torchvision:vit_b_1"}, r"did you mean 'vit_b_16'"),
+        ({"timm_name": "torchvision:../../os"}, r"no model builder"),
+        ({"timm_name": "torchvision:VisionTransformer"}, r"model\.json: .*do not build a model \(TypeError"),
+        ({"timm_name": "vit_tiny_patch16_22"}, r"model\.json: .*unknown timm model"),
+    ],
+)
+def test_sidecar_model_names_that_are_not_models_end_in_one_line_naming_the_sidecar(tmp_path, sidecar, match):
+    with pytest.raises(ValueError, match=match) as refused:
+        ImageClassifier(checkpoint_path=str(_bundle(tmp_path, sidecar)))
+    assert "\n" not in str(refused.value)
+
+
+def test_deeply_nested_or_huge_sidecar_json_is_refused_in_one_line(tmp_path):
+    weights = _bundle(tmp_path, {})
+    weights.with_suffix(".json").write_text('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ValueError, match="nests JSON too deeply"):
+        read_sidecar(str(weights))
+    weights.with_suffix(".json").write_text('{"classes": ["' + "a" * (17 * 2**20) + '"]}')
+    with pytest.raises(ValueError, match="more than a side-car's"):
+        read_sidecar(str(weights))
+
+
+def _flow_bomb(levels: int = 9) -> str:
+    inner = ", ".join(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels))
+    return "{a0: &a0 [lol], " + inner + "}"
+
+
+@pytest.mark.parametrize("form", ["--key=value", "--key value", "string in a config file"])
+def test_an_alias_bomb_as_a_command_line_value_or_a_string_in_a_config_is_refused_too(tmp_path, form):
+    from dsm_lightning.app.cli import cli
+
+    bomb = _flow_bomb()
+    if form == "--key=value":
+        args = [f"--model.model_kwargs={bomb}"]
+    elif form == "--key value":
+        args = ["--model.model_kwargs", bomb]
+    else:
+        config = tmp_path / "c.yaml"
+        config.write_text("model:\n  model_kwargs: " + json.dumps(bomb) + "\n")  # jsonargparse parses it again
+        args = [f"--config={config}"]
+    start = time.perf_counter()
+    with pytest.raises((ValueError, SystemExit)):
+        cli(["predict", "--trainer.logger=false", *args])
+    assert time.perf_counter() - start < 20, "refused before expansion (it took 73 s, growing with each level)"
+
+
+@pytest.mark.parametrize("value", ["*.png", "imgs/*", "*nothing"])
+def test_a_value_with_a_star_that_is_not_an_alias_bomb_passes_the_check(tmp_path, monkeypatch, value):
+    from dsm_lightning.app.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli(["predict", "--trainer.logger=false", f"--data.predict_dir={value}"])

@@ -388,6 +388,8 @@ def build_reference(
         f"(CLS features of the dense model)",
         "classes": CLASSES,
         "preprocess": "PIL -> RGB -> Resize(224, bilinear) -> ToTensor -> Normalize(ImageNet mean/std)",
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
         "mean": list(MEAN),
         "std": list(STD),
         "train_images": len(labels),

@@ -335,6 +335,8 @@ def build_clip_reference(
         f"{WHEEL_SHA256}; weights MIT per the upstream model card), dequantized per output channel and converted "
         f"to timm by tools/clip_reference.py",
         "preprocess": "PIL -> RGB -> Resize(224, bilinear) -> CenterCrop(224) -> ToTensor -> Normalize(CLIP mean/std)",
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
         "mean": list(MEAN),
         "std": list(STD),
         "wheel_sha256": WHEEL_SHA256,

@@ -14,12 +14,14 @@ directory. User errors (a missing folder, a bad value) end the command with one 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
+import pickle
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, cast
 
 import torch
 import yaml
@@ -30,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from ..callback import DSMCallback
 from .console import TRACEBACK_ENV, run_console
 from .data import ImageFolderDataModule
-from .module import ImageClassifier
+from .module import ImageClassifier, load_error_reason
 from .writer import PredictionWriter
 
 __all__ = [
@@ -42,6 +44,12 @@ __all__ = [
     "config_relative_paths",
     "main",
 ]
+
+#: Limits on YAML the command line reads (``--config`` files and values): size in characters, nesting depth, and
+#: nodes after expanding aliases (a "billion laughs" file of a few lines expands to billions).
+YAML_LIMITS = {"chars": 8 * 2**20, "depth": 100, "nodes": 200_000}
+#: The jsonargparse parser mode whose loader checks :data:`YAML_LIMITS` before loading.
+YAML_MODE = "dsm_yaml"
 
 #: Input paths that resolve relative to the config file that sets them.
 CONFIG_RELATIVE_KEYS = ("data.train_dir", "data.val_dir", "data.test_dir", "data.predict_dir", "model.checkpoint_path")
@@ -232,12 +240,52 @@ class DSMLightningCLI(LightningCLI):
             return {**base, "export": {"model", "datamodule"}}
         return base
 
+    def _parse_ckpt_path(self) -> None:
+        with self._weights_only_ckpt():
+            try:
+                super()._parse_ckpt_path()
+            except (RuntimeError, EOFError, KeyError, AttributeError) as err:  # a truncated or foreign file
+                sub = self.config.get("subcommand")
+                raise ValueError(
+                    f"cannot read --ckpt_path={str(self.config[sub].get('ckpt_path'))!r} as a Lightning checkpoint "
+                    f"({type(err).__name__}: {load_error_reason(err)}); pass a .ckpt file that Trainer saved"
+                ) from None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        with self._weights_only_ckpt():
+            super()._run_subcommand(subcommand)
+
+    @contextlib.contextmanager
+    def _weights_only_ckpt(self) -> Iterator[None]:
+        """A ``--ckpt_path`` that ``torch.load(weights_only=True)`` refuses (a pickle that may run code) ends the
+        command in one line that never advises torch's ``weights_only=False``."""
+        try:
+            yield
+        except pickle.UnpicklingError as err:
+            sub = self.config.get("subcommand")
+            ckpt = self.config[sub].get("ckpt_path") if sub else None
+            raise ValueError(
+                f"--ckpt_path={str(ckpt)!r} is not a weights-only checkpoint ({load_error_reason(err)}): it holds "
+                f"Python objects that may run code. Do not load it unless you made it; re-save its weights as a "
+                f"state_dict or a .safetensors file and pass that with --model.checkpoint_path"
+            ) from None
+
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)
         from .. import __version__
 
         parser.add_argument("--version", action="version", version=f"dsm-lightning {__version__}")
         return parser
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's, plus :class:`~dsm_lightning.app.progress.LogProgress` (a plain progress line every 30 s) when
+        standard output is not a terminal, where progress bars show nothing until the end."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if not _is_terminal(sys.stdout) and trainer.progress_bar_callback is not None:
+            from .progress import LogProgress
+
+            cast(Any, trainer).callbacks.append(LogProgress())
+        return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(DSMCallback, "dsm")
@@ -248,6 +296,14 @@ class DSMLightningCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         for key, value in config_relative_paths(config).items():
             config[key] = value
+        _warn_outputs_outside(config)
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        return False
 
 
 def _lookup(tree: Any, dotted: str) -> Any:
@@ -291,9 +347,96 @@ def config_shorthand(args: Sequence[str]) -> List[str]:
     return out
 
 
+class YAMLLimitError(yaml.YAMLError, ValueError):
+    """YAML beyond :data:`YAML_LIMITS` (too large, too deep, or aliases expanding too far), refused unexpanded."""
+
+
+def check_yaml(text: str) -> None:
+    """Refuse YAML beyond :data:`YAML_LIMITS` from its event stream alone, in time linear in its length: nothing is
+    composed or expanded, so a file that would take hours (nested aliases) or overflow the stack (deep nesting) is
+    refused in milliseconds."""
+    if len(text) > YAML_LIMITS["chars"]:
+        raise YAMLLimitError(
+            f"YAML (a --config file or value) of {len(text):,} characters is larger than the "
+            f"{YAML_LIMITS['chars']:,} accepted; pass a config file of settings, not data"
+        )
+    sizes: Dict[str, int] = {}  # anchor -> nodes under it, aliases expanded
+    stack: List[List[Any]] = [[None, 0]]  # [anchor, nodes] of each open collection
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            stack.append([event.anchor, 1])
+            if len(stack) > YAML_LIMITS["depth"]:
+                raise YAMLLimitError(
+                    f"YAML (a --config file or value) nested deeper than {YAML_LIMITS['depth']} levels is refused; "
+                    f"flatten it"
+                )
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, nodes = stack.pop()
+        elif isinstance(event, yaml.AliasEvent):
+            anchor, nodes = None, sizes.get(str(event.anchor), 1)
+        elif isinstance(event, yaml.ScalarEvent):
+            anchor, nodes = event.anchor, 1
+            if "*" in event.value and "&" in event.value:  # a string that jsonargparse may parse as YAML again
+                check_yaml(event.value)
+        else:
+            continue
+        if anchor is not None:
+            sizes[anchor] = nodes
+        stack[-1][1] += nodes
+        if stack[-1][1] > YAML_LIMITS["nodes"]:
+            raise YAMLLimitError(
+                f"YAML (a --config file or value) whose aliases (*name) expand to more than "
+                f"{YAML_LIMITS['nodes']:,} values is refused (an alias bomb?); write the values out, or drop the "
+                f"anchors (&name) and aliases"
+            )
+
+
+def _limited_yaml_load(text: str) -> Any:
+    from jsonargparse._loaders_dumpers import yaml_load
+
+    if isinstance(text, str):
+        check_yaml(text)
+    return yaml_load(text)
+
+
+def _warn_outputs_outside(config: Any) -> None:
+    """One warning when a ``--config`` file (perhaps downloaded) sets ``writer.output`` to a place outside the
+    working directory: outputs are written where the path says, as documented, but the user should see where."""
+    value = config.get("writer.output")
+    if not isinstance(value, str):
+        return
+    for file in config.get("config") or []:
+        path = Path(str(getattr(file, "absolute", file)))
+        try:
+            tree = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if _lookup(tree, "writer.output") != value:
+            continue
+        target = Path(value).expanduser().resolve()
+        if not target.is_relative_to(Path.cwd().resolve()):
+            rank_zero_warn(
+                f"{path.name} sets writer.output={value!r}, outside the working directory ({target}); predictions "
+                f"go there. Pass --writer.output to choose another place"
+            )
+        return
+
+
 def cli(args: Optional[List[str]] = None) -> DSMLightningCLI:
     """Run the command line with ``args`` (``sys.argv`` when None), raising errors as they are (for Python callers
     and tests; the console command is :func:`main`)."""
+    from jsonargparse import set_loader
+
+    set_loader(YAML_MODE, _limited_yaml_load, exceptions=(yaml.YAMLError,))  # idempotent: the same mode each call
+    for value in sys.argv[1:] if args is None else args:  # values jsonargparse parses as YAML outside the loader
+        if isinstance(value, str) and "*" in value:
+            try:
+                check_yaml(value.split("=", 1)[1] if value.startswith("--") and "=" in value else value)
+            except YAMLLimitError:
+                raise
+            except yaml.YAMLError:  # not YAML (a glob such as *.png): jsonargparse takes it as a string
+                pass
     if args is None:  # the console: LightningCLI reads sys.argv itself
         sys.argv[1:] = config_shorthand(sys.argv[1:])
     else:
@@ -306,11 +449,15 @@ def cli(args: Optional[List[str]] = None) -> DSMLightningCLI:
         save_config_callback=LogDirConfigCallback,
         auto_configure_optimizers=False,
         parser_class=OneLineErrorParser,
-        parser_kwargs={"description": DESCRIPTION, "prog": "dsm-lightning"},
+        parser_kwargs={"description": DESCRIPTION, "prog": "dsm-lightning", "parser_mode": YAML_MODE},
     )
 
 
 def main(args: Optional[List[str]] = None) -> None:
     """Console entry point (``dsm-lightning``, ``python -m dsm_lightning``): a user error prints one line (the
     message and its fix) and exits with status 1; ``DSM_LIGHTNING_TRACEBACK=1`` shows the traceback instead."""
+    for stream in (sys.stdout, sys.stderr):  # a C/ASCII locale: print escapes, never fail after the work is done
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     run_console(lambda: cli(args), "dsm-lightning")

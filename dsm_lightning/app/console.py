@@ -39,7 +39,8 @@ def one_line(err: BaseException) -> str:
 
 
 def run_console(fn: Callable[[], T], prog: str) -> T:
-    """Call ``fn()``; a :data:`USER_ERRORS` exception prints ``<prog>: error: ...`` and exits with status 1."""
+    """Call ``fn()``; a :data:`USER_ERRORS` exception prints ``<prog>: error: ...`` and exits with status 1, and a
+    stop on SIGTERM exits with 143 (128 + 15), as a process killed by it would, never 0."""
     if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
         return fn()
     try:
@@ -47,3 +48,9 @@ def run_console(fn: Callable[[], T], prog: str) -> T:
     except USER_ERRORS as err:
         print(f"{prog}: error: {one_line(err)}\n(set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
+    except SystemExit as stop:
+        # Lightning's fit and evaluation loops end on SIGTERM with SIGTERMException(), whose status would be 0
+        if type(stop).__name__ == "SIGTERMException" and stop.code is None:
+            print(f"{prog}: stopped by SIGTERM at the end of a batch", file=sys.stderr)
+            raise SystemExit(128 + 15) from None
+        raise

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
@@ -26,7 +28,8 @@ __all__ = [
 #: File types read as images (an animated GIF gives its first frame). In predict, other files (except hidden ones,
 #: whose names start with a dot) are listed as skipped, with the reason, instead of being ignored.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-#: Pillow modes of 16-bit (and 32-bit integer) single-channel images, scaled to 8 bits by 1/257 before RGB.
+#: Pillow modes of 16-bit (and 32-bit integer) single-channel images, scaled to 8 bits by 1/257 before RGB (a 32-bit
+#: image with values outside 0...65535 by its own range, see :func:`load_rgb`).
 WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 BadImages = Literal["auto", "skip", "stop"]
 
@@ -61,6 +64,8 @@ def transform_from_config(cfg: Dict[str, Any], training: bool = False) -> Callab
 def load_rgb(file: Any) -> Image.Image:
     """An image file as 8-bit RGB, the way viewers show it: EXIF orientation applied, 16-bit grayscale scaled to
     8 bits (Pillow's own ``convert("RGB")`` clips it, turning most pixels white), palette and alpha modes converted.
+    A 32-bit integer image (mode ``I``) whose values lie outside 0...65535 is scaled by its own range (its lowest
+    value black, its highest white), with a warning, instead of saturating.
 
     Raises:
         ValueError: For a floating-point image (mode ``F``), whose value range is unknown.
@@ -69,16 +74,31 @@ def load_rgb(file: Any) -> Image.Image:
         image = ImageOps.exif_transpose(opened)
     if image.mode in WIDE_INT_MODES:
         wide = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+        low, high = (float(wide.min()), float(wide.max())) if wide.size else (0.0, 0.0)
+        if low < 0 or high > 65535:
+            warnings.warn(
+                f"{getattr(file, 'name', file)!s}: a 32-bit integer image with values {low:.0f}...{high:.0f}, outside "
+                f"16 bits, scaled by its own range (lowest black, highest white); save it as an 8- or 16-bit file "
+                f"to choose the scaling",
+                stacklevel=2,
+            )
+            scaled = (wide - low) * (255.0 / (high - low)) if high > low else np.zeros_like(wide)
+        else:
+            scaled = wide / 257.0
+        image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
     elif image.mode == "F":
         raise ValueError("a floating-point image (mode F) has no known value range; save it as an 8- or 16-bit file")
     return image.convert("RGB")
 
 
-def _all_files(root: Path) -> List[str]:
-    """Every file under ``root``, sorted, following symbolic links safely: a directory reached twice (a link loop
-    such as ``up -> ..``, or two links to one place) is walked once, and each file is listed once."""
-    seen_dirs, seen_files, found = set(), set(), []
+def _walk(root: Path) -> Tuple[List[str], List[str]]:
+    """``(regular files, other entries)`` under ``root``, each sorted, following symbolic links safely: a directory
+    reached twice (a link loop such as ``up -> ..``, or two links to one place) is walked once, and each entry is
+    listed once. Other entries are those that are neither files nor folders: broken links, pipes, devices, sockets
+    (never opened)."""
+    seen_dirs, seen_files = set(), set()
+    found: List[str] = []
+    odd: List[str] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen_dirs:
@@ -89,22 +109,45 @@ def _all_files(root: Path) -> List[str]:
         for name in sorted(filenames):
             file = os.path.join(dirpath, name)
             key = os.path.realpath(file)
-            if os.path.isfile(file) and key not in seen_files:
-                seen_files.add(key)
-                found.append(file)
-    return sorted(found)
+            if key in seen_files:
+                continue
+            seen_files.add(key)
+            (found if os.path.isfile(file) else odd).append(file)
+    return sorted(found), sorted(odd)
+
+
+def _all_files(root: Path) -> List[str]:
+    """Every regular file under ``root``, sorted, each listed once (see :func:`_walk`)."""
+    return _walk(root)[0]
+
+
+def _not_image_reason(path: str) -> str:
+    """Why ``path`` is listed as skipped without being read: what it is, when it is not a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        target = os.readlink(path) if os.path.islink(path) else "?"
+        return f"broken symbolic link (to {target}); fix or remove the link"
+    for test, what in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return f"{what}, not a file; not read"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device, not a file; not read"
+    return f"not an image file ({Path(path).suffix or 'no extension'}; read: {' '.join(IMG_EXTENSIONS)})"
 
 
 def split_files(root: Path) -> Tuple[List[str], List[str]]:
-    """One walk of ``root`` (see :func:`_all_files`): ``(image files, other files)``, both sorted. Image files have
-    an :data:`IMG_EXTENSIONS` extension; hidden files and files in hidden folders (a name starting with a dot) are
-    left out of the others."""
+    """One walk of ``root`` (see :func:`_walk`): ``(image files, other entries)``, both sorted. Image files are
+    regular files with an :data:`IMG_EXTENSIONS` extension; the others are every other file, broken link, pipe or
+    device, except hidden ones (a name, or a folder on the way, starting with a dot)."""
+    files, odd = _walk(root)
     images, others = [], []
-    for f in _all_files(root):
+    for f in files:
         if Path(f).suffix.lower() in IMG_EXTENSIONS:
             images.append(f)
-        elif not any(part.startswith(".") for part in Path(f).relative_to(root).parts):
+        else:
             others.append(f)
+    others = [f for f in sorted(others + odd) if not any(p.startswith(".") for p in Path(f).relative_to(root).parts)]
     return images, others
 
 
@@ -169,8 +212,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> Dict[str, Any]:
         path, target = self.samples[index]
         if target == -2:
-            reason = f"not an image file ({Path(path).suffix or 'no extension'}; read: {' '.join(IMG_EXTENSIONS)})"
-            return {"skipped": (path, reason), "index": index}
+            return {"skipped": (path, _not_image_reason(path)), "index": index}
         try:
             image = load_rgb(path)
         except Exception as err:  # PIL raises several types for broken files

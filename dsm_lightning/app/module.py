@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, cast
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
-__all__ = ["ImageClassifier", "build_model", "load_checkpoint", "read_sidecar"]
+__all__ = ["ImageClassifier", "build_model", "load_checkpoint", "read_sidecar", "sidecar_data_config"]
 
 #: Model of :class:`ImageClassifier` when neither ``model_name`` nor a checkpoint side-car names one.
 DEFAULT_MODEL = "vit_small_patch16_224"
@@ -43,6 +45,16 @@ SIDECAR_CREATE_KWARGS: Dict[str, Tuple[Tuple[type, ...], Optional[Tuple[float, f
 }
 
 
+#: String arguments a side-car may set, with their accepted values (timm's pooling types).
+SIDECAR_CHOICES: Dict[str, Tuple[str, ...]] = {"global_pool": ("", "avg", "avgmax", "max", "token", "map")}
+#: Largest model a side-car may describe: parameters (estimated from its blocks and position embedding) and tokens
+#: per image. Larger than any published ViT; a combination of in-range values beyond them is refused.
+SIDECAR_MAX_PARAMS = 5e9
+SIDECAR_MAX_TOKENS = 65_536
+#: Largest side-car file read, in bytes (class names of the 21k ImageNet classes take under 1 MiB).
+SIDECAR_MAX_BYTES = 16 * 2**20
+
+
 def _check_create_kwarg(meta: Path, key: str, value: Any) -> None:
     if key not in SIDECAR_CREATE_KWARGS:
         raise ValueError(
@@ -61,16 +73,39 @@ def _check_create_kwarg(meta: Path, key: str, value: Any) -> None:
         limit = f" in [{bounds[0]:g}, {bounds[1]:g}]" if bounds else ""
         names = "/".join(k.__name__ for k in kinds)
         raise ValueError(f"{meta}: create_kwargs[{key!r}] = {value!r} is out of range; expected {names}{limit}")
+    if key in SIDECAR_CHOICES and value not in SIDECAR_CHOICES[key]:
+        raise ValueError(
+            f"{meta}: create_kwargs[{key!r}] = {value!r} is not one of {', '.join(map(repr, SIDECAR_CHOICES[key]))}"
+        )
+
+
+def _check_model_size(meta: Path, kwargs: Dict[str, Any]) -> None:
+    """Refuse ``create_kwargs`` whose values, each in range, add up to a model far larger than any real ViT
+    (missing values count as ViT-B/16's)."""
+    dim, depth = kwargs.get("embed_dim", 768), kwargs.get("depth", 12)
+    size, patch = kwargs.get("img_size", 224), kwargs.get("patch_size", 16)
+    h, w = (size, size) if isinstance(size, int) else (size[0], size[-1])
+    tokens = (h // patch) * (w // patch)
+    params = depth * (4 + 2 * kwargs.get("mlp_ratio", 4.0)) * dim * dim + tokens * dim
+    if params > SIDECAR_MAX_PARAMS or tokens > SIDECAR_MAX_TOKENS:
+        raise ValueError(
+            f"{meta}: create_kwargs describe a ViT of about {params / 1e9:,.1f} billion parameters and {tokens:,} "
+            f"tokens per image, beyond any real ViT (limits {SIDECAR_MAX_PARAMS / 1e9:g} billion, "
+            f"{SIDECAR_MAX_TOKENS:,} tokens); fix the side-car, or pass the arguments with --model.model_kwargs if "
+            f"you trust them"
+        )
 
 
 def read_sidecar(checkpoint_path: str) -> Dict[str, Any]:
     """The JSON file next to a checkpoint (same name, ``.json``), or ``{}`` when there is none.
 
     Keys read: ``timm_name`` (a timm or ``torchvision:`` model name), ``create_kwargs`` (constructor arguments from
-    :data:`SIDECAR_CREATE_KWARGS`, e.g. ``img_size``, ``num_classes``, ``global_pool``, each within its range) and
-    ``classes`` (class names, one per output). Other keys are ignored. A side-car describes weights; it can never
-    name a ``transformers`` folder (``hf:``, whose loader can import code), enable remote code or build a model far
-    larger than any real ViT.
+    :data:`SIDECAR_CREATE_KWARGS`, e.g. ``img_size``, ``num_classes``, ``global_pool``, each within its range),
+    ``classes`` (class names, one per output) and the weights' preprocessing (``interpolation``, ``crop_pct``,
+    ``mean``, ``std``, or a free-text ``preprocess`` naming ``Resize(224, bilinear)``; see
+    :func:`sidecar_data_config`), which the DataModule follows unless told otherwise. Other keys are ignored. A
+    side-car describes weights; it can never name a ``transformers`` folder (``hf:``, whose loader can import code),
+    enable remote code or build a model far larger than any real ViT.
 
     Raises:
         ValueError: If the file is not valid JSON or a key has the wrong type or value (the message names the file
@@ -79,10 +114,17 @@ def read_sidecar(checkpoint_path: str) -> Dict[str, Any]:
     meta = Path(checkpoint_path).with_suffix(".json")
     if not meta.is_file():
         return {}
+    if meta.stat().st_size > SIDECAR_MAX_BYTES:
+        raise ValueError(
+            f"{meta} holds {meta.stat().st_size:,} bytes, more than a side-car's {SIDECAR_MAX_BYTES:,}; fix or "
+            f"remove the side-car file"
+        )
     try:
-        data = json.loads(meta.read_text())
+        data = json.loads(meta.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{meta} is not valid JSON ({err}); fix or remove the side-car file") from None
+    except RecursionError:
+        raise ValueError(f"{meta} nests JSON too deeply to be a side-car; fix or remove the side-car file") from None
     if not isinstance(data, dict):
         raise ValueError(
             f"{meta} holds a JSON {type(data).__name__}; a side-car file is a JSON object such as "
@@ -105,7 +147,49 @@ def read_sidecar(checkpoint_path: str) -> Dict[str, Any]:
         )
     for key, value in data.get("create_kwargs", {}).items():
         _check_create_kwarg(meta, key, value)
+    _check_model_size(meta, data.get("create_kwargs", {}))
+    sidecar_data_config(checkpoint_path, data)  # refuse bad preprocessing values now, naming the file
     return data
+
+
+#: timm modules whose models DSM's adapters patch (VisionTransformer and subclasses, Eva); model-name suggestions
+#: come from these only.
+_TIMM_VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit", "eva")
+#: Interpolations a side-car may name (timm's).
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+def sidecar_data_config(checkpoint_path: str, meta: Dict[str, Any]) -> Dict[str, Any]:
+    """The preprocessing a side-car states for its weights, as timm data-config fields: ``interpolation``,
+    ``crop_pct``, ``mean`` and ``std`` keys, else what its free-text ``preprocess`` says
+    (``"... Resize(224, bilinear) -> CenterCrop(224) ..."``: the interpolation, and the crop fraction)."""
+    where = Path(checkpoint_path).with_suffix(".json")
+    cfg: Dict[str, Any] = {}
+    text = meta.get("preprocess")
+    if isinstance(text, str):
+        resize = re.search(r"Resize\(\s*(\d+)\s*,\s*(\w+)\s*\)", text)
+        if resize and resize.group(2).lower() in _INTERPOLATIONS:
+            cfg["interpolation"] = resize.group(2).lower()
+            crop = re.search(r"CenterCrop\(\s*(\d+)", text)
+            cfg["crop_pct"] = min(1.0, int(crop.group(1)) / int(resize.group(1))) if crop else 1.0
+    if "interpolation" in meta:
+        if meta["interpolation"] not in _INTERPOLATIONS:
+            raise ValueError(f"{where}: 'interpolation' must be one of {', '.join(_INTERPOLATIONS)}")
+        cfg["interpolation"] = meta["interpolation"]
+    if "crop_pct" in meta:
+        value = meta["crop_pct"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"{where}: 'crop_pct' must be a fraction in (0, 1], got {value!r}")
+        cfg["crop_pct"] = float(value)
+    for key in ("mean", "std"):
+        if key in meta:
+            value = meta[key]
+            ok = isinstance(value, list) and len(value) == 3
+            ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            if not ok or (key == "std" and min(value) <= 0):
+                raise ValueError(f"{where}: {key!r} must be 3 finite numbers{' > 0' if key == 'std' else ''}")
+            cfg[key] = tuple(float(v) for v in value)
+    return cfg
 
 
 def _hf_folder(model_name: str) -> Path:
@@ -159,6 +243,16 @@ def build_model(
             kwargs["num_classes"] = num_classes
         if pretrained:
             raise ValueError("pretrained=True needs a download; pass checkpoint_path= with local weights instead")
+        builders = set(torchvision.models.list_models())
+        if name != "VisionTransformer" and name not in builders:
+            import difflib
+
+            close = difflib.get_close_matches(name, sorted(builders), n=3, cutoff=0.8)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+            raise ValueError(
+                f"model_name={model_name!r}: torchvision has no model builder {name!r}; {hint}pass torchvision:<name> "
+                f"with a name from torchvision.models.list_models() (e.g. vit_b_16) or torchvision:VisionTransformer"
+            )
         ctor = getattr(torchvision.models, name)
         # a builder (vit_b_16) takes weights=; the class itself (VisionTransformer) takes a custom configuration
         return ctor(**kwargs) if isinstance(ctor, type) else ctor(weights=None, **kwargs)
@@ -170,13 +264,26 @@ def build_model(
     if not timm.is_model(model_name):
         import difflib
 
-        close = difflib.get_close_matches(model_name, timm.list_models(), n=3, cutoff=0.8)
+        # suggest only names DSM can patch: models of timm's ViT modules (a close ResNet name would be refused)
+        vits = [m for module in _TIMM_VIT_MODULES for m in timm.list_models(module=module)]
+        close = difflib.get_close_matches(model_name, vits, n=3, cutoff=0.8)
         hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
         raise ValueError(
             f"unknown timm model {model_name!r}; {hint}(timm.list_models('vit_*') lists ViTs; "
             f"torchvision:<name> and hf:<folder> name other families)"
         )
     return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+
+
+def load_error_reason(err: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` refused, in one line, without torch's advice to turn the protection
+    off (``weights_only=False`` runs whatever code the file holds)."""
+    lines = [" ".join(line.split()) for line in str(err).splitlines() if line.strip()]
+    useful = [line for line in lines if "weights_only" not in line and not line.startswith("Check the documentation")]
+    reason = next((line for line in useful if "GLOBAL" in line or "global" in line), useful[0] if useful else "")
+    if not reason:  # only torch's generic "Weights only load failed ... weights_only=False ..." line
+        reason = "the file holds Python objects that are not tensors"
+    return reason if len(reason) <= 300 else reason[:297] + "..."
 
 
 def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
@@ -198,9 +305,8 @@ def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors, truncated zip archives, non-weights pickles
         raise ValueError(
-            f"cannot load {path} with torch.load(weights_only=True) ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); pass a state_dict saved with torch.save "
-            f"or a .safetensors file"
+            f"cannot load {path} with torch.load(weights_only=True) ({type(err).__name__}: {load_error_reason(err)}); "
+            f"pass a state_dict saved with torch.save or a .safetensors file"
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # a Lightning checkpoint
@@ -335,7 +441,18 @@ class ImageClassifier(LightningModule):
                 num_classes = kwargs.pop("num_classes", None)
             kwargs.pop("num_classes", None)
         self.model_name: str = model_name or meta.get("timm_name") or DEFAULT_MODEL
-        self.model = build_model(self.model_name, num_classes, pretrained, **kwargs)
+        try:
+            self.model = build_model(self.model_name, num_classes, pretrained, **kwargs)
+        except (TypeError, AttributeError, AssertionError, ValueError) as err:
+            if model_name is not None or "timm_name" not in meta or not checkpoint_path:
+                raise
+            raise ValueError(
+                f"{Path(checkpoint_path).with_suffix('.json')}: its timm_name {self.model_name!r} and create_kwargs "
+                f"do not build a model ({type(err).__name__}: {' '.join(str(err).split())}); fix the side-car or "
+                f"pass --model.model_name"
+            ) from None
+        #: Preprocessing the checkpoint's side-car states (:func:`sidecar_data_config`), on top of the model's.
+        self.sidecar_preprocessing = sidecar_data_config(checkpoint_path, meta) if checkpoint_path else {}
         if checkpoint_path:
             load_checkpoint(self.model, checkpoint_path)
         if class_names is None:
@@ -376,7 +493,12 @@ class ImageClassifier(LightningModule):
         raise ValueError(f"{self.model_name} has no classifier head (num_classes=0); set num_classes")
 
     def data_config(self) -> Dict[str, Any]:
-        """Preprocessing of the model (timm's ``resolve_data_config``), used by the DataModule."""
+        """Preprocessing of the model, used by the DataModule: timm's ``resolve_data_config`` (a ``transformers``
+        folder's ``preprocessor_config.json``; torchvision's ImageNet recipe), with what the checkpoint's side-car
+        states on top (:attr:`sidecar_preprocessing`: interpolation, crop, mean, std)."""
+        return {**self._model_data_config(), **getattr(self, "sidecar_preprocessing", {})}
+
+    def _model_data_config(self) -> Dict[str, Any]:
         from timm.data import resolve_data_config
 
         if self.model_name.startswith("hf:"):
