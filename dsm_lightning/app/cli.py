@@ -287,6 +287,14 @@ class DSMLightningCLI(LightningCLI):
             cast(Any, trainer).callbacks.append(LogProgress())
         return trainer
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Lightning's parsing, with ``--dsm.<field>`` read as ``--dsm.config.<field>`` (:func:`config_shorthand`)."""
+        if args is None:  # the console: rewrite sys.argv itself, so Lightning sees no second set of arguments
+            sys.argv[1:] = config_shorthand(sys.argv[1:])
+        elif isinstance(args, (list, tuple)):
+            args = config_shorthand([str(a) for a in args])
+        super().parse_arguments(parser, args)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(DSMCallback, "dsm")
         parser.add_lightning_class_args(PredictionWriter, "writer")
@@ -437,10 +445,6 @@ def cli(args: Optional[List[str]] = None) -> DSMLightningCLI:
                 raise
             except yaml.YAMLError:  # not YAML (a glob such as *.png): jsonargparse takes it as a string
                 pass
-    if args is None:  # the console: LightningCLI reads sys.argv itself
-        sys.argv[1:] = config_shorthand(sys.argv[1:])
-    else:
-        args = config_shorthand(args)
     return DSMLightningCLI(
         ImageClassifier,
         ImageFolderDataModule,
