@@ -21,9 +21,9 @@ from typing_extensions import override
 from .adapters import UnsupportedModelError, get_adapter
 from .config import DSMConfig
 from .errors import ModelAttributeError
-from .guard import GuardResult, QualityGuard
+from .guard import GUARD_MEASURES, GuardResult, QualityGuard
 from .measure import StageMeter, images_of, num_classes_of, sync
-from .outputs import model_outputs, output_tensor, token_cosine
+from .outputs import model_outputs, output_tensor
 from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan, unpatched
 from .regional import compile_blocks
 
@@ -331,13 +331,10 @@ class DSMCallback(Callback):
         self._choose(images, where)
 
     def _batch_size(self, trainer: Trainer) -> int:
-        loaders = getattr(
-            trainer,
-            {"validate": "val", "test": "test", "predict": "predict"}[self._stage or "validate"] + "_dataloaders",
-            None,
-        )
-        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
-        return max(1, int(getattr(loader, "batch_size", None) or 32))
+        from .sampling import stage_loaders
+
+        loaders, _ = stage_loaders(trainer, self._stage or "validate")
+        return max(1, int(getattr(loaders[0], "batch_size", None) or 32)) if loaders else 32
 
     def _choose(self, images: torch.Tensor, where: str, dense: Optional[torch.Tensor] = None) -> None:
         """The guard chooses on ``images`` (their dense outputs computed here unless given); merge with its choice."""
@@ -533,10 +530,7 @@ class DSMCallback(Callback):
         reference = output_tensor(dense)
         if reference is None:
             return
-        if self._measure == "top1":
-            hits = float((merged.argmax(-1) == reference.argmax(-1)).sum())
-        else:
-            hits = float(token_cosine(merged.float(), reference.float()).sum())
+        hits = float(GUARD_MEASURES[self._measure](merged, reference).sum())
         self._audit[0] += hits
         self._audit[1] += int(merged.shape[0])
 

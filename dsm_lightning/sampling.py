@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .measure import images_of
 
-__all__ = ["sample_loader", "sample_stage_inputs"]
+__all__ = ["sample_loader", "sample_stage_inputs", "stage_loaders"]
 
 _STEPS = {"validate": "validation_step", "test": "test_step", "predict": "predict_step"}
 
@@ -32,7 +32,8 @@ class _Captured(Exception):
         self.images = images
 
 
-def _loaders(trainer: Any, stage: str) -> Tuple[List[Any], List[float]]:
+def stage_loaders(trainer: Any, stage: str) -> Tuple[List[Any], List[float]]:
+    """The ``stage``'s dataloaders on ``trainer`` and how many batches each runs (``inf``: all)."""
     name = {"validate": "val", "test": "test", "predict": "predict"}[stage]
     loaders = getattr(trainer, f"{name}_dataloaders", None)
     batches = getattr(trainer, f"num_{name}_batches", None) or []
@@ -100,7 +101,7 @@ def sample_stage_inputs(
     what this process's ``stage`` will run (all of them when it runs fewer), and how many images that stage runs
     here; None when a loader's indices cannot be known in advance (then the guard falls back to the stage's first
     images). The step runs under ``torch.no_grad`` and stops at the ViT's call; nothing is logged."""
-    loaders, batches = _loaders(trainer, stage)
+    loaders, batches = stage_loaders(trainer, stage)
     pool: List[Tuple[int, int]] = []  # (loader, dataset index)
     for k, (loader, n) in enumerate(zip(loaders, batches)):
         indices = _stage_indices(loader, n)

@@ -322,17 +322,22 @@ def _lookup(tree: Any, dotted: str) -> Any:
     return tree
 
 
+def _config_files(config: Any) -> Iterator[Tuple[Path, Any]]:
+    """``(path, parsed YAML)`` of each ``--config`` file that reads and parses (others are jsonargparse's to report)."""
+    for file in config.get("config") or []:
+        path = Path(str(getattr(file, "absolute", file)))
+        try:
+            yield path, yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+
+
 def config_relative_paths(config: Any) -> dict:
     """``{key: absolute path}`` for the :data:`CONFIG_RELATIVE_KEYS` whose value was set, as a relative path, by a
     ``--config`` file and not overridden afterwards (a command-line value stays relative to the working
     directory)."""
     found = {}
-    for file in config.get("config") or []:
-        path = Path(str(getattr(file, "absolute", file)))
-        try:
-            tree = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
-            continue
+    for path, tree in _config_files(config):
         for key in CONFIG_RELATIVE_KEYS:
             value = _lookup(tree, key)
             if isinstance(value, str):
@@ -414,12 +419,7 @@ def _warn_outputs_outside(config: Any) -> None:
     value = config.get("writer.output")
     if not isinstance(value, str):
         return
-    for file in config.get("config") or []:
-        path = Path(str(getattr(file, "absolute", file)))
-        try:
-            tree = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
-            continue
+    for path, tree in _config_files(config):
         if _lookup(tree, "writer.output") != value:
             continue
         target = Path(value).expanduser().resolve()
