@@ -36,17 +36,15 @@ def test_quickstart_builds_the_real_model_and_reports_a_merged_validation(tmp_pa
     again = _run([str(ROOT / "tools" / "build_reference.py"), "--out", str(out)], tmp_path)
     assert "is up to date" in again.stdout, "a second build reuses the first"
 
-    run = _run(
-        [
-            "-m",
-            "dsm_lightning",
-            "validate",
-            f"--config={ROOT / 'configs' / 'quickstart.yaml'}",
-            f"--model.checkpoint_path={out}.safetensors",
-            "--trainer.enable_progress_bar=false",
-        ],
-        tmp_path,
-    )
+    validate = [
+        "-m",
+        "dsm_lightning",
+        "validate",
+        f"--config={ROOT / 'configs' / 'quickstart.yaml'}",
+        f"--model.checkpoint_path={out}.safetensors",
+        "--trainer.enable_progress_bar=false",
+    ]
+    run = _run(validate, tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     text = run.stdout
     assert "DSM validate summary" in text and "500 images ran merged." in text, text[-3000:]
@@ -62,20 +60,7 @@ def test_quickstart_builds_the_real_model_and_reports_a_merged_validation(tmp_pa
     assert not list(tmp_path.glob("*.yaml")), "no config file written into the working directory"
 
     # The README's DDP line: two processes share the guard's 258 images (129 each) and both merge.
-    ddp = _run(
-        [
-            "-m",
-            "dsm_lightning",
-            "validate",
-            f"--config={ROOT / 'configs' / 'quickstart.yaml'}",
-            f"--model.checkpoint_path={out}.safetensors",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.devices=2",
-            "--trainer.strategy=ddp",
-            "--trainer.accelerator=cpu",
-        ],
-        tmp_path,
-        timeout=1800,
-    )
+    ddp_flags = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
+    ddp = _run([*validate, *ddp_flags], tmp_path, timeout=1800)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     assert "250 images ran merged." in ddp.stdout and "on 258 images, drawn at random" in ddp.stdout, ddp.stdout[-3000:]
