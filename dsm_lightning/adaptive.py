@@ -8,7 +8,8 @@ thresholds on calibration images so that, on average over them, every block keep
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+from functools import partial
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,7 @@ from .merge import MergeState, fitting_thresholds
 from .patch import apply_dsm, get_config, is_patched, remove_dsm, token_plan
 from .schedule import block_flops
 
-__all__ = ["fit_thresholds", "AdaptiveFlops", "adaptive_flops"]
+__all__ = ["fit_thresholds", "AdaptiveFlops", "adaptive_flops", "BlockTokens"]
 
 
 def fit_thresholds(model: nn.Module, images: Tensor, config: Optional[DSMConfig] = None) -> DSMConfig:
@@ -83,44 +84,79 @@ class AdaptiveFlops(NamedTuple):
 
     Attributes:
         per_image: ``[B]`` each image's own FLOPs (its live tokens only).
-        spent: The batch's FLOPs per image as run, padding rows included.
+        spent: The batch's FLOPs per image as run: every block call on its sub-batch (:func:`run_blocks
+            <dsm_lightning.engine.run_blocks>` regroups images by token count), padding rows included.
     """
 
     per_image: Tensor
     spent: float
 
 
+class BlockTokens:
+    """Forward hooks on a model's blocks that record every block call's batch and tokens in and out: the one counter
+    of the FLOPs a forward spent when its token counts follow the data (adaptive merging runs a block once per
+    sub-batch, each padded to its own longest image)."""
+
+    def __init__(self, blocks: Sequence[nn.Module], dims: Tuple[int, int]) -> None:
+        self.dims = dims
+        self.calls: List[Tuple[int, int, int, int]] = []  # (block, batch, tokens in, tokens out) per call
+        self.handles = [block.register_forward_hook(partial(self._record, i)) for i, block in enumerate(blocks)]
+
+    def _record(self, index: int, module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if args and isinstance(args[0], Tensor) and isinstance(out, Tensor):
+            self.calls.append((index, args[0].shape[0], args[0].shape[1], out.shape[1]))
+
+    def spent(self) -> Optional[Tuple[float, float]]:
+        """Block GFLOPs per image of the forward recorded since the last call (analytic, as
+        :class:`~dsm_lightning.TokenPlan` counts them, padding included) and of the dense model; clears the record."""
+        calls, self.calls = self.calls, []
+        if not calls:
+            return None
+        first = calls[0][0]
+        images = sum(batch for block, batch, _, _ in calls if block == first)
+        t0 = calls[0][2]
+        spent = sum(batch * block_flops(a, b, *self.dims) for _, batch, a, b in calls) / images
+        depth = len({block for block, _, _, _ in calls})
+        return spent / 1e9, block_flops(t0, t0, *self.dims) * depth / 1e9
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
 def adaptive_flops(model: nn.Module, images: Tensor) -> AdaptiveFlops:
     """Count the block FLOPs of a patched model on ``images`` from the tokens each block really holds (analytic
     FLOPs: attention on the tokens entering a block, the MLP on those leaving it, as :class:`~dsm_lightning.TokenPlan`
-    counts them)."""
+    counts them): each image's own, and what the batch spent as run (:class:`BlockTokens`)."""
     if not is_patched(model):
         raise ValueError("adaptive_flops needs a patched model: call apply_dsm(model, ...) first")
-    dim, hidden = _dims(model)
+    from .adapters import get_adapter
+
+    adapter = get_adapter(model)
+    dim, hidden = adapter.dims(model)
     live: List[Tensor] = []
-    shapes: List[int] = []
 
     def count(index: int, tokens: Tensor, state: MergeState) -> None:
-        shapes.append(tokens.shape[1])
         if state.size is None:
             live.append(torch.full((tokens.shape[0],), tokens.shape[1]))
         else:
             live.append((state.size[..., 0] > 0).sum(dim=1).cpu())
 
-    with torch.no_grad():
-        trace = trace_tokens(model, images, count)
+    counter = BlockTokens(adapter.blocks(model), (dim, hidden))
+    try:
+        with torch.no_grad():
+            trace = trace_tokens(model, images, count)
+        spent = counter.spent()
+    finally:
+        counter.remove()
+    assert spent is not None
     t0 = trace.plan.num_patches + trace.plan.num_prefix_tokens
-    dense = block_flops(t0, t0, dim, hidden) * len(shapes)
+    dense = block_flops(t0, t0, dim, hidden) * len(live)
     per_image = torch.zeros(images.shape[0], dtype=torch.float64)
-    spent, before, shape_before = 0.0, torch.full((images.shape[0],), t0), t0
-    for after, shape in zip(live, shapes):
+    before = torch.full((images.shape[0],), t0)
+    for after in live:
         per_image += torch.tensor([block_flops(int(a), int(b), dim, hidden) for a, b in zip(before, after)])
-        spent += block_flops(shape_before, shape, dim, hidden)
-        before, shape_before = after, shape
-    return AdaptiveFlops(per_image / dense, spent / dense)
-
-
-def _dims(model: nn.Module) -> Tuple[int, int]:
-    from .adapters import get_adapter
-
-    return get_adapter(model).dims(model)
+        before = after
+    return AdaptiveFlops(per_image / dense, spent[0] * 1e9 / dense)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .adaptive import BlockTokens
 from .outputs import logits_of
 from .patch import unpatched
 from .regional import eager_blocks
@@ -82,38 +83,6 @@ def count_flops_pair(module: nn.Module, image: torch.Tensor) -> Tuple[float, flo
         with unpatched(module):
             dense = count_flops(eager, image) / 1e9
     return merged, dense
-
-
-class BlockTokens:
-    """Forward hooks on a model's blocks that record the tokens entering and leaving each one, so the FLOPs a batch
-    spent under adaptive merging (whose token counts follow the data) can be counted from its own run."""
-
-    def __init__(self, blocks: List[nn.Module], dims: Tuple[int, int]) -> None:
-        self.dims = dims
-        self.counts: List[Tuple[int, int]] = []
-        self.handles = [block.register_forward_hook(self._record) for block in blocks]
-
-    def _record(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
-        out = output[0] if isinstance(output, (tuple, list)) else output
-        if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-            self.counts.append((args[0].shape[1], out.shape[1]))
-
-    def spent(self) -> Optional[Tuple[float, float]]:
-        """Block GFLOPs per image of the last recorded forward (analytic, padding included) and of the dense model;
-        clears the record."""
-        from .schedule import block_flops
-
-        counts, self.counts = self.counts, []
-        if not counts:
-            return None
-        t0 = counts[0][0]
-        spent = sum(block_flops(a, b, *self.dims) for a, b in counts)
-        return spent / 1e9, block_flops(t0, t0, *self.dims) * len(counts) / 1e9
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
 
 
 class StageMeter:

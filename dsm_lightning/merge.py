@@ -47,10 +47,13 @@ class Matching(NamedTuple):
             ``[B, num_prefix + N, C]``; output order: the prefix tokens (untouched), the unmerged ``a`` tokens, then
             all ``b`` tokens.
         new_index: ``[B, N]`` long: where each input token ends up in the output.
+        lengths: Under :func:`threshold_soft_matching`, each image's token count after the merge (prefix
+            included; host ints, read back with the output length); None for a fixed matching.
     """
 
     merge: Callable[[Tensor], Tensor]
     new_index: Tensor
+    lengths: Optional[Tuple[int, ...]] = None
 
 
 def stable_argsort(values: Tensor, descending: bool = False) -> Tensor:
@@ -184,8 +187,8 @@ def threshold_soft_matching(
     the order :func:`bipartite_soft_matching` gives them (prefix, unmerged ``a``, ``b``), and padding rows of zeros
     fill the rest (:func:`merge_wavg` gives them size 0, so proportional attention's ``log(size)`` bias hides them
     from every query, and later merges skip them). An image's tokens are the same whatever shares its batch: the
-    padding only ever sits behind them. The output length, the batch's longest image rounded up by
-    :func:`bucket_tokens`, is the one value read back to the host.
+    padding only ever sits behind them. The output length is the batch's longest image rounded up by
+    :func:`bucket_tokens`; each image's count (:attr:`Matching.lengths`) is the one read back to the host.
 
     Args:
         metric: ``[B, N, D]`` similarity features of the patch tokens (padding rows included).
@@ -220,7 +223,8 @@ def threshold_soft_matching(
         kept_a = (alive[:, odd::2] & ~merged).gather(1, a_order)
         kept = torch.cat([alive.new_ones(batch, p), kept_a, alive[:, 1 - odd :: 2]], dim=1)
         order = stable_argsort((~kept).to(torch.uint8))
-        m = p + bucket_tokens(int(kept.sum(dim=1).max()) - p, n, buckets)  # the host reads this one number
+        lengths = tuple(kept.sum(dim=1).tolist())  # the one read back to the host: each image's count
+        m = p + bucket_tokens(max(lengths) - p, n, buckets)
         slot = torch.empty_like(order).scatter_(1, order, torch.arange(t, device=device).expand(batch, -1))
         b_slot = slot[:, p + na :]
         a_slot = torch.empty_like(a_order).scatter_(1, a_order, slot[:, p : p + na])  # by a index
@@ -243,7 +247,7 @@ def threshold_soft_matching(
         out.index_add_(0, dst, flat.index_select(0, src) * weight.to(x.dtype))
         return out.view(batch, m, c)
 
-    return Matching(merge, new_index)
+    return Matching(merge, new_index, lengths)
 
 
 def merge_wavg(
@@ -328,10 +332,15 @@ class MergeState(NamedTuple):
         size: ``[B, T, 1]`` float32 tokens' sizes including prefix tokens (size 1), or None while no merge has
             happened.
         pos: ``[B, N0]`` index (among patch tokens) of the token holding each input patch, or None while identity.
+        lengths: After an adaptive merge, each image's token count (prefix included, host ints): its tokens are the
+            first ``lengths[i]`` rows and padding of size 0 follows. The engine regroups the batch by them
+            (:func:`~dsm_lightning.engine.run_blocks`). None otherwise, and while thresholds are being fitted (the
+            fitted batch stays whole).
     """
 
     size: Optional[Tensor] = None
     pos: Optional[Tensor] = None
+    lengths: Optional[Tuple[int, ...]] = None
 
 
 def size_bias(state: MergeState, dtype: torch.dtype) -> Optional[Tensor]:
@@ -430,7 +439,7 @@ def _merge_adaptive(
     choose = _fit_threshold(alive, plan) if threshold is None else threshold
     m = threshold_soft_matching(metric, choose, alive, config.buckets, protected, num_prefix, parity, sort)
     x, size = merge_wavg(m.merge, x, size, padded=True)
-    return x, MergeState(size, m.new_index.gather(1, pos))
+    return x, MergeState(size, m.new_index.gather(1, pos), m.lengths if threshold is not None else None)
 
 
 def merge_step(

@@ -119,7 +119,10 @@ def test_fit_thresholds_matches_the_fixed_plans_average_tokens():
     planned = token_plan(model, fixed).flops_ratio(32, 128)
     assert abs(float(flops.per_image.mean()) - planned) < 0.03  # average FLOPs follow the fixed plan
     assert float(flops.per_image.std()) > 0.01  # while images differ
-    assert flops.spent >= float(flops.per_image.max()) - 1e-9  # a padded batch spends at least its longest image
+    # the batch runs regrouped by token count: it spends about what its images need (bucket rounding on top), far
+    # less than its longest image times the batch size
+    mean = float(flops.per_image.mean())
+    assert mean - 1e-9 <= flops.spent <= 1.1 * mean < float(flops.per_image.max())
 
 
 def test_fit_thresholds_leaves_a_patched_model_as_it_was():
