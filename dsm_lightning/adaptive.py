@@ -120,6 +120,10 @@ class BlockTokens:
         depth = len({block for block, _, _, _ in calls})
         return spent / 1e9, block_flops(t0, t0, *self.dims) * depth / 1e9
 
+    def clear(self) -> None:
+        """Forget the calls recorded so far."""
+        self.calls = []
+
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()

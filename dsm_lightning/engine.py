@@ -162,8 +162,9 @@ def _run_block(
         x = activation_checkpoint(blk, x, *args, use_reentrant=False, **kwargs)
     else:
         x = blk(x, *args, **kwargs)
-    merged = call is not None and call.state is not call.before
-    return _Group(x, call.state if merged else state, group.rows)
+    if call is not None and call.state is not call.before:
+        state = call.state
+    return _Group(x, state, group.rows)
 
 
 def _partition(levels: Sequence[int], call_cost: int) -> List[Tuple[int, int]]:
@@ -215,7 +216,10 @@ def _take(group: _Group, rows: List[int], length: int) -> _Group:
     x, state = group.x, group.state
     assert state.size is not None and state.pos is not None and state.lengths is not None
     index = None if rows == list(range(x.shape[0])) else torch.tensor(rows, device=x.device)
-    pick = (lambda t: t) if index is None else (lambda t: t.index_select(0, index))
+
+    def pick(t: Tensor) -> Tensor:
+        return t if index is None else t.index_select(0, index)
+
     ids = group.rows if group.rows is not None else tuple(range(x.shape[0]))
     lengths = tuple(state.lengths[r] for r in rows)
     return _Group(
@@ -229,11 +233,15 @@ def _concat(parts: List[_Group], length: Optional[int] = None) -> _Group:
     """Sub-batches stacked along the batch axis, padded to ``length`` tokens (their longest when None)."""
     length = max(g.x.shape[1] for g in parts) if length is None else length
     pad = [length - g.x.shape[1] for g in parts]
-    xs = [g.x if k == 0 else F.pad(g.x, (0, 0, 0, k)) for g, k in zip(parts, pad)]
-    sizes = [s if k == 0 else F.pad(s, (0, 0, 0, k)) for s, k in ((g.state.size, k) for g, k in zip(parts, pad))]
+    xs, sizes, pos = [], [], []
+    for g, k in zip(parts, pad):
+        assert g.state.size is not None and g.state.pos is not None  # sub-batches exist only after a merge
+        xs.append(g.x if k == 0 else F.pad(g.x, (0, 0, 0, k)))
+        sizes.append(g.state.size if k == 0 else F.pad(g.state.size, (0, 0, 0, k)))
+        pos.append(g.state.pos)
     lengths = tuple(n for g in parts for n in (g.state.lengths or ()))
     rows = tuple(r for g in parts for r in (g.rows or ()))
-    state = MergeState(torch.cat(sizes), torch.cat([g.state.pos for g in parts]), lengths or None)
+    state = MergeState(torch.cat(sizes), torch.cat(pos), lengths or None)
     return _Group(torch.cat(xs), state, rows)
 
 
@@ -241,15 +249,12 @@ def _assemble(groups: List[_Group]) -> Tuple[Tensor, MergeState]:
     """The whole batch in input order, padded to its longest image."""
     if len(groups) == 1 and groups[0].rows is None:
         return groups[0].x, groups[0].state
-    stacked = _concat(groups)
-    assert stacked.rows is not None and stacked.state.size is not None and stacked.state.pos is not None
-    rank = sorted(range(len(stacked.rows)), key=stacked.rows.__getitem__)
-    order = torch.tensor(rank, device=stacked.x.device)
-    state = stacked.state
-    lengths = None if state.lengths is None else tuple(state.lengths[i] for i in rank)
-    return stacked.x.index_select(0, order), MergeState(
-        state.size.index_select(0, order), state.pos.index_select(0, order), lengths
-    )
+    x, (size, pos, lengths), rows = _concat(groups)
+    assert rows is not None and size is not None and pos is not None
+    rank = sorted(range(len(rows)), key=rows.__getitem__)
+    order = torch.tensor(rank, device=x.device)
+    lengths = None if lengths is None else tuple(lengths[i] for i in rank)
+    return x.index_select(0, order), MergeState(size.index_select(0, order), pos.index_select(0, order), lengths)
 
 
 def check_tokens(x: Tensor, plan: TokenPlan) -> None:

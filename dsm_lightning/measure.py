@@ -113,7 +113,7 @@ class StageMeter:
     def before_forward(self) -> None:
         """Forget token counts recorded outside the next merged forward (dense runs of the guard)."""
         if self.tokens is not None:
-            self.tokens.counts = []
+            self.tokens.clear()
 
     def merged_forward(
         self,
@@ -135,7 +135,7 @@ class StageMeter:
             with torch.no_grad():
                 self.flops[shape] = count_flops_pair(module, images[:1])
             if self.tokens is not None:
-                self.tokens.counts = []
+                self.tokens.clear()
         logits = logits_of(output)
         if not (self.compare_dense and logits is not None):
             return None
