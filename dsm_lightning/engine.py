@@ -7,7 +7,9 @@ created inside the call and threaded through the loop in a per-block :class:`Blo
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+import contextlib
+import os
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,7 @@ from .errors import InputError
 from .merge import MergeState, bucket_tokens, merge_step, size_bias
 from .schedule import BlockPlan, TokenPlan
 
-__all__ = ["BlockArgs", "BlockCall", "BlockHook", "check_tokens", "run_blocks"]
+__all__ = ["BlockArgs", "BlockCall", "BlockHook", "check_tokens", "run_blocks", "busy_threads"]
 
 #: ``hook(block_index, tokens, state)`` called after every block (used by tests and the visualiser).
 BlockHook = Callable[[int, Tensor, MergeState], None]
@@ -119,14 +121,59 @@ def run_blocks(
         The tokens after the last block and the final :class:`MergeState`.
     """
     groups = [_Group(x, MergeState(), None)]
-    for blk, bp in zip(blocks, plan.blocks):
-        groups = [_run_block(blk, bp, plan, g, block_args, checkpoint, args_for) for g in groups]
-        if bp.merges and groups[0].state.lengths is not None:
-            groups = _regroup(groups, plan)
-        if hook is not None:
-            x, state = _assemble(groups)
-            hook(bp.index, x, state)
-    return _assemble(groups)
+    with _cpu_threads(x, plan):
+        for blk, bp in zip(blocks, plan.blocks):
+            groups = [_run_block(blk, bp, plan, g, block_args, checkpoint, args_for) for g in groups]
+            if bp.merges and groups[0].state.lengths is not None:
+                groups = _regroup(groups, plan)
+            if hook is not None:
+                x, state = _assemble(groups)
+                hook(bp.index, x, state)
+        return _assemble(groups)
+
+
+def busy_threads() -> Optional[int]:
+    """How many threads a merged forward's blocks run on when it runs on the CPU: None to leave torch's setting.
+
+    A merge is many small multi-threaded ops; on a CPU that other processes also keep busy, every one of them waits
+    at its thread barrier for a descheduled thread, and the merged model can end up slower than the dense one
+    (beside four processes running 2-thread matmuls on 2 cores, the default ran at 0.85x of dense on 2 threads and
+    1.5x on one; ``benchmarks/load_speed.py``). So when the one-minute load average exceeds 1.5 times the CPUs this
+    process may use, the blocks run on one thread (and torch's setting comes back after them). The environment
+    variable ``DSM_CPU_THREADS`` overrides this: ``auto`` (the default), ``off`` (never change the threads) or a
+    number of threads to always use. Compiled blocks keep the threads they were compiled with.
+    """
+    setting = os.environ.get("DSM_CPU_THREADS", "auto").strip().lower()
+    if setting == "off":
+        return None
+    if setting != "auto":
+        try:
+            return max(1, int(setting))
+        except ValueError:
+            raise InputError(f"DSM_CPU_THREADS must be 'auto', 'off' or a number of threads, got {setting!r}") from None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on Linux / no load average: leave the threads alone
+        return None
+    return 1 if load > 1.5 * cpus else None
+
+
+@contextlib.contextmanager
+def _cpu_threads(x: Tensor, plan: TokenPlan) -> Iterator[None]:
+    """Run the enclosed blocks on :func:`busy_threads` threads when ``x`` is on the CPU and the plan merges."""
+    threads = None
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and any(b.merges for b in plan.blocks):
+        threads = busy_threads()
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class _Group(NamedTuple):

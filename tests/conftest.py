@@ -11,6 +11,9 @@ from hypothesis import settings
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=40, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+# merged forwards drop to one thread on a busy CPU (engine.busy_threads); tests compare outputs bit for bit across
+# calls, so they keep torch's threads whatever else runs on the machine (tests/test_engine.py checks the policy)
+os.environ.setdefault("DSM_CPU_THREADS", "off")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=6, num_heads=2, num_classes=7)

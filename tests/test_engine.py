@@ -92,3 +92,32 @@ def test_partition_is_the_cheapest_split_into_runs_of_two_or_more(levels, call_c
                 cost = _cost(levels, split, call_cost)
                 best = cost if best is None else min(best, cost)
     assert _cost(levels, runs, call_cost) == best
+
+
+@pytest.mark.parametrize(
+    "setting, load, expected",
+    [("auto", 100.0, 1), ("auto", 0.1, None), ("off", 100.0, None), ("3", 0.1, 3)],
+)
+def test_merged_blocks_run_on_one_thread_on_a_busy_cpu_and_give_the_threads_back(monkeypatch, setting, load, expected):
+    monkeypatch.setenv("DSM_CPU_THREADS", setting)
+    monkeypatch.setattr(engine.os, "getloadavg", lambda: (load, load, load))
+    assert engine.busy_threads() == expected
+    model = apply_dsm(tiny_vit(), r=4)
+    x = images(batch=2)
+    before = torch.get_num_threads()
+    seen = []
+    with torch.no_grad():
+        out = trace_tokens(model, x, lambda i, tokens, state: seen.append(torch.get_num_threads())).tokens
+        monkeypatch.setenv("DSM_CPU_THREADS", "off")
+        reference = trace_tokens(model, x).tokens
+    assert set(seen) == {before if expected is None else expected}
+    assert torch.get_num_threads() == before
+    torch.testing.assert_close(out, reference)
+
+
+def test_a_bad_thread_setting_names_the_fix(monkeypatch):
+    from dsm_lightning.errors import InputError
+
+    monkeypatch.setenv("DSM_CPU_THREADS", "many")
+    with pytest.raises(InputError, match="'auto', 'off' or a number"):
+        engine.busy_threads()
