@@ -121,3 +121,47 @@ def test_a_bad_thread_setting_names_the_fix(monkeypatch):
     monkeypatch.setenv("DSM_CPU_THREADS", "many")
     with pytest.raises(InputError, match="'auto', 'off' or a number"):
         engine.busy_threads()
+
+
+def _host_reads(model, x, monkeypatch) -> int:
+    """Values a forward reads back from tensors to the host (``.item()``, ``int()``, ``bool()``, ``.tolist()``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                reads[0] += 1
+            return func(*args, **(kwargs or {}))
+
+    tolist = torch.Tensor.tolist
+
+    def counted(self):
+        reads[0] += 1
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    with torch.no_grad(), Count():
+        model(x)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    return reads[0]
+
+
+def test_the_fixed_path_reads_nothing_back_and_adaptive_one_list_per_merge_of_a_sub_batch(monkeypatch):
+    from dsm_lightning import get_adapter, token_plan
+
+    x = _mixed_batch()
+    fixed = apply_dsm(tiny_vit(), r=4)
+    assert _host_reads(fixed, x, monkeypatch) == 0
+    adaptive = apply_dsm(tiny_vit(), threshold=0.8, buckets=8)
+    merging = [b.index for b in token_plan(adaptive).blocks if b.mode == "global" and b.merges]
+    assert len(merging) > 1
+    assert _host_reads(adaptive, x[:1], monkeypatch) == len(merging)  # the image's token count, once per merge
+    calls = []
+    blocks = get_adapter(adaptive).blocks(adaptive)
+    handles = [blocks[i].register_forward_hook(lambda *a: calls.append(1)) for i in merging]
+    reads = _host_reads(adaptive, x, monkeypatch)
+    for h in handles:
+        h.remove()
+    assert reads == len(calls) > len(merging)  # each sub-batch reads its images' counts when it merges
