@@ -165,7 +165,7 @@ def _cpu_threads(x: Tensor, plan: TokenPlan) -> Iterator[None]:
     threads = None
     if x.device.type == "cpu" and not torch.compiler.is_compiling() and any(b.merges for b in plan.blocks):
         threads = busy_threads()
-    before = torch.get_num_threads()
+    before = None if threads is None else torch.get_num_threads()  # never called while compiling
     if threads is None or threads == before:
         yield
         return
