@@ -62,7 +62,14 @@ def kind(snippet: str) -> str:
     return "plain"
 
 
-@pytest.mark.parametrize("index", range(len(SNIPPETS)), ids=[f"{page}-{i}" for i, (page, _) in enumerate(SNIPPETS)])
+def _param(index: int):
+    """An ONNX Runtime snippet exports and quantizes a full-size model (about a minute on 2 cores): slow tier."""
+    page, snippet = SNIPPETS[index]
+    marks = [pytest.mark.slow] if "onnxruntime" in snippet else []
+    return pytest.param(index, id=f"{page}-{index}", marks=marks)
+
+
+@pytest.mark.parametrize("index", [_param(i) for i in range(len(SNIPPETS))])
 def test_readme_snippet_runs(index, tmp_path, monkeypatch):
     page, snippet = SNIPPETS[index]
     from dsm_lightning.adapters import base as adapters
