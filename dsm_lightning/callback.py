@@ -19,6 +19,7 @@ from torch import nn
 from typing_extensions import override
 
 from .adapters import UnsupportedModelError, get_adapter
+from .adaptive import BudgetKeeper
 from .config import DSMConfig
 from .errors import ModelAttributeError
 from .guard import GUARD_MEASURES, GuardResult, QualityGuard
@@ -174,6 +175,12 @@ class DSMCallback(Callback):
             allows. Needs the guard (``min_agreement``), or a ``config`` whose thresholds are already fitted.
             ``dsm/gflops_per_image`` is then the stage's average per image of what batches spent, padding
             included.
+        keep_budget: Under adaptive merging, hold the stage's block FLOPs within 1% of the fixed plan's (the budget
+            the thresholds were fitted to) with a :class:`~dsm_lightning.adaptive.BudgetKeeper`: when the stage's
+            images turn out more or less redundant than the ones the thresholds were fitted on, it shifts every
+            threshold by one offset (a few times per stage, between batches; the audit keeps checking quality).
+            The summary and ``dsm/block_flops_spent`` / ``dsm/block_flops_target`` say what the stage spent against
+            the target either way; ``False`` keeps the thresholds as fitted.
 
         **fields: :class:`~dsm_lightning.DSMConfig` fields by name (``delay=4``), applied to ``config``'s defaults;
             not together with a non-default ``config``.
@@ -198,6 +205,7 @@ class DSMCallback(Callback):
         guard_confidence: Optional[float] = DEFAULT_GUARD_CONFIDENCE,
         guard_audit: float = DEFAULT_GUARD_AUDIT,
         adaptive: bool = False,
+        keep_budget: bool = True,
         **fields: Any,
     ) -> None:
         self.config = _config(config, fields)
@@ -217,6 +225,9 @@ class DSMCallback(Callback):
                 "guard off; keep min_agreement, or pass config=fit_thresholds(model, images, config)"
             )
         self.adaptive = bool(adaptive)
+        self.keep_budget = bool(keep_budget)
+        self._keeper: Optional[BudgetKeeper] = None  # adaptive merging: holds the stage to its FLOP budget
+        self._pending: Optional[DSMConfig] = None  # the keeper's shifted thresholds, applied at the batch's end
         self.quality: Optional[QualityGuard] = None  # this stage's guard (choice, audit, report)
         self._audit_now = False  # whether the running batch is audited (the guard's coin, or compare_dense)
         self._audit_coin = False  # whether the guard's own coin picked it (what the guard's cost counts)
@@ -285,6 +296,7 @@ class DSMCallback(Callback):
         self._user_config = get_config(self._vit)
         remove_dsm(self._vit)
         self.quality = None
+        self._keeper, self._pending = None, None
         self._guard_inputs, self._guard_outputs = [], []
         if self.min_agreement is None or trainer.sanity_checking:
             self._patch(self.config)
@@ -365,13 +377,18 @@ class DSMCallback(Callback):
             )
 
     def _patch(self, config: DSMConfig) -> None:
-        """Apply ``config`` (and compile) to the ViT, and print its plan."""
+        """Apply ``config`` (and compile) to the ViT, and print its plan (not for the keeper's shifts)."""
         assert self._vit is not None and self._trainer is not None
         apply_dsm(self._vit, config)
         self._applied = True
+        shifted = self._keeper is not None and config is self._keeper.config and self._keeper.changes > 0
         if config.threshold is not None:  # adaptive: token counts follow the data, so count FLOPs per batch
             adapter = get_adapter(self._vit)
-            self._meter.count_tokens(list(adapter.blocks(self._vit)), adapter.dims(self._vit))
+            dims = adapter.dims(self._vit)
+            self._meter.count_tokens(list(adapter.blocks(self._vit)), dims)
+            if not shifted:  # the keeper accounts for every adaptive stage; it shifts thresholds with keep_budget
+                target = token_plan(self._vit).flops_ratio(*dims)
+                self._keeper = BudgetKeeper(config, target, hold=self.keep_budget)
         if self.compile == "blocks":
             compile_blocks(self._vit)  # remove_dsm (in _restore) takes the compiled block forwards away again
         elif self.compile is not None:
@@ -380,7 +397,7 @@ class DSMCallback(Callback):
             self._vit.forward = torch.compile(self._vit.forward, **options)
             self._compiled = True
         trainer = self._trainer
-        if self.log_summary and trainer.is_global_zero and not trainer.sanity_checking:
+        if self.log_summary and trainer.is_global_zero and not trainer.sanity_checking and not shifted:
             plan = token_plan(self._vit)
             dims = get_adapter(self._vit).dims(self._vit)
             self._say(f"DSM on '{self._vit_name or 'model'}' for {self._stage} ({config}):\n{plan.table(*dims)}")
@@ -510,6 +527,9 @@ class DSMCallback(Callback):
         self._busy = True  # the meter runs the model itself (FLOP count, dense comparison): hooks stay quiet
         try:
             dense = self._meter.merged_forward(module, (args, kwargs), images, output, seconds)
+            fraction = self._meter.last_fraction
+            if self._keeper is not None and fraction is not None and get_config(module) is self._keeper.config:
+                self._pending = self._keeper.observe(fraction, images.shape[0]) or self._pending
             if quality is not None:
                 quality.ran(images.shape[0], images.shape[0] if self._audit_coin else 0)
                 if self._audit_now:
@@ -542,8 +562,12 @@ class DSMCallback(Callback):
         self._audit = [0.0, 0]
 
     def _batch_end(self) -> None:
-        """Hand the batch's audit, summed over processes, to the guard; apply a step down at once."""
+        """Hand the batch's audit, summed over processes, to the guard and apply a step down at once; else apply the
+        budget keeper's shifted thresholds, if any."""
+        pending, self._pending = self._pending, None
         if not self._audit_now or self.quality is None or self._trainer is None:
+            if pending is not None:
+                self._swap(pending)
             return
         self._audit_now = False
         totals = self._trainer.strategy.reduce(
@@ -553,6 +577,8 @@ class DSMCallback(Callback):
         if self.quality.observe(hits, n):
             self._say("DSM quality guard: " + self.quality.steps[-1])
             self._swap(self.quality.schedule)
+        elif pending is not None:
+            self._swap(pending)
 
     def _device(self) -> torch.device:
         assert self._vit is not None
@@ -568,6 +594,9 @@ class DSMCallback(Callback):
     def _collect(self) -> Dict[str, float]:
         out: Dict[str, float] = {} if self.quality is None else self.quality.metrics()
         out.update(self._meter.metrics())
+        if self._keeper is not None and self._keeper.spent is not None:
+            out["dsm/block_flops_spent"] = self._keeper.spent
+            out["dsm/block_flops_target"] = self._keeper.target
         return out
 
     def _log_epoch(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -608,6 +637,8 @@ class DSMCallback(Callback):
     def summary(self, stage: str) -> str:
         """The stage in a few sentences: how many images merged, FLOPs, agreement, speed, and the guard's choice."""
         lines = [f"DSM {stage} summary (this process):", *self._meter.describe(self.metrics)]
+        if self._keeper is not None:
+            lines.append(self._keeper.report())
         if self.quality is not None:
             lines.extend(self.quality.report(every_batch=self.compare_dense))
         elif self.min_agreement is None:

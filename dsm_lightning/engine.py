@@ -173,6 +173,7 @@ def _cpu_threads(x: Tensor, plan: TokenPlan) -> Iterator[None]:
     try:
         yield
     finally:
+        assert before is not None
         torch.set_num_threads(before)
 
 
@@ -296,7 +297,8 @@ def _assemble(groups: List[_Group]) -> Tuple[Tensor, MergeState]:
     """The whole batch in input order, padded to its longest image."""
     if len(groups) == 1 and groups[0].rows is None:
         return groups[0].x, groups[0].state
-    x, (size, pos, lengths), rows = _concat(groups)
+    x, state, rows = _concat(groups)
+    size, pos, lengths = state.size, state.pos, state.lengths
     assert rows is not None and size is not None and pos is not None
     rank = sorted(range(len(rows)), key=rows.__getitem__)
     order = torch.tensor(rank, device=x.device)

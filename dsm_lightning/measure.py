@@ -97,6 +97,7 @@ class StageMeter:
         self.flops: Dict[Tuple[int, ...], Tuple[float, float]] = {}
         self.tokens: Optional[BlockTokens] = None  # adaptive merging: FLOPs from each batch's own token counts
         self.spent: List[Tuple[float, int]] = []  # (block GFLOPs saved per image, images) per merged batch
+        self.last_fraction: Optional[float] = None  # adaptive: the last merged batch's block FLOPs / dense
         if agreement is not None:
             agreement.reset()
 
@@ -128,6 +129,7 @@ class StageMeter:
         self.merged.add(seconds, images.shape[0])
         self.merged_images += images.shape[0]
         spent = self.tokens.spent() if self.tokens is not None else None
+        self.last_fraction = None if spent is None else spent[0] / spent[1]
         if spent is not None:
             self.spent.append((spent[1] - spent[0], images.shape[0]))
         shape = tuple(images.shape[1:])

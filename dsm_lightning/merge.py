@@ -9,9 +9,7 @@ Python ints from the :class:`~dsm_lightning.TokenPlan`, so a compiled graph sees
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -33,7 +31,6 @@ __all__ = [
     "class_attention",
     "protected_mask",
     "merge_step",
-    "fitting_thresholds",
     "size_bias",
     "unmerge",
 ]
@@ -194,7 +191,7 @@ def threshold_soft_matching(
         metric: ``[B, N, D]`` similarity features of the patch tokens (padding rows included).
         threshold: Cosine similarity at or above which an ``a`` token merges into its most similar ``b`` token, or
             a function of the best similarities ``[B, N_a]`` (-2 where blocked) that chooses it
-            (:func:`fitting_thresholds`).
+            (while a block fits it: :attr:`BlockPlan.fit <dsm_lightning.schedule.BlockPlan>`).
         alive: ``[B, N]`` bool, False on padding rows (which must all sit behind the live ones).
         buckets: Number of output lengths allowed for ``N`` patch tokens (see :func:`bucket_tokens`).
         protected: As in :func:`bipartite_soft_matching`.
@@ -336,11 +333,14 @@ class MergeState(NamedTuple):
             first ``lengths[i]`` rows and padding of size 0 follows. The engine regroups the batch by them
             (:func:`~dsm_lightning.engine.run_blocks`). None otherwise, and while thresholds are being fitted (the
             fitted batch stays whole).
+        threshold: After a block that fits its threshold (:attr:`BlockPlan.fit
+            <dsm_lightning.schedule.BlockPlan>`), the threshold it chose; None otherwise.
     """
 
     size: Optional[Tensor] = None
     pos: Optional[Tensor] = None
     lengths: Optional[Tuple[int, ...]] = None
+    threshold: Optional[float] = None
 
 
 def size_bias(state: MergeState, dtype: torch.dtype) -> Optional[Tensor]:
@@ -384,36 +384,17 @@ def protected_mask(cls_attn: Tensor, fraction: float, alive: Optional[Tensor] = 
     return mask
 
 
-#: While :func:`fitting_thresholds` is active: the thresholds chosen so far, by block index.
-_FITTING: contextvars.ContextVar[Optional[Dict[int, float]]] = contextvars.ContextVar("dsm_fitting", default=None)
-
-
-@contextlib.contextmanager
-def fitting_thresholds() -> Iterator[Dict[int, float]]:
-    """Inside the ``with`` block, every global merging block of a forward pass picks the threshold that leaves the
-    batch, on average, the planned number of tokens (the batch's ``B * (tokens_in - tokens_out)`` most similar
-    proposals merge, distributed over the images as their similarities fall), and records it in the dict this
-    yields, by block index. One forward pass over a calibration batch fits every block in turn
-    (:func:`~dsm_lightning.fit_thresholds`)."""
-    chosen: Dict[int, float] = {}
-    token = _FITTING.set(chosen)
-    try:
-        yield chosen
-    finally:
-        _FITTING.reset(token)
-
-
-def _fit_threshold(alive: Tensor, plan: BlockPlan) -> Callable[[Tensor], float]:
-    """What :func:`threshold_soft_matching` calls while fitting: from the best similarities of the batch, the
-    threshold under which it keeps ``plan.tokens_out`` patch tokens per image on average (recorded by block)."""
+def _fit_threshold(alive: Tensor, plan: BlockPlan, chosen: List[float]) -> Callable[[Tensor], float]:
+    """What :func:`threshold_soft_matching` calls while a block fits its threshold: from the best similarities of
+    the batch, the threshold under which it keeps ``plan.tokens_out`` patch tokens per image on average (the batch's
+    ``B * (tokens_in - tokens_out)`` most similar proposals merge, spread over the images as their similarities
+    fall); appended to ``chosen``."""
 
     def choose(node_max: Tensor) -> float:
         k = int(alive.sum()) - alive.shape[0] * plan.tokens_out  # merges the batch needs
         candidates = node_max.flatten()
         threshold = 2.0 if k <= 0 else float(candidates.topk(min(k, candidates.numel())).values[-1].clamp_min(-1.0))
-        chosen = _FITTING.get()
-        assert chosen is not None
-        chosen[plan.index] = threshold
+        chosen.append(threshold)
         return threshold
 
     return choose
@@ -430,16 +411,20 @@ def _merge_adaptive(
     plan: BlockPlan,
     num_prefix: int,
     config: DSMConfig,
-    threshold: Optional[float],
 ) -> Tuple[Tensor, MergeState]:
-    """:func:`merge_step`'s global merge under adaptive merging (:func:`threshold_soft_matching`)."""
+    """:func:`merge_step`'s global merge under adaptive merging (:func:`threshold_soft_matching`): the plan's
+    threshold, or, while fitting, the one this batch needs (reported in the state; the batch stays whole)."""
     if metric.shape[1] < 2:  # a single patch token left: nothing to pair
         return x, MergeState(size, pos)
     parity, sort = (num_prefix % 2, num_prefix > 0) if config.matching == "tome" else (0, False)
-    choose = _fit_threshold(alive, plan) if threshold is None else threshold
+    chosen: List[float] = []
+    threshold = plan.threshold
+    choose = _fit_threshold(alive, plan, chosen) if threshold is None else threshold
     m = threshold_soft_matching(metric, choose, alive, config.buckets, protected, num_prefix, parity, sort)
     x, size = merge_wavg(m.merge, x, size, padded=True)
-    return x, MergeState(size, m.new_index.gather(1, pos), m.lengths if threshold is not None else None)
+    if chosen:
+        return x, MergeState(size, m.new_index.gather(1, pos), None, chosen[0])
+    return x, MergeState(size, m.new_index.gather(1, pos), m.lengths)
 
 
 def merge_step(
@@ -462,8 +447,7 @@ def merge_step(
         metric = x[:, num_prefix:]
     else:  # ToMe's keys: [B, T, D], or per-head keys [B, heads, T, head_dim] averaged here (only when used)
         metric = (metric.mean(dim=1) if metric.ndim == 4 else metric)[:, num_prefix:]
-    threshold = None if config is None or plan.mode == "local" else config.block_threshold(plan.index)
-    adaptive = threshold is not None or (_FITTING.get() is not None and plan.mode == "global")
+    adaptive = plan.adaptive and plan.mode == "global"
     alive = _alive(state, x, num_prefix) if adaptive else None
     if alive is not None and num_prefix == 0 and config is not None and config.protect > 0:
         raise ConfigError(
@@ -480,7 +464,7 @@ def merge_step(
     if alive is not None:
         assert config is not None
         merged: Tuple[Tensor, MergeState] = _merge_adaptive(
-            x, metric, size, pos, alive, protected, plan, num_prefix, config, threshold
+            x, metric, size, pos, alive, protected, plan, num_prefix, config
         )
         return merged
     if plan.mode != "local":  # global: the prefix tokens ride along in the merge, no split and concatenation

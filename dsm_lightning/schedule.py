@@ -101,6 +101,12 @@ class BlockPlan:
         tokens_out: Patch tokens leaving it.
         groups: For local blocks, the window groups with per-window token counts.
         size_bias: Whether tokens entering this block have unequal sizes (proportional attention is active).
+        threshold: Adaptive merging (:attr:`DSMConfig.threshold`), global blocks only: each image merges every pair
+            at least this similar, so ``tokens_in`` / ``tokens_out`` are the budget the threshold was fitted to (the
+            fixed plan's counts), not every image's. None for a fixed merge.
+        fit: While thresholds are fitted (:meth:`TokenPlan.fitting`): this global block picks the threshold under
+            which the batch keeps ``tokens_out`` patch tokens per image on average, and reports it in
+            :attr:`MergeState.threshold <dsm_lightning.merge.MergeState>`.
     """
 
     index: int
@@ -109,6 +115,13 @@ class BlockPlan:
     tokens_out: int
     groups: Tuple[WindowGroup, ...] = ()
     size_bias: bool = False
+    threshold: Optional[float] = None
+    fit: bool = False
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether this block's token counts follow the data (a threshold, or one being fitted)."""
+        return self.threshold is not None or self.fit
 
     @property
     def r(self) -> int:
@@ -166,6 +179,17 @@ class TokenPlan:
         """Patch tokens after the last block."""
         return self.blocks[-1].tokens_out
 
+    @property
+    def adaptive(self) -> bool:
+        """Whether any block's token counts follow the data (adaptive merging): the counts are then the budget."""
+        return any(b.adaptive for b in self.blocks)
+
+    def fitting(self) -> TokenPlan:
+        """This plan with every global merging block fitting its threshold (:attr:`BlockPlan.fit`) instead of
+        applying one: what :func:`~dsm_lightning.fit_thresholds` runs a calibration batch through."""
+        blocks = tuple(replace(b, threshold=None, fit=True) if b.mode == "global" else b for b in self.blocks)
+        return replace(self, blocks=blocks)
+
     def block_flops(self, dim: int, mlp_hidden: int) -> List[float]:
         """Analytic FLOPs per block (attention on the tokens entering it, MLP on the tokens after its merge)."""
         p = self.num_prefix_tokens
@@ -197,6 +221,8 @@ class TokenPlan:
                 "tokens_in": b.tokens_in + self.num_prefix_tokens,
                 "tokens_out": b.tokens_out + self.num_prefix_tokens,
             }
+            if b.threshold is not None:
+                row["threshold"] = b.threshold
             if b.mode == "local":
                 row["per_window"] = "/".join(f"{g.tokens_in}->{g.tokens_out}x{g.count}" for g in b.groups)
             if f is not None:
@@ -212,17 +238,22 @@ class TokenPlan:
         rows = self.rows(dim, mlp_hidden)
         head = f"{'block':>5} {'mode':>6} {'r':>4} {'tokens':>11}"
         head += f" {'GFLOPs':>7}" if dim else ""
+        head += f" {'threshold':>9}" if self.adaptive else ""
         lines = [head]
         for row in rows:
             line = f"{row['block']:>5} {row['mode']:>6} {row['r']:>4} {row['tokens_in']:>5}->{row['tokens_out']:<5}"
             if dim:
                 line += f" {row['gflops']:>7.3g}"
+            if self.adaptive:
+                line += f" {row['threshold']:>9.4f}" if "threshold" in row else f" {'':>9}"
             if "per_window" in row:
                 line += f"  windows {row['per_window']}"
             lines.append(line)
         summary = f"grid {self.grid[0]}x{self.grid[1]}, prefix {self.num_prefix_tokens}, r={self.r}"
         if dim is not None and mlp_hidden is not None:
             summary += f", block FLOPs {self.flops_ratio(dim, mlp_hidden):.3f}x dense"
+        if self.adaptive:
+            summary += " (adaptive: tokens and FLOPs are the budget the thresholds were fitted to; images vary)"
         lines.append(summary)
         return "\n".join(lines)
 
@@ -330,6 +361,11 @@ def _plan(
 ) -> TokenPlan:
     """Uncached core of :func:`token_plan` (all arguments hashable Python values), remembering ``dims``."""
     plan = _plan_blocks(depth, grid, num_prefix_tokens, config, dims)
+    if config.threshold is not None:  # adaptive: global blocks merge by similarity, the counts are the budget
+        blocks = tuple(
+            replace(b, threshold=config.block_threshold(b.index)) if b.mode == "global" else b for b in plan.blocks
+        )
+        plan = replace(plan, blocks=blocks)
     return plan if dims is None else replace(plan, dims=(int(dims[0]), int(dims[1])))
 
 

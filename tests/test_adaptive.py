@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -17,6 +19,7 @@ from dsm_lightning import (
     token_plan,
     trace_tokens,
 )
+from dsm_lightning.adaptive import BudgetKeeper, shift_thresholds
 from dsm_lightning.merge import bipartite_soft_matching, bucket_tokens, merge_wavg, threshold_soft_matching
 from tests.conftest import images, tiny_vit
 
@@ -263,3 +266,109 @@ def test_fit_thresholds_on_no_images_or_non_finite_images_says_so_in_one_line():
         with pytest.raises(ValueError, match=r"non-finite pixels \(nan/inf\) in image\(s\) \[2\]"):
             fit_thresholds(model, x.clone().index_fill_(0, torch.tensor([2]), bad), DSMConfig(flops_target=0.6))
     assert not is_patched(model)
+
+
+def test_the_plan_carries_the_thresholds_and_its_table_shows_them():
+    model = tiny_vit()
+    fitted = fit_thresholds(model, images(batch=16), DSMConfig(flops_target=0.6))
+    plan = token_plan(model, fitted)
+    fixed = token_plan(model, fitted.replace(threshold=None))
+    assert plan.adaptive and not fixed.adaptive
+    for block, plain in zip(plan.blocks, fixed.blocks):
+        assert (block.tokens_in, block.tokens_out, block.mode) == (plain.tokens_in, plain.tokens_out, plain.mode)
+        assert block.threshold == (fitted.threshold[block.index] if block.mode == "global" else None)
+    assert "threshold" in plan.table() and "adaptive" in plan.table() and "threshold" not in fixed.table()
+    fitting = fixed.fitting()
+    assert [b.fit for b in fitting.blocks] == [b.mode == "global" for b in fixed.blocks]
+
+
+def test_fitting_reaches_the_merge_through_the_plan_not_module_state():
+    import ast
+    import inspect
+
+    from dsm_lightning import merge
+
+    tree = ast.parse(inspect.getsource(merge))
+    assert not any(isinstance(node, ast.Global) for node in ast.walk(tree))
+    calls = {
+        node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+    }
+    assert "ContextVar" not in calls
+    assigned = [n for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))]
+    module_state = [n for n in assigned if isinstance(n.value, ast.Call)]
+    assert not module_state  # module-level values are constants, never objects a forward could write to
+
+
+def _stage(keeper: BudgetKeeper, spend, batches: int, batch: int = 32) -> float:
+    """A simulated stage: ``spend(offset, i)`` is what batch i spends at the keeper's offset; returns the mean."""
+    total = 0.0
+    for i in range(batches):
+        fraction = spend(keeper.offset, i)
+        total += fraction
+        keeper.observe(fraction, batch)
+    return total / batches
+
+
+@pytest.mark.parametrize("drift", [0.028, -0.05, 0.15, 0.0])
+@pytest.mark.parametrize("true_slope", [0.12, 0.24, 0.5])
+def test_the_budget_keeper_holds_a_drifting_stage_within_2_percent(drift, true_slope):
+    target = 0.55
+    g = torch.Generator().manual_seed(0)
+    noise = (torch.randn(200, generator=g) * 0.02).tolist()  # batch to batch, as image content varies
+
+    def spend(offset: float, i: int) -> float:
+        return target * (1 + drift) + true_slope * offset + noise[i]
+
+    keeper = BudgetKeeper(DSMConfig(threshold=0.8), target)
+    spent = _stage(keeper, spend, 200)
+    assert abs(spent / target - 1) < 0.02
+    assert abs(keeper.spent - spent) < 1e-9
+    assert keeper.changes <= 8  # a handful of shifts (compiled blocks recompile rarely)
+    if drift == 0.0:
+        assert abs(keeper.offset) * true_slope < 0.04 * target  # what it chased was noise, and it stayed small
+    assert "target" in keeper.report()
+
+
+def test_shift_thresholds_moves_the_cosine_distance_on_a_log_scale_and_keeps_blocks_that_merge_nothing():
+    config = DSMConfig(threshold=(2.0, 0.9999, 0.5, -0.9))
+    up = shift_thresholds(config, math.log(2)).threshold  # distances halve: merges less
+    assert up == pytest.approx((2.0, 0.99995, 0.75, 0.05))
+    down = shift_thresholds(config, -math.log(2)).threshold  # distances double, never below -1
+    assert down == pytest.approx((2.0, 0.9998, 0.0, -1.0))
+    assert shift_thresholds(config, 0.0).threshold == pytest.approx(config.threshold)
+    with pytest.raises(TypeError, match="adaptive"):
+        shift_thresholds(DSMConfig(), 0.1)
+
+
+def test_the_callback_keeps_an_adaptive_stage_on_budget_and_reports_it():
+    """Thresholds fitted on flat (redundant) images, a stage of busy ones: as fitted it spends far more than its
+    target; with the keeper (the default) the stage lands within 2% and the summary says so."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dsm_lightning import DSMCallback
+    from tests.lightning_helpers import tiny_classifier
+
+    module = tiny_classifier()
+    fixed = DSMConfig(flops_target=0.6)
+    fitted = fit_thresholds(module.model, images(batch=64, seed=1) * 0.2 + images(batch=64, seed=2) * 0.02, fixed)
+    x = torch.cat([images(batch=64, seed=s) for s in range(10, 22)])
+    pairs = TensorDataset(x, torch.zeros(len(x), dtype=torch.long))
+    data = DataLoader(
+        pairs,
+        batch_size=16,
+        collate_fn=lambda b: {"image": torch.stack([i for i, _ in b]), "target": torch.stack([t for _, t in b])},
+    )
+    spent = {}
+    for keep in (False, True):
+        callback = DSMCallback(fitted, min_agreement=None, keep_budget=keep)
+        L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[callback]).validate(
+            module, data, verbose=False
+        )
+        spent[keep] = callback.metrics["dsm/block_flops_spent"] / callback.metrics["dsm/block_flops_target"]
+        assert not is_patched(module.model)
+    assert spent[False] > 1.05  # the drift is real
+    assert abs(spent[True] - 1) < 0.02
+    assert "Adaptive budget" in callback.summary("validate") and "shifted" in callback.summary("validate")

@@ -183,13 +183,20 @@ class Adapter(abc.ABC):
         """Images ``[B, 3, H, W]`` to tokens ``[B, prefix + N, C]`` ready for the first block, and the patch grid."""
 
     def run(
-        self, model: nn.Module, x: Tensor, grid: Tuple[int, int], hook: Optional[BlockHook] = None
+        self,
+        model: nn.Module,
+        x: Tensor,
+        grid: Tuple[int, int],
+        hook: Optional[BlockHook] = None,
+        plan: Optional[TokenPlan] = None,
     ) -> Tuple[Tensor, MergeState]:
         """Run the blocks of ``model`` on embedded tokens ``x`` with merging; returns merged ``(tokens, state)``.
 
-        Blocks run under activation checkpointing when the model asks for it (timm's ``grad_checkpointing``, set by
-        ``set_grad_checkpointing(True)``) and gradients are on, as the unpatched forward does."""
-        plan = self.plan(model, grid)
+        ``plan`` replaces the model's own plan for ``grid`` (:func:`~dsm_lightning.fit_thresholds` passes
+        :meth:`TokenPlan.fitting() <dsm_lightning.TokenPlan.fitting>`). Blocks run under activation checkpointing
+        when the model asks for it (timm's ``grad_checkpointing``, set by ``set_grad_checkpointing(True)``) and
+        gradients are on, as the unpatched forward does."""
+        plan = self.plan(model, grid) if plan is None else plan
         check_tokens(x, plan)
         if self.core(model).training and torch.is_grad_enabled() and any(b.merges for b in plan.blocks):
             warnings.warn(
