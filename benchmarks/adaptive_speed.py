@@ -22,7 +22,7 @@ from typing import Callable, Dict
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, median, time_interleaved
+from common import environment, median, time_interleaved, write_report
 from pareto import load
 
 from dsm_lightning import DSMConfig, adaptive_flops, apply_dsm, compile_blocks, get_adapter, token_plan
@@ -117,14 +117,12 @@ def main(argv=None) -> int:
                 }
             )
     meta = {"env": environment("cpu"), "threads": args.threads, "budget": args.budget, "repeats": args.repeats}
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
     text = (
         f"Eager CPU, {args.threads} threads, {args.repeats} interleaved rounds after {args.warmup} untimed; "
         f"efficiency = speedup x block FLOPs spent (1.0: time falls as FLOPs do); graphs: inductor graphs compiled "
         f"by the variant over all its calls (warm-up included).\n" + "\n".join(lines)
     )
-    args.out.with_suffix(".md").write_text(text + "\n")
-    print(text)
+    write_report(args.out, meta, results, text)
     return 0
 
 

@@ -84,6 +84,14 @@ def write_rows(rows: List[dict], out: Path, meta: dict) -> None:
         json.dump({"meta": meta, "rows": rows}, fh, indent=1)
 
 
+def write_report(out: Path, meta: dict, rows: List[dict], text: str) -> None:
+    """``<out>.json`` (meta and rows) and ``<out>.md`` (``text``), and ``text`` printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(text + "\n")
+    print(text)
+
+
 def markdown_table(rows: List[dict], cols: Sequence[str]) -> str:
     def fmt(v):
         return f"{v:.3f}" if isinstance(v, float) else str(v)

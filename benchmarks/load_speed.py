@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,7 @@ from typing import Callable, Dict, List
 
 import torch
 
+from benchmarks.common import write_report
 from dsm_lightning import DSMConfig, apply_dsm
 
 BURNER = "import torch\ntorch.set_num_threads(2)\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n"
@@ -116,8 +116,6 @@ def main(argv: List[str] | None = None) -> int:
         "repeats": args.repeats,
         "warmup": args.warmup,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = (
         f"Random-init ViT-S/16 at 224, batch {args.batch}, {args.threads} torch threads, "
         f"{meta['cpus']} CPUs; each background process runs 2-thread 512x512 matmuls in a loop. "
@@ -125,8 +123,7 @@ def main(argv: List[str] | None = None) -> int:
         f"load. The thread policy (`DSM_CPU_THREADS=auto`) runs merged blocks on one thread when the one-minute load "
         f"average exceeds 1.5x the CPUs.\n" + "\n".join(lines)
     )
-    args.out.with_suffix(".md").write_text(text + "\n")
-    print(text)
+    write_report(args.out, meta, rows, text)
     return 0
 
 

@@ -21,14 +21,13 @@ images is fair. Writes ``<out>.json`` and ``<out>.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks.common import environment
+from benchmarks.common import environment, write_report
 from benchmarks.matched_tome import BUDGETS, load_inputs
 from dsm_lightning import DSMConfig, adaptive_flops, apply_dsm, fit_thresholds, get_adapter, remove_dsm, token_plan
 from dsm_lightning.adaptive import BudgetKeeper, shift_thresholds
@@ -105,8 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     meta = {**environment("cpu"), "budget": args.budget, "target": target, "stage": len(stage), "batch": args.batch}
     meta["seconds"] = time.perf_counter() - t0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "slopes": slopes, "rows": rows}, indent=1))
+    meta["slopes"] = slopes
     name = Path(args.reference).stem
     lines = [
         f"{name}, fixed default at {args.budget} (target: {target:.3f}x dense block FLOPs); a stage of "
@@ -129,8 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"dev[256:512]; at offset 0: {base:.3f}x): "
         + ", ".join(f"{s['offset']:+.3f} -> {s['spent']:.3f}x (slope {s['slope']:.2f})" for s in slopes)
     )
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, meta, rows, "\n".join(lines))
     return 0
 
 

@@ -565,19 +565,17 @@ class DSMCallback(Callback):
         """Hand the batch's audit, summed over processes, to the guard and apply a step down at once; else apply the
         budget keeper's shifted thresholds, if any."""
         pending, self._pending = self._pending, None
-        if not self._audit_now or self.quality is None or self._trainer is None:
-            if pending is not None:
-                self._swap(pending)
-            return
-        self._audit_now = False
-        totals = self._trainer.strategy.reduce(
-            torch.tensor(self._audit, dtype=torch.float64, device=self._device()), reduce_op="sum"
-        )
-        hits, n = float(totals[0]), round(float(totals[1]))
-        if self.quality.observe(hits, n):
-            self._say("DSM quality guard: " + self.quality.steps[-1])
-            self._swap(self.quality.schedule)
-        elif pending is not None:
+        if self._audit_now and self.quality is not None and self._trainer is not None:
+            self._audit_now = False
+            totals = self._trainer.strategy.reduce(
+                torch.tensor(self._audit, dtype=torch.float64, device=self._device()), reduce_op="sum"
+            )
+            hits, n = float(totals[0]), round(float(totals[1]))
+            if self.quality.observe(hits, n):
+                self._say("DSM quality guard: " + self.quality.steps[-1])
+                self._swap(self.quality.schedule)
+                return
+        if pending is not None:
             self._swap(pending)
 
     def _device(self) -> torch.device:
