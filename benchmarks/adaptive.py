@@ -1,6 +1,6 @@
 """Adaptive merging (per-image token counts) against the fixed default and official ToMe, at matched average FLOPs.
 
-    python benchmarks/adaptive.py --reference ../shared/reference/dinov2_s14_fmnist.json --pool-size 600 \\
+    python -m benchmarks.adaptive --reference ../shared/reference/dinov2_s14_fmnist.json --pool-size 600 \\
         --photos ../shared/natural_photos
 
 Run ``benchmarks/matched_tome.py`` with the same arguments first: this script reads its cache (the dense, default
@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment
-from matched_tome import BUDGETS, add_common_arguments, bracket, diff, evaluate, load_inputs, stats
-from pareto import paired_se
-
+from benchmarks.common import environment
+from benchmarks.matched_tome import BUDGETS, add_common_arguments, bracket, diff, evaluate, load_inputs, stats
+from benchmarks.pareto import paired_se
 from dsm_lightning import DSMConfig, adaptive_flops, apply_dsm, fit_thresholds, get_adapter, remove_dsm, token_plan
 
 
@@ -77,7 +74,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "adaptive")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    from fmnist_pool import load_pool
+    from benchmarks.fmnist_pool import load_pool
 
     model, transform, images, labels, photos, photo_head = load_inputs(args)
     dev, _, _ = load_pool("dev", 512, transform, args.shared, args.idx_dir)

@@ -1,6 +1,6 @@
 """Speed of adaptive merging against the fixed default and dense, eager and with regional compilation.
 
-    python benchmarks/adaptive_speed.py --reference ../shared/reference/dinov2_s14_fmnist.json \\
+    python -m benchmarks.adaptive_speed --reference ../shared/reference/dinov2_s14_fmnist.json \\
         --fitted benchmarks/results/adaptive.json
 
 The adaptive thresholds come from ``benchmarks/adaptive.py``'s results (fitted on the ``dev`` pool). Timed on
@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Callable, Dict
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, median, time_interleaved, write_report
-from pareto import load
-
+from benchmarks.common import environment, median, time_interleaved, write_report
+from benchmarks.pareto import load
 from dsm_lightning import DSMConfig, adaptive_flops, apply_dsm, compile_blocks, get_adapter, token_plan
 
 
@@ -69,7 +66,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "adaptive_speed_cpu")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from fmnist_pool import load_pool
+    from benchmarks.fmnist_pool import load_pool
 
     module, transform = load(args)
     model = module.model.eval()

@@ -6,22 +6,21 @@ every batch back to back and leaves out each variant's first (cold) batch. The s
 runs is what a user sees when repeating a command. For reference, the same model and schedule are also timed with
 the interleaved harness of ``speed.py`` (median of many calls) in the same process.
 
-    python benchmarks/callback_timing.py --runs 5
+    python -m benchmarks.callback_timing --runs 5
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from benchmarks.common import environment, forward_fn, median, time_interleaved, write_rows
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_once(config: str, subcommand: str, out: Path, extra) -> float:

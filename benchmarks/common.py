@@ -6,15 +6,11 @@ import csv
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
 import torch
-
-# the repository root: benchmarks import the reference tool (tools/) and the example applications (examples/)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def sync(device: str) -> None:

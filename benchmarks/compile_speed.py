@@ -1,6 +1,6 @@
 """Eager vs torch.compile (inductor), whole model vs regional (``compile_blocks``), dense vs DSM, interleaved.
 
-    python benchmarks/compile_speed.py --models vit_small_patch16_224 vit_base_patch16_224 --batch 16
+    python -m benchmarks.compile_speed --models vit_small_patch16_224 vit_base_patch16_224 --batch 16
 
 Reports first-call time (compile; warm or cold inductor cache as found: ``benchmarks/compile_time.py`` measures
 cold compile time in fresh processes), images/s (median of interleaved rounds) and ratios against compiled dense.
@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, forward_fn, markdown_table, median, time_interleaved, write_rows
-
+from benchmarks.common import environment, forward_fn, markdown_table, median, time_interleaved, write_rows
 from dsm_lightning import DSMConfig, apply_dsm, compile_blocks
 from dsm_lightning.app.module import build_model
 from dsm_lightning.flops import count_flops

@@ -1,7 +1,7 @@
 """Cold compile time: dense vs DSM, whole-model ``torch.compile`` vs regional (``compile_blocks``).
 
-    python benchmarks/compile_time.py                  # ViT-S/16 and the DINOv2-S/14 shape, 3 rounds
-    python benchmarks/compile_time.py --rounds 2 --models vit_small_patch16_224
+    python -m benchmarks.compile_time                  # ViT-S/16 and the DINOv2-S/14 shape, 3 rounds
+    python -m benchmarks.compile_time --rounds 2 --models vit_small_patch16_224
 
 Every measurement runs in a fresh process with an empty inductor cache (``TORCHINDUCTOR_CACHE_DIR`` set to a new
 temporary folder), so nothing compiled earlier is reused; the variants take turns within each round (interleaved),
@@ -20,9 +20,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MODELS = {"vit_small_patch16_224": {}, "vit_small_patch14_dinov2": {"img_size": 224}}
 VARIANTS = ["dense/whole", "dense/blocks", "dsm/whole", "dsm/blocks"]
@@ -71,7 +68,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(*args.child, args.threads)))
         return 0
 
-    from common import environment, markdown_table, median, write_rows
+    from benchmarks.common import environment, markdown_table, median, write_rows
 
     runs = []
     for name in args.models:

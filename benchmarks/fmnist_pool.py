@@ -53,7 +53,7 @@ def load_pool(
     """Images (transformed, as the model expects), labels and 60k-file indices of a pool."""
     from PIL import Image
 
-    from tools.build_reference import read_idx
+    from tools.convert import read_idx
 
     images_file, labels_file = idx_dir / "train-images-idx3-ubyte.gz", idx_dir / "train-labels-idx1-ubyte.gz"
     if not images_file.exists():

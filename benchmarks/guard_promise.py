@@ -1,6 +1,6 @@
 """Does the quality guard keep its promise in the orders users run? Simulated over random and class-sorted orders.
 
-    python benchmarks/guard_promise.py --reference ../shared/reference/dinov2_s14_fmnist.json --pool-size 1000
+    python -m benchmarks.guard_promise --reference ../shared/reference/dinov2_s14_fmnist.json --pool-size 1000
 
 The stage is a held-out pool (``eval`` pool of ``benchmarks/fmnist_pool.py``: never fitted on, never chosen on), run
 in batches of ``--batch`` in one of these orders: random permutations, and the class-sorted layouts a class-folder
@@ -30,16 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment
-from pareto import load, run
-
+from benchmarks.common import environment
+from benchmarks.pareto import load, run
 from dsm_lightning import DSMConfig, apply_dsm, remove_dsm, token_plan
 from dsm_lightning.guard import binomial_pass, evidence_below, guard_candidates, least_hits
 
@@ -158,8 +155,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "guard_promise")
     parser.add_argument("--cache", type=Path, default=None, help="per-image predictions (default: <out>.pt)")
     args = parser.parse_args(argv)
-    from fmnist_pool import load_pool
-
+    from benchmarks.fmnist_pool import load_pool
     from dsm_lightning.guard import QualityGuard
 
     module, transform = load(args)

@@ -4,7 +4,7 @@
 
 Builds ``transformers.Dinov2Model`` from the shared reference backbone's weights (``../shared/reference``: the timm
 ``vit_small_patch14_dinov2`` state dict, q/k/v split out of timm's fused ``qkv``, by
-``tools.build_reference.hf_dinov2_from_timm``), runs both on the real photos of
+``tools.convert.hf_dinov2_from_timm``), runs both on the real photos of
 ``../shared/natural_photos`` (224², ImageNet normalisation, fp32) dense and with the same DSM configs, and reports
 the largest absolute difference of the dense-layout output tokens (timm ``forward_features`` vs HF
 ``last_hidden_state``) and of the reference head's logits on the class token, relative to the output scale.
@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, write_rows
-
+from benchmarks.common import environment, markdown_table, write_rows
 from dsm_lightning import apply_dsm, remove_dsm
 from dsm_lightning.app.module import ImageClassifier
-from tools.build_reference import hf_dinov2_from_timm
+from tools.convert import hf_dinov2_from_timm
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CONFIGS = {

@@ -1,6 +1,6 @@
 """Hugging Face ``transformers`` ViT vs the timm ViT of the same shape: dense vs DSM, interleaved in one run.
 
-    python benchmarks/hf_speed.py --batch 16
+    python -m benchmarks.hf_speed --batch 16
 
 Builds ``ViTForImageClassification(ViTConfig())`` (ViT-B/16 at 224², SDPA attention) and timm's
 ``vit_base_patch16_224``, both random-init (speed does not depend on the weights), and times dense, ToMe-equivalent
@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, forward_fn, markdown_table, median, time_interleaved, write_rows
-
+from benchmarks.common import environment, forward_fn, markdown_table, median, time_interleaved, write_rows
 from dsm_lightning import apply_dsm
 from dsm_lightning.app.module import build_model
 from dsm_lightning.flops import count_flops

@@ -1,8 +1,8 @@
 """Small-batch latency: dense vs DSM at batch 1, 4, 16, 64, eager and compiled, on CPU or CUDA.
 
-    python benchmarks/latency.py                      # CPU, eager + compiled, ViT-S/16 and DINOv2-S/14 shapes
-    python benchmarks/latency.py --device cuda        # GPU: CUDA-event timing, fp32 and bf16 autocast
-    python benchmarks/latency.py --modes compiled blocks --oracle   # + the compiled oracle, regional compilation
+    python -m benchmarks.latency                      # CPU, eager + compiled, ViT-S/16 and DINOv2-S/14 shapes
+    python -m benchmarks.latency --device cuda        # GPU: CUDA-event timing, fp32 and bf16 autocast
+    python -m benchmarks.latency --modes compiled blocks --oracle   # + the compiled oracle, regional compilation
 
 Random-init weights (latency does not depend on them). Per model, batch and mode, the dense and the merged model
 (``apply_dsm`` with the default config: 0.55x the dense block FLOPs) run interleaved after warm-up; the table shows
@@ -25,10 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, median, write_rows
-
+from benchmarks.common import environment, markdown_table, median, write_rows
 from dsm_lightning import apply_dsm, compile_blocks, token_plan
 from dsm_lightning.app.module import build_model
 from dsm_lightning.flops import count_flops

@@ -1,6 +1,6 @@
 """Where the batch-1 time goes: dense vs token-dropping oracle vs DSM, op by op (``torch.profiler``, CPU).
 
-    python benchmarks/latency_ops.py --model vit_small_patch16_224
+    python -m benchmarks.latency_ops --model vit_small_patch16_224
 
 Profiles ``--iters`` forwards of each variant at batch 1 after warm-up (the three interleaved, each profiled
 ``--rounds`` times; per-op times are the median over rounds, per forward) and groups the aten ops: matrix multiplies,
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -22,10 +21,8 @@ from typing import Callable, Dict, List
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, write_rows
-from latency import MODELS, token_dropping_oracle
-
+from benchmarks.common import environment, markdown_table, write_rows
+from benchmarks.latency import MODELS, token_dropping_oracle
 from dsm_lightning import apply_dsm, token_plan
 from dsm_lightning.app.module import build_model
 

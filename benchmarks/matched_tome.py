@@ -1,6 +1,6 @@
 """The default schedule against official ToMe at matched FLOPs, on held-out images, with paired standard errors.
 
-    python benchmarks/matched_tome.py --reference ../shared/reference/dinov2_s14_fmnist.json --pool-size 600 \\
+    python -m benchmarks.matched_tome --reference ../shared/reference/dinov2_s14_fmnist.json --pool-size 600 \\
         --photos ../shared/natural_photos
 
 For each budget (FLOP reduction 1.5x / 1.8x / 2.5x, i.e. ``flops_target`` 0.667 / 0.55 / 0.4), the DSM rows are
@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment
-from pareto import load, paired_se, run, stack
-
+from benchmarks.common import environment
+from benchmarks.pareto import load, paired_se, run, stack
 from dsm_lightning import DSMConfig, apply_dsm, remove_dsm
 from dsm_lightning.flops import count_flops
 
@@ -123,7 +120,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def load_inputs(args: argparse.Namespace) -> tuple:
     """``(model, transform, images, labels, photos, photo_head)``: the reference model, the held-out ``eval`` pool,
     the photos (or None) and the head that maps photo features (or None)."""
-    from fmnist_pool import load_pool
+    from benchmarks.fmnist_pool import load_pool
 
     module, transform = load(args)
     images, labels, _ = load_pool("eval", args.pool_size, transform, args.shared, args.idx_dir)

@@ -1,6 +1,6 @@
 """Merged ViTs in ONNX Runtime on CPU: fp32 and dynamic INT8, dense vs merged at matched FLOPs, interleaved.
 
-    python benchmarks/onnx_speed.py --reference ../shared/reference/dinov2_s14_fmnist.json
+    python -m benchmarks.onnx_speed --reference ../shared/reference/dinov2_s14_fmnist.json
 
 Per model (random-init ``vit_small_patch16_224`` and ``vit_base_patch16_224``: speed does not depend on the
 weights), three graphs are exported with :func:`dsm_lightning.export.export_onnx` (dynamic batch): dense, the
@@ -22,7 +22,6 @@ import argparse
 import collections
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,11 +30,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment
-from matched_tome import bracket
-from pareto import load, paired_se
-
+from benchmarks.common import environment
+from benchmarks.matched_tome import bracket
+from benchmarks.pareto import load, paired_se
 from dsm_lightning import DSMConfig, apply_dsm, remove_dsm
 from dsm_lightning.export import export_onnx
 from dsm_lightning.flops import count_flops
@@ -189,7 +186,7 @@ def main(argv=None) -> int:
                 print(rows[-1], flush=True)
     quality = None
     if args.reference:
-        from fmnist_pool import load_pool
+        from benchmarks.fmnist_pool import load_pool
 
         module, transform = load(args)
         images, _, _ = load_pool("eval", args.pool_size, transform, args.shared, args.idx_dir)

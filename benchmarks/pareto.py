@@ -1,6 +1,6 @@
 """Accuracy vs speed on held-out data: dense, ToMe-equivalent and DSM schedules, at matched FLOP budgets.
 
-    python benchmarks/pareto.py --reference ../shared/reference/dinov2_s14_fmnist.json --pool eval \\
+    python -m benchmarks.pareto --reference ../shared/reference/dinov2_s14_fmnist.json --pool eval \\
         --pool-size 2000 --calib-pool 256 --photos ../shared/natural_photos
 
 Images: ``--pool eval`` draws held-out Fashion-MNIST images from the 60k training file (Debian's
@@ -22,16 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, forward_fn, median, time_interleaved, write_rows
-
+from benchmarks.common import environment, forward_fn, median, time_interleaved, write_rows
 from dsm_lightning import DSMConfig, apply_dsm, calibrate, remove_dsm, token_plan
 from dsm_lightning.app.data import ImageFiles, transform_from_config
 from dsm_lightning.app.module import ImageClassifier, read_sidecar
@@ -221,7 +218,7 @@ def main(argv=None) -> int:
     module, transform = load(args)
     model = module.model
     if args.pool:
-        from fmnist_pool import load_pool
+        from benchmarks.fmnist_pool import load_pool
 
         images, labels, _ = load_pool(args.pool, args.pool_size, transform, args.shared, args.idx_dir)
         source = f"Fashion-MNIST 60k-train pool '{args.pool}' ({args.pool_size} images, head/val images excluded)"
@@ -252,7 +249,7 @@ def main(argv=None) -> int:
         meta["calibration"] = calib.get("calibration")
     elif args.calib_pool or args.calib_dir:
         if args.calib_pool:
-            from fmnist_pool import load_pool
+            from benchmarks.fmnist_pool import load_pool
 
             cal_images = load_pool("dev", args.calib_pool, transform, args.shared, args.idx_dir)[0]
         else:

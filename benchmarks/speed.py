@@ -1,6 +1,6 @@
 """Throughput and FLOPs: dense vs ToMe-equivalent vs DSM schedules, interleaved in one run.
 
-    python benchmarks/speed.py --models vit_small_patch16_224 vit_base_patch16_224 --batch 16
+    python -m benchmarks.speed --models vit_small_patch16_224 vit_base_patch16_224 --batch 16
 
 Random-init weights (speed does not depend on them). GFLOPs come from ``torch.utils.flop_counter``; images/s is the
 median over ``--repeats`` interleaved rounds after warm-up. Ratios are against the dense model of the same run.
@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, forward_fn, markdown_table, median, time_interleaved, write_rows
-
+from benchmarks.common import environment, forward_fn, markdown_table, median, time_interleaved, write_rows
 from dsm_lightning import apply_dsm, get_adapter, token_plan
 from dsm_lightning.app.module import build_model
 from dsm_lightning.flops import count_flops

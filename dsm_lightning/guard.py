@@ -469,6 +469,7 @@ class QualityGuard:
         self.audit_hits, self.audit_images = 0.0, 0  # over the whole stage, all ranks
         self.steps: List[str] = []
         self._cost = [0.0, 0]  # this process: block-FLOP image equivalents spent, stage images
+        self._first: List[Tuple[torch.Tensor, torch.Tensor]] = []  # collect(): the stage's first images, dense
 
     # ------------------------------------------------------------------ choose
     @property
@@ -523,6 +524,23 @@ class QualityGuard:
             1.0 + sum(float(t["flops_ratio"]) * t.get("images", total) / total for t in result.trials)
         )
         return result
+
+    def collect(
+        self, images: torch.Tensor, dense: torch.Tensor, share: int
+    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """Without a sample of the stage (a loader that cannot say in advance what it runs): keep the stage's first
+        ``images`` and their ``dense`` outputs as they run; once this process has ``share`` of them, return them all
+        (to :meth:`choose` on) and forget them."""
+        self._first.append((images.detach(), dense.detach()))
+        if self.collected < share:
+            return None
+        kept, self._first = self._first, []
+        return torch.cat([i for i, _ in kept]), torch.cat([d for _, d in kept])
+
+    @property
+    def collected(self) -> int:
+        """Images :meth:`collect` holds (0 once it handed them over)."""
+        return sum(int(i.shape[0]) for i, _ in self._first)
 
     # ------------------------------------------------------------------ audit
     def audits(self, batch_idx: int, dataloader_idx: int = 0) -> bool:

@@ -114,3 +114,38 @@ def test_no_module_imports_another_modules_private_names():
                 if private:
                     found.append(f"{path.relative_to(PACKAGE)} imports {private} from {node.module or '.'}")
     assert not found, "\n".join(found)
+
+
+_BLOCK_JSONARGPARSE = """
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "jsonargparse":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def test_the_library_and_the_callback_need_no_app_extra(tmp_path):
+    """``pip install dsm-lightning`` alone (no ``app`` extra): the library and the callback import and patch a ViT;
+    the command line answers with one line naming the extra."""
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(_BLOCK_JSONARGPARSE)
+    env = {"PYTHONPATH": f"{tmp_path}:{PACKAGE.parent}", "PATH": "/usr/bin:/bin"}
+    library = (
+        "import timm, dsm_lightning as d; from dsm_lightning import DSMCallback; DSMCallback(delay=4); "
+        "m = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=64); d.apply_dsm(m); "
+        "import sys; assert 'jsonargparse' not in sys.modules; print('ok')"
+    )
+    run = subprocess.run([sys.executable, "-c", library], env=env, capture_output=True, text=True, check=False)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+    cli = subprocess.run(
+        [sys.executable, "-m", "dsm_lightning", "predict"], env=env, capture_output=True, text=True, check=False
+    )
+    assert cli.returncode == 1 and cli.stdout == "", cli.stderr
+    assert cli.stderr.strip().splitlines() == [
+        "dsm-lightning: error: the command line needs the app extra (jsonargparse not installed); "
+        "fix: pip install 'dsm-lightning[app]'"
+    ]

@@ -1,80 +1,19 @@
-"""calibrate(), merge pictures and the Pareto harness, on tiny models."""
+"""dsm_lightning/app/vis.py (merge pictures), the Pareto harness and side-car checkpoints, on tiny models."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from dsm_lightning import DSMConfig, apply_dsm, calibrate, get_config, token_plan
+from dsm_lightning import apply_dsm, token_plan
 from dsm_lightning.app.vis import merge_figure, render_tokens, token_maps
 from tests.conftest import images, tiny_vit
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def loader(n=32, batch=8, labels=True):
-    x = images(batch=n, seed=3)
-    y = torch.arange(n) % 7
-    return [(x[i : i + batch], y[i : i + batch]) if labels else x[i : i + batch] for i in range(0, n, batch)]
-
-
-def test_calibrate_meets_budget_and_never_loses_to_tome_on_the_check_half():
-    model = tiny_vit()
-    result = calibrate(model, loader(labels=False), target=0.6, max_images=32, verbose=False)
-    assert result.metric == "kl" and result.images == 32
-    assert result.flops_ratio <= 0.6 + 1e-9
-    assert isinstance(result.config, DSMConfig) and isinstance(result.config.r, (int, float))
-    tome = [
-        c
-        for c in result.candidates
-        if c["delay"] == 0
-        and c["local_blocks"] == 0
-        and c["schedule"] == "constant"
-        and c["metric"] == "keys"
-        and c["protect"] == 0
-        and c["matching"] == "tome"
-    ]
-    assert tome and tome[0]["images"] == 16, "ToMe is always scored on the whole search half"
-    chosen = next(c for c in result.candidates if c["config"] == result.config.replace(r=None).to_dict())
-    # never worse than ToMe on images it did not choose on (this random model's KLs are ~1e-8: float rounding)
-    assert chosen["check_kl"] <= tome[0]["check_kl"] + 1e-6
-    assert len({c["config"]["metric"] for c in result.candidates}) == 2, "merge options are searched too"
-    # the reported score is the chosen schedule's agreement on the check half (odd images), reproducible
-    x = torch.cat(loader(labels=False))[1::2]
-    with torch.no_grad():
-        dense = model(x).argmax(-1)
-        apply_dsm(model, result.config)
-        merged = model(x).argmax(-1)
-    assert float((merged == dense).float().mean()) == pytest.approx(result.score)
-    assert "->" in result.table() and "stable" in result.table().lower()
-
-
-def test_calibrate_restores_model_and_uses_labels(tmp_path):
-    model = apply_dsm(tiny_vit(), delay=1, r=3)
-    before = get_config(model)
-    result = calibrate(
-        model,
-        loader(labels=True),
-        target=0.7,
-        max_images=16,
-        metric="accuracy",
-        search_space=[{"delay": 1, "local_blocks": 1}],
-        verbose=False,
-    )
-    assert result.metric == "accuracy"
-    assert get_config(model) == before
-    path = tmp_path / "dsm.yaml"
-    result.config.to_yaml(str(path))
-    assert DSMConfig.from_yaml(str(path)) == result.config
-    with pytest.raises(ValueError, match="needs labels"):
-        calibrate(tiny_vit(), loader(labels=False), metric="accuracy")
-    with pytest.raises(ValueError, match="metric must be"):
-        calibrate(tiny_vit(), loader(labels=False), metric="top5")
 
 
 def test_token_maps_and_render():
@@ -101,10 +40,8 @@ def tiny_model_argv() -> list:
 
 
 def test_pareto_harness_runs_and_resumes(tmp_path):
+    from benchmarks import pareto
     from tests.lightning_helpers import make_image_folder
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import pareto
 
     data = make_image_folder(tmp_path / "imgs", classes=3, per_class=4)
     calib = make_image_folder(tmp_path / "calib", classes=3, per_class=3, seed=1)
@@ -147,10 +84,8 @@ def test_pareto_harness_runs_and_resumes(tmp_path):
 
 
 def test_pareto_harness_with_a_datamodule(tmp_path):
+    from benchmarks import pareto
     from tests.lightning_helpers import make_image_folder
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import pareto
 
     data = make_image_folder(tmp_path / "imgs", classes=3, per_class=2)
     out = tmp_path / "dm"
@@ -181,8 +116,7 @@ def test_pareto_harness_with_a_datamodule(tmp_path):
 def test_fmnist_pools_are_disjoint_and_exclude_shared_images(tmp_path):
     import gzip
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from fmnist_pool import excluded_indices, load_pool, pool_indices
+    from benchmarks.fmnist_pool import excluded_indices, load_pool, pool_indices
 
     n = 1300
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""DSMCallback: merges only in evaluation stages, restores everything, logs the trade-off."""
+"""dsm_lightning/callback.py: DSMCallback merges only in evaluation stages, restores everything, logs the trade-off."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch import seed_everything
 
-from dsm_lightning import DSMCallback, DSMConfig, UnsupportedModelError, is_patched
+from dsm_lightning import DSMCallback, DSMConfig, UnsupportedModelError, apply_dsm, get_config, is_patched
 from tests.lightning_helpers import make_image_folder, spy_patched, tiny_classifier, tiny_data, trainer
 
 
@@ -178,3 +178,49 @@ def test_command_line_shows_every_config_field_once_and_takes_the_shorthand(caps
     printed = yaml.safe_load(capsys.readouterr().out)["dsm"]
     assert printed["config"]["delay"] == 3 and set(printed["config"]) >= {"r", "flops_target", "protect", "matching"}
     assert "delay" not in printed, "no mirror of the config's fields on the callback"
+
+
+def test_two_callbacks_for_two_vits_on_one_trainer(tmp_path):
+    from lightning.pytorch import LightningModule
+
+    class StudentTeacher(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.classifier = tiny_classifier()
+            self.student, self.teacher = self.classifier.model, tiny_classifier().model
+            self.seen = []
+
+        def data_config(self):
+            return self.classifier.data_config()
+
+        def validation_step(self, batch, batch_idx):
+            self.seen.append((is_patched(self.student), is_patched(self.teacher)))
+            self.student(batch["image"]), self.teacher(batch["image"])
+
+    module = StudentTeacher()
+    callbacks = [
+        DSMCallback(delay=1, r=2, model_attr="student", min_agreement=None),
+        DSMCallback(delay=1, r=1, model_attr="teacher", min_agreement=None),
+    ]
+    trainer(callbacks=callbacks).validate(module, datamodule=tiny_data(make_image_folder(tmp_path)), verbose=False)
+    assert module.seen and all(s == (True, True) for s in module.seen)
+    assert not is_patched(module.student) and not is_patched(module.teacher)
+
+
+def test_callback_puts_back_a_patch_the_user_applied(tmp_path):
+    module = tiny_classifier()
+    mine = DSMConfig(delay=2, r=1)
+    apply_dsm(module.model, mine)
+    configs = []
+    original = module.validation_step
+
+    def spy(batch, batch_idx):
+        configs.append(get_config(module.model))
+        return original(batch, batch_idx)
+
+    module.validation_step = spy
+    trainer(callbacks=[DSMCallback(delay=1, r=2, min_agreement=None)]).validate(
+        module, datamodule=tiny_data(make_image_folder(tmp_path)), verbose=False
+    )
+    assert configs and all(c == DSMConfig(delay=1, r=2) for c in configs), "the callback's config while it runs"
+    assert get_config(module.model) == mine, "the user's own patch is back afterwards"

