@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsm_lightning import Adapter, apply_dsm, get_adapter, register_adapter, remove_dsm, token_plan, trace_tokens
-from dsm_lightning.adapters import patched_adapter
+from dsm_lightning.adapters import patched_adapter, registered_adapters
 from dsm_lightning.merge import class_attention, unmerge
 
 
@@ -66,22 +67,12 @@ def dsm_forward(self, images):
 
 class MyViTAdapter(Adapter):
     name, supports = "myvit", "tests.MyViT"
-
-    def matches(self, model):
-        return isinstance(model, MyViT)
-
-    def blocks(self, model):
-        return model.blocks
-
-    def num_prefix_tokens(self, model):
-        return 1
+    model_type = MyViT  # or its dotted name, "mypkg.models.MyViT"
+    blocks_at, prefix_tokens, mlp_at = "blocks", 1, "mlp"  # where the blocks are, the class token, each MLP
 
     def grid(self, model, img_size=None):
         h, w = img_size or (model.img_size, model.img_size)
         return h // model.patch, w // model.patch
-
-    def dims(self, model):
-        return model.dim, 4 * model.dim
 
     def embed(self, model, images):
         return model.embed(images), self.grid(model, tuple(images.shape[-2:]))
@@ -119,3 +110,43 @@ def test_custom_adapter_round_trip():
         assert torch.equal(model(x), ref)
     assert not torch.allclose(merged, ref)
     assert plan.tokens_out < plan.num_patches
+
+
+def test_the_declarations_give_the_parts_and_a_missing_one_is_named_at_registration():
+    model = MyViT()
+    adapter = get_adapter(model)
+    assert list(adapter.blocks(model)) == list(model.blocks)
+    assert adapter.num_prefix_tokens(model) == 1 and adapter.dims(model) == (32, 128)
+
+    class Undeclared(Adapter):
+        model_type = MyViT
+
+        def grid(self, model, img_size=None):
+            return (8, 8)
+
+        def embed(self, model, images):
+            raise NotImplementedError
+
+        def attend(self, blk, x, bias, class_attention_prefix):
+            raise NotImplementedError
+
+        def feed_forward(self, blk, x):
+            raise NotImplementedError
+
+        def overrides(self):
+            return {}
+
+    missing = r"^Undeclared declares no blocks_at: set blocks_at = \.\.\. on the class, or override blocks\(\)"
+    with pytest.raises(TypeError, match=missing):
+        register_adapter(Undeclared())
+    assert not any(isinstance(a, Undeclared) for a in registered_adapters())
+
+
+def test_a_dotted_model_type_matches_along_the_class_hierarchy_without_importing():
+    class Dotted(MyViTAdapter):
+        model_type = ("not.installed.Model", f"{MyViT.__module__}.MyViT")
+
+    class Sub(MyViT):
+        pass
+
+    assert Dotted().matches(Sub()) and not Dotted().matches(nn.Linear(2, 2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -91,7 +91,15 @@ def check_blocks(
 
 
 class Adapter(abc.ABC):
-    """Protocol of a model family. Subclass it, implement the abstract methods, and :func:`register_adapter` it."""
+    """Protocol of a model family. Subclass it, declare where the model keeps its parts, implement the five
+    abstract methods (:meth:`grid`, :meth:`embed`, :meth:`attend`, :meth:`feed_forward`, :meth:`overrides`), and
+    :func:`register_adapter` it.
+
+    Four methods follow from declarations (override the method instead where a declaration cannot say it):
+    :attr:`model_type` gives :meth:`matches`, :attr:`blocks_at` gives :meth:`blocks`, :attr:`prefix_tokens` gives
+    :meth:`num_prefix_tokens`, :attr:`mlp_at` gives :meth:`dims`. The optional hooks (:meth:`check`, :meth:`core`,
+    :meth:`block_inputs`, :meth:`run_block`, :attr:`block_args`) cover families that need more, such as RoPE.
+    """
 
     #: Short family name, shown in errors and summaries.
     name: str = "custom"
@@ -99,26 +107,45 @@ class Adapter(abc.ABC):
     supports: str = ""
     #: Positional arguments the family's blocks take after the tokens (HF layers: their attention mask, ``None``).
     block_args: Tuple[Any, ...] = ()
+    #: The model class this adapter runs: a class, a dotted name ``"package.module.Class"`` (compared along the
+    #: model's class hierarchy, so the package is never imported to answer), or a tuple of them.
+    model_type: Any = None
+    #: Dotted attribute of the model's block list, e.g. ``"blocks"`` or ``"encoder.layers"``.
+    blocks_at: Optional[str] = None
+    #: Tokens before the patch tokens (class, distillation, registers), never merged: a number, or a dotted
+    #: attribute of the model that holds it (``"num_prefix_tokens"``).
+    prefix_tokens: Union[int, str, None] = None
+    #: Dotted attribute, inside a block, of its MLP: its first ``nn.Linear`` gives ``(embed_dim, mlp_hidden)``.
+    mlp_at: Optional[str] = None
 
-    @abc.abstractmethod
     def matches(self, model: nn.Module) -> bool:
-        """Whether this adapter handles ``model``."""
+        """Whether this adapter handles ``model`` (by default: an instance of :attr:`model_type`)."""
+        wanted = self.model_type if isinstance(self.model_type, tuple) else (self.model_type,)
+        names = {f"{c.__module__}.{c.__qualname__}" for c in type(model).__mro__}
+        return any(w in names if isinstance(w, str) else isinstance(model, w) for w in wanted)
 
-    @abc.abstractmethod
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        """The transformer blocks in execution order."""
+        """The transformer blocks in execution order (by default: the model's :attr:`blocks_at`)."""
+        return cast(Sequence[nn.Module], _attribute(model, cast(str, self.blocks_at)))
 
-    @abc.abstractmethod
     def num_prefix_tokens(self, model: nn.Module) -> int:
-        """Tokens before the patch tokens (cls, distillation, registers) that are never merged."""
+        """Tokens before the patch tokens (cls, distillation, registers) that are never merged (by default:
+        :attr:`prefix_tokens`)."""
+        count = self.prefix_tokens
+        return int(_attribute(model, count) if isinstance(count, str) else cast(int, count))
 
     @abc.abstractmethod
     def grid(self, model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
         """Patch grid (rows, cols) for an input of ``img_size`` pixels (the model's default size when None)."""
 
-    @abc.abstractmethod
     def dims(self, model: nn.Module) -> Tuple[int, int]:
-        """``(embed_dim, mlp_hidden_dim)``, for FLOP estimates."""
+        """``(embed_dim, mlp_hidden_dim)``, for FLOP estimates (by default: the input and output widths of the
+        first ``nn.Linear`` of the first block's :attr:`mlp_at`)."""
+        mlp = _attribute(unwrap_block(self.blocks(model)[0]), cast(str, self.mlp_at))
+        linear = next((m for m in mlp.modules() if isinstance(m, nn.Linear)), None)
+        if linear is None:
+            raise UnsupportedModelError(f"{self.name} adapter: block 0's {self.mlp_at} holds no nn.Linear")
+        return int(linear.in_features), int(linear.out_features)
 
     @abc.abstractmethod
     def attend(
@@ -210,13 +237,31 @@ class Adapter(abc.ABC):
         return run_blocks(self.blocks(model), x, plan, hook, self.block_args, checkpoint, args_for)
 
 
+def _attribute(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+#: Each method that follows from a declaration, and that declaration.
+_DECLARED = {"matches": "model_type", "blocks": "blocks_at", "num_prefix_tokens": "prefix_tokens", "dims": "mlp_at"}
+
 _REGISTRY: List[Adapter] = []
 
 
 def register_adapter(adapter: Adapter, *, first: bool = True) -> Adapter:
-    """Register an adapter instance. ``first=True`` lets it take precedence over built-in ones (for subclasses)."""
+    """Register an adapter instance. ``first=True`` lets it take precedence over built-in ones (for subclasses).
+    An adapter that neither declares a part (:attr:`Adapter.model_type`, ...) nor overrides its method is refused
+    here, naming both."""
     if not isinstance(adapter, Adapter):
         raise TypeError(f"register_adapter expects an Adapter instance, got {type(adapter).__name__}")
+    for method, declaration in _DECLARED.items():
+        inherited = getattr(type(adapter), method) is getattr(Adapter, method)
+        if inherited and getattr(adapter, declaration) is None:
+            raise TypeError(
+                f"{type(adapter).__name__} declares no {declaration}: set {declaration} = ... on the class, or "
+                f"override {method}() (docs, 'Custom ViTs')"
+            )
     if first:
         _REGISTRY.insert(0, adapter)
     else:

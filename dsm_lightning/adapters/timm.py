@@ -7,7 +7,7 @@ Dense blocks, and merging blocks' MLPs, call timm's modules unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -137,23 +137,12 @@ class TimmViTAdapter(Adapter):
 
     name = "timm"
     supports = "timm.models.vision_transformer.VisionTransformer and subclasses with timm Block + Attention"
-
-    def matches(self, model: nn.Module) -> bool:
-        try:
-            vit_cls, _, _ = timm_types()
-        except ImportError:
-            return False
-        return isinstance(model, vit_cls)
+    model_type = "timm.models.vision_transformer.VisionTransformer"
+    blocks_at, prefix_tokens = "blocks", "num_prefix_tokens"
 
     def check(self, model: nn.Module) -> None:
         _, block_cls, attn_cls = timm_types()
         check_blocks(cast(Any, model).blocks, "timm", {block_cls: (attn_cls,)})
-
-    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return cast(Sequence[nn.Module], cast(Any, model).blocks)
-
-    def num_prefix_tokens(self, model: nn.Module) -> int:
-        return int(cast(Any, model).num_prefix_tokens)
 
     def grid(self, model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
         pe: Any = cast(Any, model).patch_embed

@@ -8,7 +8,7 @@ Merging blocks, and blocks that need the log-size bias, compute the same attenti
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -55,13 +55,8 @@ class TorchvisionViTAdapter(Adapter):
 
     name = "torchvision"
     supports = "torchvision.models.VisionTransformer with EncoderBlock + nn.MultiheadAttention"
-
-    def matches(self, model: nn.Module) -> bool:
-        try:
-            from torchvision.models.vision_transformer import VisionTransformer
-        except ImportError:
-            return False
-        return isinstance(model, VisionTransformer)
+    model_type = "torchvision.models.vision_transformer.VisionTransformer"
+    blocks_at, prefix_tokens, mlp_at = "encoder.layers", 1, "mlp"
 
     def check(self, model: nn.Module) -> None:
         from torchvision.models.vision_transformer import EncoderBlock
@@ -83,20 +78,10 @@ class TorchvisionViTAdapter(Adapter):
                     f"in_proj and no bias_k/add_zero_attn"
                 )
 
-    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return cast(Sequence[nn.Module], cast(Any, model).encoder.layers)
-
-    def num_prefix_tokens(self, model: nn.Module) -> int:
-        return 1
-
     def grid(self, model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
         vit: Any = model
         h, w = img_size if img_size is not None else (vit.image_size, vit.image_size)
         return int(h) // int(vit.patch_size), int(w) // int(vit.patch_size)
-
-    def dims(self, model: nn.Module) -> Tuple[int, int]:
-        vit: Any = model
-        return int(vit.hidden_dim), int(vit.mlp_dim)
 
     def embed(self, model: nn.Module, images: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         vit: Any = model
