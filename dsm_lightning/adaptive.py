@@ -34,8 +34,8 @@ _PRIOR_SLOPE = 0.24
 #: check may make (a noisy check never swings the thresholds far).
 _PRIOR_WEIGHT = 0.1**2
 _MAX_STEP = 0.3
-#: Each check corrects this share of what it sees (a slope up to 2.8x steeper than believed still converges).
-_DAMPING = 0.7
+#: Each check corrects this share of what it sees (a slope up to 4x steeper than believed still converges).
+_DAMPING = 0.5
 
 
 def fit_thresholds(model: nn.Module, images: Tensor, config: Optional[DSMConfig] = None) -> DSMConfig:
@@ -218,7 +218,8 @@ class BudgetKeeper:
 
     Thresholds fitted on some images spend another budget on others (more redundant images merge more). The keeper
     watches what each merged batch spends (block FLOPs as a fraction of dense, padding included: what the stage
-    pays) and, each time the images seen double (``first``, ``2 * first``, ...; two batches at least), compares the
+    pays) and, each time the images seen grow by ``growth`` (``first``, ``1.5 first``, ``2.25 first``, ...; two
+    batches at least), compares the
     segment since its last check with the target. When the stage is off by more than ``tolerance`` (relative) and by
     more than twice the segment's standard error (batch-to-batch noise), it moves the offset so that the
     next segment lands the stage's running total on the target: by the secant of the last two segments when they
@@ -247,6 +248,7 @@ class BudgetKeeper:
         max_shift: float = 2.0,
         slope: float = _PRIOR_SLOPE,
         hold: bool = True,
+        growth: float = 1.5,
     ) -> None:
         if config.threshold is None:
             raise ConfigError("BudgetKeeper needs an adaptive config (threshold set, e.g. by fit_thresholds)")
@@ -262,6 +264,9 @@ class BudgetKeeper:
         self._max_shift = max_shift
         self._slope = slope
         self.hold = hold  # False: account and report only, never shift
+        if growth <= 1:
+            raise ValueError(f"BudgetKeeper growth is the factor between checks, > 1; got {growth!r}")
+        self._growth = float(growth)
         self._next = max(1, first)
         self._seen = 0
         self._total = 0.0  # sum of images x fraction over the stage
@@ -284,7 +289,7 @@ class BudgetKeeper:
         self._batches.append(fraction)
         if self._seen < self._next or len(self._batches) < 2:  # a segment of one batch shows no spread
             return None
-        self._next = 2 * self._seen
+        self._next = max(self._seen + 1, int(self._growth * self._seen))
         mean, count = self._segment[0] / self._segment[1], int(self._segment[1])
         noise = _standard_error(self._batches)
         self._segment, self._batches = [0.0, 0], []
@@ -296,8 +301,9 @@ class BudgetKeeper:
         # on target, or what is off is batch-to-batch noise
         if not self.hold or off <= max(self._tolerance * self.target, 2 * noise):
             return None
-        # the next segment (as many images as seen so far) aims to land the running total on the target, within 5%
-        aim = min(1.05 * self.target, max(0.95 * self.target, 2 * self.target - running))
+        # the next segment aims to land the running total on the target (within 5% of it)
+        g = self._growth  # the next segment has (g - 1) x the images seen so far
+        aim = min(1.05 * self.target, max(0.95 * self.target, (g * self.target - running) / (g - 1)))
         step = min(_MAX_STEP, max(-_MAX_STEP, _DAMPING * (aim - mean) / self._observed_slope()))
         offset = round(min(self._max_shift, max(-self._max_shift, self.offset + step)), 3)
         if offset == self.offset:

@@ -8,8 +8,8 @@ model's weights or checkpoints.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-import time
 from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
@@ -179,7 +179,7 @@ class DSMCallback(Callback):
             ``dsm/gflops_per_image`` is then the stage's average per image of what batches spent, padding
             included.
         keep_budget: Under adaptive merging, hold the stage's block FLOPs to the fixed plan's (the budget the
-            thresholds were fitted to; within 1% on a stage in random order, 2% on a class-sorted one in
+            thresholds were fitted to; within 0.5% in random and class-sorted stages in
             ``benchmarks/results/threshold_drift.md``) with a :class:`~dsm_lightning.adaptive.BudgetKeeper`: when
             the stage's images turn out more or less redundant than the ones the thresholds were fitted on, it
             shifts every threshold by one offset (a few times per stage, between batches; the audit keeps checking
@@ -233,9 +233,7 @@ class DSMCallback(Callback):
         self._keeper: Optional[BudgetKeeper] = None  # adaptive merging: holds the stage to its FLOP budget
         self._pending: Optional[DSMConfig] = None  # the keeper's shifted thresholds, applied at the batch's end
         self.quality: Optional[QualityGuard] = None  # this stage's guard (choice, audit, report)
-        self._audit_now = False  # whether the running batch is audited (the guard's coin, or compare_dense)
-        self._audit_coin = False  # whether the guard's own coin picked it (what the guard's cost counts)
-        self._audit = [0.0, 0]  # this batch's audited agreements and images on this process
+        self._audit = _BatchAudit()  # the running batch's dense comparison, if it has one
         self._measure = "top1"  # set in setup: "cosine" for a ViT without a classifier head
         self._stage: Optional[str] = None  # the stage running now (None between stages): the one phase field
         self._trainer: Optional[Trainer] = None
@@ -245,7 +243,6 @@ class DSMCallback(Callback):
         self._hooks: list = []
         self._agree: Optional[Metric] = None
         self._meter = StageMeter(compare_dense)
-        self._t0 = 0.0
         self._busy = False  # while the callback itself runs the model (FLOP count, dense comparison): see _itself
         self._user_config: Optional[DSMConfig] = None  # the patch a user applied before the stage, put back after
 
@@ -427,7 +424,7 @@ class DSMCallback(Callback):
 
     def _restore(self) -> None:
         """End the stage: hooks off, the model exactly as before it (the user's own patch back on)."""
-        self._audit_now = False
+        self._audit = _BatchAudit()
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -505,7 +502,6 @@ class DSMCallback(Callback):
         if images is not None:
             sync(images)
         self._meter.before_forward()
-        self._t0 = time.perf_counter()
 
     def _post_hook(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
         images = images_of(args, kwargs)
@@ -520,15 +516,15 @@ class DSMCallback(Callback):
                 quality.ran(images.shape[0])
             return
         sync(images)
-        seconds = time.perf_counter() - self._t0
+        seconds = self._meter.elapsed()
         with self._itself():  # the meter runs the model itself (FLOP count, dense comparison)
             dense = self._meter.merged_forward(module, (args, kwargs), images, output, seconds)
             fraction = self._meter.last_fraction
             if self._keeper is not None and fraction is not None and get_config(module) is self._keeper.config:
                 self._pending = self._keeper.observe(fraction, images.shape[0]) or self._pending
             if quality is not None:
-                quality.ran(images.shape[0], images.shape[0] if self._audit_coin else 0)
-                if self._audit_now:
+                quality.ran(images.shape[0], images.shape[0] if self._audit.coin else 0)
+                if self._audit.now:
                     self._audit_batch(module, args, kwargs, output, dense)
 
     def _audit_batch(
@@ -545,24 +541,23 @@ class DSMCallback(Callback):
         if reference is None:
             return
         hits = float(GUARD_MEASURES[self._measure](merged, reference).sum())
-        self._audit[0] += hits
-        self._audit[1] += int(merged.shape[0])
+        self._audit.hits += hits
+        self._audit.images += int(merged.shape[0])
 
     def _batch_start(self, batch_idx: int, dataloader_idx: int) -> None:
         quality = self.quality
         merging = quality is not None and quality.current is not None
-        self._audit_coin = bool(merging and quality is not None and quality.audits(batch_idx, dataloader_idx))
-        self._audit_now = merging and (self.compare_dense or self._audit_coin)
-        self._audit = [0.0, 0]
+        coin = bool(merging and quality is not None and quality.audits(batch_idx, dataloader_idx))
+        self._audit = _BatchAudit(now=merging and (self.compare_dense or coin), coin=coin)
 
     def _batch_end(self) -> None:
         """Hand the batch's audit, summed over processes, to the guard and apply a step down at once; else apply the
         budget keeper's shifted thresholds, if any."""
         pending, self._pending = self._pending, None
-        if self._audit_now and self.quality is not None and self._trainer is not None:
-            self._audit_now = False
+        audit, self._audit = self._audit, _BatchAudit()
+        if audit.now and self.quality is not None and self._trainer is not None:
             totals = self._trainer.strategy.reduce(
-                torch.tensor(self._audit, dtype=torch.float64, device=self._device()), reduce_op="sum"
+                torch.tensor([audit.hits, audit.images], dtype=torch.float64, device=self._device()), reduce_op="sum"
             )
             hits, n = float(totals[0]), round(float(totals[1]))
             if self.quality.observe(hits, n):
@@ -700,6 +695,17 @@ class DSMCallback(Callback):
     @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log_epoch(trainer, pl_module, "test")
+
+
+@dataclasses.dataclass
+class _BatchAudit:
+    """One batch's dense comparison: whether it runs (the guard's coin, or ``compare_dense``), whether the guard's
+    own coin picked it (what the guard's cost counts), and the agreements and images it found on this process."""
+
+    now: bool = False
+    coin: bool = False
+    hits: float = 0.0
+    images: int = 0
 
 
 def _check_outputs(vit: Optional[nn.Module], outputs: Any, measure: str) -> None:

@@ -98,6 +98,7 @@ class StageMeter:
         self.tokens: Optional[BlockTokens] = None  # adaptive merging: FLOPs from each batch's own token counts
         self.spent: List[Tuple[float, int]] = []  # (block GFLOPs saved per image, images) per merged batch
         self.last_fraction: Optional[float] = None  # adaptive: the last merged batch's block FLOPs / dense
+        self._t0 = 0.0  # when the forward being timed started
         if agreement is not None:
             agreement.reset()
 
@@ -112,9 +113,14 @@ class StageMeter:
             self.tokens = None
 
     def before_forward(self) -> None:
-        """Forget token counts recorded outside the next merged forward (dense runs of the guard)."""
+        """Start timing the next forward; forget token counts recorded outside it (dense runs of the guard)."""
         if self.tokens is not None:
             self.tokens.clear()
+        self._t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since :meth:`before_forward` (call it once the forward's outputs are ready)."""
+        return time.perf_counter() - self._t0
 
     def merged_forward(
         self,
