@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dsm_lightning import DSMConfig, apply_dsm, remove_dsm, token_plan, trace_tokens
+from dsm_lightning import DSMConfig, apply_dsm, is_patched, remove_dsm, token_plan, trace_tokens
 from dsm_lightning.adapters import TimmEvaAdapter, get_adapter, register_adapter, registered_adapters
 from dsm_lightning.adapters.base import UnsupportedModelError
 from dsm_lightning.adapters.eva import _dense_rope
@@ -219,3 +219,68 @@ def test_default_config_runs_every_variant(variant):
         apply_dsm(model, DSMConfig())
         out = model(images())
     assert torch.isfinite(out).all(), name
+
+
+def test_quality_guard_chooses_on_an_eva():
+    from dsm_lightning import DSMConfig
+    from dsm_lightning.guard import quality_guard
+
+    model = tiny_eva(**VARIANTS["dinov3"])
+    x = images(4)
+    with torch.no_grad():
+        dense = model(x)
+    result = quality_guard(model, x, dense, DSMConfig(delay=1, r=2), 0.25)
+    assert result.trials and not is_patched(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dinov3", "mixed"])
+def test_compile_blocks_matches_eager(name):
+    from dsm_lightning import compile_blocks
+
+    model = apply_dsm(tiny_eva(**VARIANTS[name]), delay=1, r=2)
+    x = images()
+    with torch.no_grad():
+        ref = model(x)
+        compile_blocks(model, backend="eager")
+        out = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dinov3", "mixed"])
+def test_onnx_export_runs_in_onnx_runtime_like_pytorch(name, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from dsm_lightning import DSMConfig
+    from dsm_lightning.export import check_onnx, export_onnx
+
+    model = apply_dsm(tiny_eva(**VARIANTS[name]), DSMConfig(delay=1, r=2))
+    path = export_onnx(model, tmp_path / f"eva_{name}.onnx", 16, dynamic_batch=False)
+    assert check_onnx(model, path, images(2)) < 1e-4
+
+
+def test_dsm_callback_on_an_eva_classifier(tmp_path):
+    """DSMCallback around an Eva classifier: the guard compares top-1, the stage runs merged, the model comes back."""
+    from lightning.pytorch import LightningModule
+
+    from dsm_lightning import DSMCallback
+    from tests.lightning_helpers import make_image_folder, tiny_data, trainer
+
+    class Classifier(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_eva(**VARIANTS["dinov3"])
+            self.seen = []
+
+        def validation_step(self, batch, batch_idx):
+            self.seen.append(is_patched(self.model))
+            self.model(batch["image"])
+
+    data = tiny_data(make_image_folder(tmp_path, classes=2, per_class=4), img_size=16)
+    callback = DSMCallback(delay=1, r=2, min_agreement=0.01, guard_images=4)
+    module = Classifier()
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    trainer(callbacks=[callback]).validate(module, datamodule=data, verbose=False)
+    assert callback.guard is not None and callback.guard.config is not None
+    assert module.seen[0] is False and all(module.seen[1:]) and not is_patched(module.model)  # first: the guard
+    assert all(torch.equal(before[k], v) for k, v in module.model.state_dict().items())
