@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "dsm_lightning"
 LAYERS = [
     *("errors", "config", "schedule", "merge", "engine", "adapters", "patch", "inspection", "regional", "adaptive"),
@@ -126,6 +128,7 @@ sys.meta_path.insert(0, _Block())
 """
 
 
+@pytest.mark.slow  # two fresh interpreters (about 20 s)
 def test_the_library_and_the_callback_need_no_app_extra(tmp_path):
     """``pip install dsm-lightning`` alone (no ``app`` extra): the library and the callback import and patch a ViT;
     the command line answers with one line naming the extra."""
