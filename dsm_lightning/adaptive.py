@@ -11,6 +11,7 @@ thresholds were fitted on.
 from __future__ import annotations
 
 import math
+import statistics
 from functools import partial
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -195,8 +196,7 @@ def _standard_error(values: Sequence[float]) -> float:
     """Standard error of the mean of ``values`` (infinite for fewer than two: one batch shows no spread)."""
     if len(values) < 2:
         return float("inf")
-    mean = sum(values) / len(values)
-    return float((sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5)
+    return statistics.stdev(values) / math.sqrt(len(values))
 
 
 def shift_thresholds(config: DSMConfig, shift: float) -> DSMConfig:
@@ -219,13 +219,13 @@ class BudgetKeeper:
     Thresholds fitted on some images spend another budget on others (more redundant images merge more). The keeper
     watches what each merged batch spends (block FLOPs as a fraction of dense, padding included: what the stage
     pays) and, each time the images seen grow by ``growth`` (``first``, ``1.5 first``, ``2.25 first``, ...; two
-    batches at least), compares the
-    segment since its last check with the target. When the stage is off by more than ``tolerance`` (relative) and by
-    more than twice the segment's standard error (batch-to-batch noise), it moves the offset so that the
-    next segment lands the stage's running total on the target: by the secant of the last two segments when they
-    ran at different offsets, else by a prior slope. Changes are rare (a logarithmic number per stage, so compiled
-    blocks recompile rarely) and the offset stays within ``max_shift``. What the stage then spends against its
-    target, and the drift of the first segment, are in :meth:`report`; ``hold=False`` only accounts and reports.
+    batches at least), compares the segment since its last check with the target. When the stage is off by more than
+    ``tolerance`` (relative) and by more than twice the segment's standard error (batch-to-batch noise), it moves the
+    offset so that the next segment lands the stage's running total on the target, by the slope of a least-squares
+    line through the checked segments' spend against their offsets, shrunk towards the prior ``slope``, and damped.
+    Changes are rare (a logarithmic number per stage, so compiled blocks recompile rarely) and the offset stays
+    within ``max_shift``. What the stage then spends against its target, and the drift of the first segment, are in
+    :meth:`report`; ``hold=False`` only accounts and reports.
 
     Example:
         >>> from dsm_lightning import DSMConfig

@@ -330,13 +330,18 @@ class DSMCallback(Callback):
                 f"dense even once: min_agreement={self.min_agreement:g}{_level(self.guard_confidence)} "
                 f"needs {quality.needed} images for that; pass guard_images=None to size the guard for the target"
             )
-        share = math.ceil(quality.images / max(1, trainer.world_size))
+        share = self._guard_share()
         drawn = sample_stage_inputs(trainer, pl_module, self._vit, stage, share, batch_size=self._batch_size(trainer))
         if drawn is None:
             return  # the first images run dense and _guard_step chooses on them
         images, stage_images = drawn
         where = "drawn at random from the whole stage" if images.shape[0] < stage_images else "all of the stage"
         self._choose(images, where)
+
+    def _guard_share(self) -> int:
+        """This process's share of the guard's images (each DDP rank draws its own)."""
+        assert self.quality is not None and self._trainer is not None
+        return math.ceil(self.quality.images / max(1, self._trainer.world_size))
 
     def _batch_size(self, trainer: Trainer) -> int:
         from .sampling import stage_loaders
@@ -374,13 +379,12 @@ class DSMCallback(Callback):
         assert self._vit is not None and self._trainer is not None
         apply_dsm(self._vit, config)
         shifted = self._keeper is not None and config is self._keeper.config and self._keeper.changes > 0
+        adapter = get_adapter(self._vit)
+        dims, plan = adapter.dims(self._vit), token_plan(self._vit)
         if config.threshold is not None:  # adaptive: token counts follow the data, so count FLOPs per batch
-            adapter = get_adapter(self._vit)
-            dims = adapter.dims(self._vit)
             self._meter.count_tokens(list(adapter.blocks(self._vit)), dims)
             if not shifted:  # the keeper accounts for every adaptive stage; it shifts thresholds with keep_budget
-                target = token_plan(self._vit).flops_ratio(*dims)
-                self._keeper = BudgetKeeper(config, target, hold=self.keep_budget)
+                self._keeper = BudgetKeeper(config, plan.flops_ratio(*dims), hold=self.keep_budget)
         if self.compile == "blocks":
             compile_blocks(self._vit)  # remove_dsm (in _restore) takes the compiled block forwards away again
         elif self.compile is not None:
@@ -391,8 +395,6 @@ class DSMCallback(Callback):
             self._vit.forward = compiled
         trainer = self._trainer
         if self.log_summary and trainer.is_global_zero and not trainer.sanity_checking and not shifted:
-            plan = token_plan(self._vit)
-            dims = get_adapter(self._vit).dims(self._vit)
             self._say(f"DSM on '{self._vit_name or 'model'}' for {self._stage} ({config}):\n{plan.table(*dims)}")
 
     def _guard_step(self, images: torch.Tensor, output: Any) -> None:
@@ -401,8 +403,7 @@ class DSMCallback(Callback):
         assert self._trainer is not None and self.quality is not None
         _check_outputs(self._vit, logits, self._measure)
         assert logits is not None
-        share = math.ceil(self.quality.images / max(1, self._trainer.world_size))
-        first = self.quality.collect(images, logits, share)
+        first = self.quality.collect(images, logits, self._guard_share())
         if first is not None:
             self._choose(first[0], "the first of the stage, run dense", first[1])
 
@@ -516,9 +517,8 @@ class DSMCallback(Callback):
                 quality.ran(images.shape[0])
             return
         sync(images)
-        seconds = self._meter.elapsed()
         with self._itself():  # the meter runs the model itself (FLOP count, dense comparison)
-            dense = self._meter.merged_forward(module, (args, kwargs), images, output, seconds)
+            dense = self._meter.merged_forward(module, (args, kwargs), images, output)
             fraction = self._meter.last_fraction
             if self._keeper is not None and fraction is not None and get_config(module) is self._keeper.config:
                 self._pending = self._keeper.observe(fraction, images.shape[0]) or self._pending

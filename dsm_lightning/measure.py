@@ -118,21 +118,17 @@ class StageMeter:
             self.tokens.clear()
         self._t0 = time.perf_counter()
 
-    def elapsed(self) -> float:
-        """Seconds since :meth:`before_forward` (call it once the forward's outputs are ready)."""
-        return time.perf_counter() - self._t0
-
     def merged_forward(
         self,
         module: nn.Module,
         call: Tuple[Tuple[Any, ...], Dict[str, Any]],
         images: torch.Tensor,
         output: Any,
-        seconds: float,
     ) -> Optional[torch.Tensor]:
-        """Account one timed merged forward (``call`` = its ``(args, kwargs)``), count FLOPs for a new input shape,
-        compare with dense if asked; return the dense logits when they were computed."""
-        self.merged.add(seconds, images.shape[0])
+        """Account one merged forward, timed from :meth:`before_forward` to now (call it once its outputs are
+        ready; ``call`` = its ``(args, kwargs)``), count FLOPs for a new input shape, compare with dense if asked;
+        return the dense logits when they were computed."""
+        self.merged.add(time.perf_counter() - self._t0, images.shape[0])
         self.merged_images += images.shape[0]
         spent = self.tokens.spent() if self.tokens is not None else None
         self.last_fraction = None if spent is None else spent[0] / spent[1]
