@@ -14,7 +14,8 @@ tokens to remove:
 * ``default``: the engine (pairwise bipartite matching on token features, 20% most class-attended protected);
 * ``unary``: the ``r`` patch tokens the class token attends to least are removed, each merged (size-weighted) into
   its most similar remaining token; ``unary/size``: the same with attention per input patch (attention / size);
-* ``prune``, ``prune/size``: the same tokens dropped instead of merged (their features leave the model);
+* ``prune``, ``prune/size``: the same tokens dropped instead of merged (their features leave the model); nothing
+  merges, so every size stays 1 and the two rows are the same run;
 * ``prune_mix f=.5``: half of ``r`` pruned by class attention, the other half merged by the default matching;
 * ``combo lam=1``: remove the tokens with the highest z-scored redundancy (best similarity to any token) minus
   z-scored log class attention, into their most similar remaining token (a full ``N x N`` similarity, counted);
@@ -29,6 +30,7 @@ the default with its standard error. Resumable; writes ``<out>.json`` and ``<out
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -48,12 +50,16 @@ ORIG = engine.merge_step
 RULE = {}
 
 
+def removed_mask(src, n):
+    """``[B, n]`` bool, True at the patch tokens ``src`` ``[B, r]``."""
+    return torch.zeros(src.shape[0], n, dtype=torch.bool, device=src.device).scatter_(1, src, True)
+
+
 def apply_merge(x, size, pos, p, src, dst, add=True):
     """Remove patch tokens src [B,r] (indices among patch tokens); add into dst [B,r] when add."""
     B, T, C = x.shape
     N = T - p
-    dev = x.device
-    removed = torch.zeros(B, N, dtype=torch.bool, device=dev).scatter_(1, src, True)
+    removed = removed_mask(src, N)
     keep_rank = (~removed).long().cumsum(1) - 1  # rank among kept
     n_keep = N - src.shape[1]
     # new index of each patch token
@@ -90,10 +96,7 @@ def step(x, metric, state, bp, grid, p, config=None, cls_attn=None):
     B, T, _ = x.shape
     N = T - p
     r = bp.r
-    feats = (
-        x[:, p:] if RULE.get("feat", "tokens") == "tokens" else (metric.mean(1) if metric.ndim == 4 else metric)[:, p:]
-    )
-    unit = F.normalize(feats.float(), dim=-1)
+    unit = F.normalize(x[:, p:].float(), dim=-1)  # token features, the default's metric
     size = state.size if state.size is not None else torch.ones(B, T, 1, device=x.device)
     pos = state.pos if state.pos is not None else torch.arange(grid[0] * grid[1], device=x.device).expand(B, -1)
     attn = cls_attn[:, p:].float()
@@ -101,14 +104,14 @@ def step(x, metric, state, bp, grid, p, config=None, cls_attn=None):
     imp = attn / psize if RULE.get("per_patch") else attn
     depth_frac = bp.index / RULE["depth"]
     if rule == "mix_depth":  # pairwise early, unary late
-        rule_now = "default" if depth_frac < RULE["switch"] else RULE.get("late", "unary")
-        if rule_now == "default":
+        if depth_frac < RULE["switch"]:
             return ORIG(x, metric, state, bp, grid, p, config, cls_attn)
+        rule_now = "unary"
     else:
         rule_now = rule
     if rule_now in ("unary", "prune"):
         src = imp.topk(r, dim=1, largest=False).indices
-        removed = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter_(1, src, True)
+        removed = removed_mask(src, N)
         _, dst = nearest(unit, src, removed)
         return apply_merge(x, size, pos, p, src, dst, add=rule_now == "unary")
     if rule_now == "combo":  # rank of redundancy (best similarity) + lam * rank of unimportance
@@ -120,24 +123,19 @@ def step(x, metric, state, bp, grid, p, config=None, cls_attn=None):
         score = z_red - RULE["lam"] * z_imp  # high -> reduce
         # greedy: pick top r as src, dst nearest among non-src
         src = score.topk(r, dim=1).indices
-        removed = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter_(1, src, True)
+        removed = removed_mask(src, N)
         _, dst = nearest(unit, src, removed)
         return apply_merge(x, size, pos, p, src, dst, add=True)
     if rule_now == "prune_mix":  # prune fraction f of r lowest-attention, merge rest by default
         rp = round(RULE["f"] * r)
         src = imp.topk(rp, dim=1, largest=False).indices
-        removed = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter_(1, src, True)
+        removed = removed_mask(src, N)
         _, dst = nearest(unit, src, removed)
         x, st = apply_merge(x, size, pos, p, src, dst, add=False)
-        import dataclasses
-
         bp2 = dataclasses.replace(bp, tokens_in=bp.tokens_in - rp)
         ca = torch.cat([cls_attn[:, :p], cls_attn[:, p:].gather(1, (~removed).nonzero()[:, 1].view(B, N - rp))], 1)
         return ORIG(x, metric, st, bp2, grid, p, config, ca)
     raise ValueError(rule)
-
-
-engine.merge_step = step
 
 
 RULES = {
@@ -170,6 +168,32 @@ def table(res, title):
     return "\n".join(lines) + "\n"
 
 
+def evaluate_rules(model, imgs, dense, rules, res, out, target, depth) -> None:
+    """Run every rule not yet in ``res`` and save ``res`` to ``out`` after each one (resumable)."""
+    for name, spec in rules.items():
+        if name in res:
+            continue
+        t0 = time.time()
+        spec = dict(spec)
+        RULE.clear()
+        if "tome" in spec:
+            cfg = DSMConfig.tome(spec.pop("tome"))
+        else:
+            cfg = DSMConfig(flops_target=target, **spec.pop("cfg", {}))
+            RULE.update(spec, depth=depth)
+            if "rule" in spec and cfg.protect == 0:
+                cfg = cfg.replace(protect=0.001)  # class attention on, nothing protected
+        apply_dsm(model, cfg)
+        gf = count_flops(model, imgs[:1]) / 1e9
+        logits = run(model, imgs, 16)
+        remove_dsm(model)
+        agree = (logits.argmax(-1) == dense.argmax(-1)).float()
+        kl = F.kl_div(logits.log_softmax(-1), dense.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+        res[name] = {"gflops": gf, "agree": agree.tolist(), "kl": kl.tolist()}
+        out.write_text(json.dumps(res))
+        print(f"{name}: {gf:.2f} GF, agreement {agree.mean() * 100:.1f}% ({time.time() - t0:.0f} s)", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference", required=True)
@@ -194,28 +218,11 @@ def main(argv=None) -> int:
     rules = json.loads(a.rules) if a.rules else dict(RULES)
     for t in [int(v) for v in a.tome.split(",") if v]:
         rules[f"tome r={t}"] = {"tome": t}
-    for name, spec in rules.items():
-        if name in res:
-            continue
-        t0 = time.time()
-        spec = dict(spec)
-        RULE.clear()
-        if "tome" in spec:
-            cfg = DSMConfig.tome(spec.pop("tome"))
-        else:
-            cfg = DSMConfig(flops_target=a.target, **spec.pop("cfg", {}))
-            RULE.update(spec, depth=depth)
-            if "rule" in spec and cfg.protect == 0:
-                cfg = cfg.replace(protect=0.001)  # class attention on, nothing protected
-        apply_dsm(model, cfg)
-        gf = count_flops(model, imgs[:1]) / 1e9
-        logits = run(model, imgs, 16)
-        remove_dsm(model)
-        agree = (logits.argmax(-1) == dense.argmax(-1)).float()
-        kl = F.kl_div(logits.log_softmax(-1), dense.log_softmax(-1), log_target=True, reduction="none").sum(-1)
-        res[name] = {"gflops": gf, "agree": agree.tolist(), "kl": kl.tolist()}
-        out.write_text(json.dumps(res))
-        print(f"{name}: {gf:.2f} GF, agreement {agree.mean() * 100:.1f}% ({time.time() - t0:.0f} s)", flush=True)
+    engine.merge_step = step  # this process only, while the rules run
+    try:
+        evaluate_rules(model, imgs, dense, rules, res, out, a.target, depth)
+    finally:
+        engine.merge_step = ORIG
     rows = {k: v for k, v in res.items() if k != "dense"}
     title = (
         f"{Path(a.reference).stem}, {a.pool} pool ({len(imgs)} images), plan flops_target={a.target}; "
