@@ -7,6 +7,8 @@ excluded. The remaining 58,500 indices are shuffled once with a fixed seed and c
 * ``dev``  (first 1,000): the only images used to *choose* anything (schedule families, merge options,
   calibration); no accuracy on them is ever reported.
 * ``eval`` (the next ``--eval`` images): reported numbers only.
+* ``fresh`` (from index 10,000 of the shuffled indices on): held back from every table made before
+  ``benchmarks/frontier.py``, which reports on it, so that no choice made while reading earlier tables saw it.
 
 Install the files with ``apt-get install dataset-fashion-mnist`` (Debian; IDX files under
 ``/usr/share/datasets/fashion-mnist/``).
@@ -22,6 +24,7 @@ import torch
 
 IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEV_SIZE = 1000
+FRESH_START = 10_000
 SEED = 0
 
 
@@ -34,14 +37,16 @@ def excluded_indices(shared_dirs: Iterable[Path]) -> set:
 
 
 def pool_indices(name: str, size: int, exclude: set, n_total: int = 60000) -> List[int]:
-    """``size`` indices of pool ``name`` (``"dev"`` or ``"eval"``): a fixed permutation minus ``exclude``."""
+    """``size`` indices of pool ``name`` (``"dev"``, ``"eval"`` or ``"fresh"``): a fixed permutation minus ``exclude``."""
     rest = [int(i) for i in np.random.default_rng(SEED).permutation(n_total) if int(i) not in exclude]
     if name == "dev":
         chosen = rest[: min(size, DEV_SIZE)]
     elif name == "eval":
-        chosen = rest[DEV_SIZE : DEV_SIZE + size]
+        chosen = rest[DEV_SIZE : min(DEV_SIZE + size, FRESH_START)]
+    elif name == "fresh":
+        chosen = rest[FRESH_START : FRESH_START + size]
     else:
-        raise ValueError(f"pool must be 'dev' or 'eval', got {name!r}")
+        raise ValueError(f"pool must be 'dev', 'eval' or 'fresh', got {name!r}")
     if len(chosen) < size:
         raise ValueError(f"pool {name!r} holds {len(chosen)} images, {size} requested")
     return chosen

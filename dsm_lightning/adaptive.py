@@ -112,10 +112,13 @@ class AdaptiveFlops(NamedTuple):
         per_image: ``[B]`` each image's own FLOPs (its live tokens only).
         spent: The batch's FLOPs per image as run: every block call on its sub-batch (:func:`run_blocks
             <dsm_lightning.engine.run_blocks>` regroups images by token count), padding rows included.
+        tokens: The last block's output ``[B, T, C]`` (merged tokens, before the model's final norm), so that one
+            pass gives both the FLOPs and the output (``model.forward_head(model.norm(tokens))`` on timm).
     """
 
     per_image: Tensor
     spent: float
+    tokens: Optional[Tensor] = None
 
 
 class BlockTokens:
@@ -189,7 +192,7 @@ def adaptive_flops(model: nn.Module, images: Tensor) -> AdaptiveFlops:
     for after in live:
         per_image += torch.tensor([block_flops(int(a), int(b), dim, hidden) for a, b in zip(before, after)])
         before = after
-    return AdaptiveFlops(per_image / dense, spent[0] * 1e9 / dense)
+    return AdaptiveFlops(per_image / dense, spent[0] * 1e9 / dense, trace.tokens)
 
 
 def _standard_error(values: Sequence[float]) -> float:

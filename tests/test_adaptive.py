@@ -128,6 +128,17 @@ def test_fit_thresholds_matches_the_fixed_plans_average_tokens():
     assert mean - 1e-9 <= flops.spent <= 1.1 * mean < float(flops.per_image.max())
 
 
+def test_adaptive_flops_returns_the_tokens_the_model_outputs_from():
+    model = tiny_vit()
+    x = images(batch=6)
+    x[:3] *= 0.1
+    apply_dsm(model, fit_thresholds(model, x, DSMConfig(flops_target=0.6)))
+    counted = adaptive_flops(model, x)
+    with torch.no_grad():
+        out = model.forward_head(model.norm(counted.tokens))
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)  # one pass: FLOPs and outputs
+
+
 def test_fit_thresholds_leaves_a_patched_model_as_it_was():
     model = apply_dsm(tiny_vit(), r=3)
     before = model.state_dict()

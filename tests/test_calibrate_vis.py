@@ -147,6 +147,17 @@ def test_fmnist_pools_are_disjoint_and_exclude_shared_images(tmp_path):
     assert torch.equal(x[0, ..., 0], torch.as_tensor(pixels[idx[0]])) and y.tolist() == labels[idx].tolist()
 
 
+def test_the_fresh_pool_is_disjoint_from_every_dev_and_eval_pool():
+    from benchmarks.fmnist_pool import FRESH_START, pool_indices
+
+    n, exclude = 14_000, set(range(0, 14_000, 7))
+    fresh = pool_indices("fresh", 1000, exclude, n)
+    largest_eval = pool_indices("eval", FRESH_START - 1000, exclude, n)
+    assert not set(fresh) & (set(pool_indices("dev", 1000, exclude, n)) | set(largest_eval) | exclude)
+    with pytest.raises(ValueError, match="holds"):  # an eval pool never grows into the fresh one
+        pool_indices("eval", FRESH_START, exclude, n)
+
+
 def write_checkpoint_with_sidecar(folder: Path, classes=("a", "b", "c")) -> Path:
     """A tiny timm ViT saved as safetensors with a side-car JSON that names the model (like the reference's)."""
     from safetensors.torch import save_file
