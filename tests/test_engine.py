@@ -165,3 +165,50 @@ def test_the_fixed_path_reads_nothing_back_and_adaptive_one_list_per_merge_of_a_
     for h in handles:
         h.remove()
     assert reads == len(calls) > len(merging)  # each sub-batch reads its images' counts when it merges
+
+
+def _host_reads(model: torch.nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every read of a tensor's values back to the host during ``model(x)``: ``item``/``int``/``float`` (the
+    ``_local_scalar_dense`` op) and ``tolist`` (which bypasses the dispatcher)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads: list = []
+    real = torch.Tensor.tolist
+
+    def tolist(self):  # type: ignore[no-untyped-def]
+        reads.append("tolist")
+        return real(self)
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.ops.aten._local_scalar_dense.default:
+                reads.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "tolist", tolist)
+        with torch.no_grad(), Count():
+            model(x)
+    return reads
+
+
+@pytest.mark.parametrize("protect", [0.0, 0.2])
+def test_the_fixed_path_never_reads_back_and_adaptive_reads_one_length_list_per_merging_block(monkeypatch, protect):
+    from dsm_lightning import DSMConfig, fit_thresholds, token_plan
+
+    model = tiny_vit()
+    x = _mixed_batch(6)
+    apply_dsm(model, DSMConfig(flops_target=0.6, protect=protect))
+    assert _host_reads(model, x, monkeypatch) == []  # a fixed plan: every count is a Python int of the plan
+    apply_dsm(model, fit_thresholds(model, x, DSMConfig(flops_target=0.6, protect=protect)))
+    assert any(b.merges and b.adaptive for b in token_plan(model).blocks)
+    from dsm_lightning import merge
+
+    calls = []
+    real = merge.threshold_soft_matching
+    monkeypatch.setattr(merge, "threshold_soft_matching", lambda *a, **k: calls.append(1) or real(*a, **k))
+    reads = _host_reads(model, x, monkeypatch)
+    # adaptive: every adaptive merge (each sub-batch of each merging block) reads its images' token counts once, to
+    # size its output and regroup the batch; nothing else is read back
+    assert len(calls) >= sum(b.merges and b.adaptive for b in token_plan(model).blocks)
+    assert reads == ["tolist"] * len(calls)
