@@ -20,7 +20,11 @@ tokens to remove:
 * ``combo lam=1``: remove the tokens with the highest z-scored redundancy (best similarity to any token) minus
   z-scored log class attention, into their most similar remaining token (a full ``N x N`` similarity, counted);
 * ``pairwise->unary @.5``: the default matching in the first half of the blocks, ``unary`` in the second (CATIS's
-  diagnosis: pairwise in shallow layers, unary in deep ones).
+  diagnosis: pairwise in shallow layers, unary in deep ones);
+* ``energy`` (PiToMe-style): each token's energy is its mean similarity to the others, passed through PiToMe's
+  margin function (margin ``0.9 (1 - block / depth)``); only the ``2r`` highest-energy tokens may merge or receive
+  a merge (isolated tokens are protected), with the default's matching among them; ``energy+cls`` protects the
+  default's 20% most class-attended tokens as well.
 
 Official ToMe rows (``--tome``) bracket the budget. Images: the ``dev`` pool (choosing only). Per row: GFLOPs
 (``torch.utils.flop_counter``), top-1 agreement and KL x100 against dense, the paired difference in agreement from
@@ -39,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import dsm_lightning.engine as engine
+import dsm_lightning.merge as merge_module
 from benchmarks.common import environment
 from benchmarks.fmnist_pool import load_pool
 from benchmarks.pareto import load, paired_se, run
@@ -126,6 +131,22 @@ def step(x, metric, state, bp, grid, p, config=None, cls_attn=None):
         removed = removed_mask(src, N)
         _, dst = nearest(unit, src, removed)
         return apply_merge(x, size, pos, p, src, dst, add=True)
+    if rule_now == "energy":  # PiToMe-style: only the 2r highest-energy (least isolated) tokens may merge
+        sim = torch.bmm(unit, unit.transpose(1, 2))
+        margin = RULE.get("margin", 0.9) * (1 - depth_frac)
+        f = torch.where(sim > margin, sim, torch.exp(sim - margin) - 1)
+        f.diagonal(dim1=1, dim2=2).zero_()
+        energy = f.sum(-1) / (N - 1)
+        keep = energy.topk(min(N, 2 * r), dim=1).indices
+        mask = ~removed_mask(keep, N)  # protected: neither merges nor receives
+        if RULE.get("with_cls"):
+            mask = mask | merge_module.protected_mask(attn, config.protect)
+        saved = merge_module._protected
+        merge_module._protected = lambda *args: mask
+        try:
+            return ORIG(x, metric, state, bp, grid, p, config, cls_attn)
+        finally:
+            merge_module._protected = saved
     if rule_now == "prune_mix":  # prune fraction f of r lowest-attention, merge rest by default
         rp = round(RULE["f"] * r)
         src = imp.topk(rp, dim=1, largest=False).indices
@@ -147,6 +168,8 @@ RULES = {
     "prune_mix f=.5": {"rule": "prune_mix", "f": 0.5},
     "combo lam=1": {"rule": "combo", "lam": 1.0},
     "pairwise->unary @.5": {"rule": "mix_depth", "switch": 0.5},
+    "energy": {"rule": "energy"},
+    "energy+cls": {"rule": "energy", "with_cls": True},
 }
 
 
