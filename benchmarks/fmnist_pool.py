@@ -37,7 +37,8 @@ def excluded_indices(shared_dirs: Iterable[Path]) -> set:
 
 
 def pool_indices(name: str, size: int, exclude: set, n_total: int = 60000) -> List[int]:
-    """``size`` indices of pool ``name`` (``"dev"``, ``"eval"`` or ``"fresh"``): a fixed permutation minus ``exclude``."""
+    """``size`` indices of pool ``name`` (``"dev"``, ``"eval"`` or ``"fresh"``): a fixed permutation minus
+    ``exclude``."""
     rest = [int(i) for i in np.random.default_rng(SEED).permutation(n_total) if int(i) not in exclude]
     if name == "dev":
         chosen = rest[: min(size, DEV_SIZE)]
