@@ -165,4 +165,3 @@ def test_the_fixed_path_reads_nothing_back_and_adaptive_one_list_per_merge_of_a_
     for h in handles:
         h.remove()
     assert reads == len(calls) > len(merging)  # each sub-batch reads its images' counts when it merges
-
