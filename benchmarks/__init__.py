@@ -10,5 +10,5 @@ The harness they share, imported by name (no ``sys.path`` edits):
 * :mod:`benchmarks.pareto`: loading a reference model (``load``), running it (``run``), paired standard errors
   (``paired_se``);
 * :mod:`benchmarks.matched_tome`: matched-FLOP evaluation against official ToMe (``bracket``, ``evaluate``,
-  ``stats``, ``load_inputs``).
+  ``stats``, ``load_inputs``, ``load_photos``).
 """

@@ -35,9 +35,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from benchmarks.common import environment
-from benchmarks.matched_tome import diff, stats
-from benchmarks.pareto import load, paired_se, stack
+from benchmarks.common import environment, write_report
+from benchmarks.matched_tome import add_common_arguments, diff, load_photos, stats
+from benchmarks.pareto import load, paired_se, run
 from dsm_lightning import (
     DSMConfig,
     adaptive_flops,
@@ -136,16 +136,10 @@ def run_stage(
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", required=True, help="JSON next to a safetensors checkpoint")
-    parser.add_argument("--pool-size", type=int, default=1000)
+    add_common_arguments(parser)
+    parser.set_defaults(pool_size=1000)
     parser.add_argument("--pool", default="fresh", choices=["eval", "fresh"], help="the reported pool")
     parser.add_argument("--choose", type=int, default=400, help="dev images (after the 256 fitted) that choose")
-    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
-    parser.add_argument("--idx-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
-    parser.add_argument("--photos")
-    parser.add_argument("--photo-reference")
-    parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
-    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "frontier")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -156,13 +150,7 @@ def main(argv=None) -> int:
     images, labels, indices = load_pool(args.pool, args.pool_size, transform, args.shared, args.idx_dir)
     dev, dev_labels, dev_indices = load_pool("dev", 256 + args.choose, transform, args.shared, args.idx_dir)
     fit_images, choose_images, dev_labels = dev[:256], dev[256:], dev_labels[256:]
-    photos = stack(args.photos, transform, 10_000, labelled=False)[0] if args.photos else None
-    photo_head = None
-    if args.photo_reference:
-        from safetensors.torch import load_file
-
-        head = load_file(str(Path(args.photo_reference).with_suffix(".safetensors")))
-        photo_head = (head["head.weight"].float(), head["head.bias"].float())
+    photos, photo_head = load_photos(args, transform)
     cache_path = args.out.with_suffix(".pt")
     cache: Dict[str, dict] = torch.load(cache_path, weights_only=True) if cache_path.exists() else {}
     settings = json.dumps(  # a cache answers only the run it was made by
@@ -184,14 +172,15 @@ def main(argv=None) -> int:
         print(f"{name}: block FLOPs {row['per_image'].mean():.4f}x {row.get('keeper', '')}", flush=True)
         return row
 
-    @torch.no_grad()
     def dense_row(pool: str, x: torch.Tensor, with_photos: bool) -> dict:
         name = f"{pool}/dense"
         if name not in cache:
-            logits = torch.cat([model(x[i : i + args.batch]) for i in range(0, len(x), args.batch)])
-            row: Dict[str, Any] = {"logits": logits, "per_image": torch.ones(len(x), dtype=torch.float64)}
+            row: Dict[str, Any] = {
+                "logits": run(model, x, args.batch),
+                "per_image": torch.ones(len(x), dtype=torch.float64),
+            }
             if with_photos and photos is not None:
-                feats = model.forward_head(model.forward_features(photos), pre_logits=True)
+                feats = run(model, photos, args.batch, pre_logits=True)
                 row["feats"] = feats if photo_head is None else torch.nn.functional.linear(feats, *photo_head)
             save(name, row)
         return cache[name]
@@ -323,10 +312,7 @@ def main(argv=None) -> int:
         "choice": [{"variant": v, "within": w, "agreement": a, "kl": -k} for w, a, k, v in choice_rows],
         "dense_top1": float((dense["logits"].argmax(-1) == labels).float().mean()),
     }
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
-    text = "\n".join(lines)
-    args.out.with_suffix(".md").write_text(text + "\n")
-    print(text)
+    write_report(args.out, meta, results, "\n".join(lines))
     return 0
 
 

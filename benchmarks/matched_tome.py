@@ -124,6 +124,12 @@ def load_inputs(args: argparse.Namespace) -> tuple:
 
     module, transform = load(args)
     images, labels, _ = load_pool("eval", args.pool_size, transform, args.shared, args.idx_dir)
+    return (module.model, transform, images, labels, *load_photos(args, transform))
+
+
+def load_photos(args: argparse.Namespace, transform) -> tuple:
+    """``(photos, photo_head)``: the ``--photos`` (or None) and the ``--photo-reference`` head that maps their
+    features (or None)."""
     photos = stack(args.photos, transform, 10_000, labelled=False)[0] if args.photos else None
     photo_head = None
     if args.photo_reference:
@@ -131,7 +137,7 @@ def load_inputs(args: argparse.Namespace) -> tuple:
 
         head = load_file(str(Path(args.photo_reference).with_suffix(".safetensors")))
         photo_head = (head["head.weight"].float(), head["head.bias"].float())
-    return module.model, transform, images, labels, photos, photo_head
+    return photos, photo_head
 
 
 def main(argv=None) -> int:
