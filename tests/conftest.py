@@ -119,3 +119,12 @@ def variant(request):
 def images(batch=2, size=(32, 32), seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, *size, generator=g)
+
+
+@pytest.fixture
+def centroid_rule():
+    """The RoPE adapters rotate merged tokens at their patches' centroid while the test runs (tests/rope_models.py)."""
+    from tests.rope_models import centroid_rule as rule
+
+    with rule():
+        yield

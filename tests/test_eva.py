@@ -1,6 +1,7 @@
 """timm ``Eva`` (RoPE ViTs: EVA-02, DINOv3, PE, RoPE-ViT): r=0 bit-identical, equal to the loop reference that applies
 RoPE from explicit per-token positions (both position rules, every rope type), remove_dsm exact, the positions'
-properties, adaptive merging, dense intermediates."""
+properties, adaptive merging, dense intermediates. The guard, compile, ONNX export and the callback:
+tests/test_rope.py."""
 
 from __future__ import annotations
 
@@ -9,42 +10,17 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dsm_lightning import DSMConfig, apply_dsm, is_patched, remove_dsm, token_plan, trace_tokens
-from dsm_lightning.adapters import TimmEvaAdapter, get_adapter, register_adapter, registered_adapters
+from dsm_lightning import DSMConfig, apply_dsm, remove_dsm, token_plan, trace_tokens
+from dsm_lightning.adapters import TimmEvaAdapter, get_adapter, registered_adapters
 from dsm_lightning.adapters.base import UnsupportedModelError
 from dsm_lightning.adapters.eva import _dense_rope
 from dsm_lightning.adapters.rope import rope_at, token_centroids
 from dsm_lightning.errors import ConfigError
 from dsm_lightning.merge import MergeState
+from tests.rope_models import EVA_VARIANTS, tiny_eva
 from tests.rope_reference import ref_forward
 
-#: One tiny Eva per rope type / block variant timm's Eva builds.
-VARIANTS = {
-    "cat": dict(),
-    "cat_rotate_half_swiglu_ls_qknorm": dict(rope_rotate_half=True, swiglu_mlp=True, init_values=0.3, qk_norm=True),
-    "cat_ref_shape_offset_xy": dict(ref_feat_shape=(6, 6), rope_grid_offset=0.5, rope_grid_indexing="xy"),
-    "mixed": dict(rope_type="mixed", rope_grid_indexing="xy"),
-    "dinov3": dict(rope_type="dinov3", rope_rotate_half=True, class_token=True, num_reg_tokens=4, init_values=0.5),
-    "mrope": dict(rope_type="mrope"),
-    "post_norm_scale_mlp": dict(use_post_norm=True, scale_mlp=True, scale_attn_inner=True),
-    "rope_attn_gqa": dict(attn_type="rope", qkv_fused=False, num_kv_heads=1),
-    "no_cls_avg": dict(class_token=False, num_reg_tokens=1, global_pool="avg"),
-    "abs_pos_only": dict(use_rot_pos_emb=False, use_abs_pos_emb=True),
-}
-
-
-def tiny_eva(seed=0, img_size=16, **kwargs):
-    """A random-init timm Eva: 4x4 patches of 4 px (16 px images), 4 blocks, 2 heads of 8 channels."""
-    from timm.models.eva import Eva
-
-    torch.manual_seed(seed)
-    cfg = dict(img_size=img_size, patch_size=4, embed_dim=16, depth=4, num_heads=2, num_classes=5,
-               use_rot_pos_emb=True, use_abs_pos_emb=False, num_reg_tokens=2, global_pool="avg")  # fmt: skip
-    model = Eva(**{**cfg, **kwargs}).eval()
-    with torch.no_grad():  # timm's init leaves near-identity blocks; spread the weights so merges matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return model
+VARIANTS = EVA_VARIANTS
 
 
 def images(n=2, size=16, seed=1):
@@ -54,15 +30,6 @@ def images(n=2, size=16, seed=1):
 @pytest.fixture(params=sorted(VARIANTS))
 def variant(request):
     return request.param, tiny_eva(**VARIANTS[request.param])
-
-
-@pytest.fixture
-def centroid_rule():
-    adapter = register_adapter(TimmEvaAdapter("centroid"))
-    yield
-    from dsm_lightning.adapters import base
-
-    base._REGISTRY.remove(adapter)
 
 
 def test_r0_bit_identical_and_remove_exact(variant):
@@ -219,68 +186,3 @@ def test_default_config_runs_every_variant(variant):
         apply_dsm(model, DSMConfig())
         out = model(images())
     assert torch.isfinite(out).all(), name
-
-
-def test_quality_guard_chooses_on_an_eva():
-    from dsm_lightning import DSMConfig
-    from dsm_lightning.guard import quality_guard
-
-    model = tiny_eva(**VARIANTS["dinov3"])
-    x = images(4)
-    with torch.no_grad():
-        dense = model(x)
-    result = quality_guard(model, x, dense, DSMConfig(delay=1, r=2), 0.25)
-    assert result.trials and not is_patched(model)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["dinov3", "mixed"])
-def test_compile_blocks_matches_eager(name):
-    from dsm_lightning import compile_blocks
-
-    model = apply_dsm(tiny_eva(**VARIANTS[name]), delay=1, r=2)
-    x = images()
-    with torch.no_grad():
-        ref = model(x)
-        compile_blocks(model, backend="eager")
-        out = model(x)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["dinov3", "mixed"])
-def test_onnx_export_runs_in_onnx_runtime_like_pytorch(name, tmp_path):
-    pytest.importorskip("onnxruntime")
-    from dsm_lightning import DSMConfig
-    from dsm_lightning.export import check_onnx, export_onnx
-
-    model = apply_dsm(tiny_eva(**VARIANTS[name]), DSMConfig(delay=1, r=2))
-    path = export_onnx(model, tmp_path / f"eva_{name}.onnx", 16, dynamic_batch=False)
-    assert check_onnx(model, path, images(2)) < 1e-4
-
-
-def test_dsm_callback_on_an_eva_classifier(tmp_path):
-    """DSMCallback around an Eva classifier: the guard compares top-1, the stage runs merged, the model comes back."""
-    from lightning.pytorch import LightningModule
-
-    from dsm_lightning import DSMCallback
-    from tests.lightning_helpers import make_image_folder, tiny_data, trainer
-
-    class Classifier(LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = tiny_eva(**VARIANTS["dinov3"])
-            self.seen = []
-
-        def validation_step(self, batch, batch_idx):
-            self.seen.append(is_patched(self.model))
-            self.model(batch["image"])
-
-    data = tiny_data(make_image_folder(tmp_path, classes=2, per_class=4), img_size=16)
-    callback = DSMCallback(delay=1, r=2, min_agreement=0.01, guard_images=4)
-    module = Classifier()
-    before = {k: v.clone() for k, v in module.model.state_dict().items()}
-    trainer(callbacks=[callback]).validate(module, datamodule=data, verbose=False)
-    assert callback.guard is not None and callback.guard.config is not None
-    assert module.seen[0] is False and all(module.seen[1:]) and not is_patched(module.model)  # first: the guard
-    assert all(torch.equal(before[k], v) for k, v in module.model.state_dict().items())

@@ -1,6 +1,7 @@
 """Hugging Face ``DINOv3ViTModel`` / ``DINOv3ViTBackbone`` (RoPE, registers, LayerScale): r=0 bit-identical,
 equal to the loop reference that rotates every token from its explicit position (both rules, eager and SDPA),
-remove_dsm exact, prefix tokens never merge, adaptive merging, the guard, compile and ONNX export."""
+remove_dsm exact, prefix tokens never merge, adaptive merging, backbone feature maps. The guard, compile, ONNX
+export and the callback: tests/test_rope.py."""
 
 from __future__ import annotations
 
@@ -10,40 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsm_lightning import apply_dsm, is_patched, remove_dsm, token_plan, trace_tokens
-from dsm_lightning.adapters import HuggingFaceDinov3Adapter, get_adapter, register_adapter
+from dsm_lightning.adapters import HuggingFaceDinov3Adapter, get_adapter
 from dsm_lightning.adapters.hf_dinov3 import dinov3_rope_at
 from dsm_lightning.merge import MergeState
 from tests.conftest import images
+from tests.rope_models import tiny_dinov3
 from tests.rope_reference import dinov3_position_rope, ref_dinov3
 
 transformers = pytest.importorskip("transformers")
 
 ATTN = ["sdpa", "eager"]
 RULES = ["destination", "centroid"]
-
-
-def tiny_dinov3(attn="sdpa", seed=0, backbone=False, **kwargs):
-    """A random-init DINOv3 ViT: 32 px images, 4 px patches (8x8 grid), 4 register tokens, 4 layers of 32 channels."""
-    torch.manual_seed(seed)
-    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32,
-               patch_size=4, num_register_tokens=4, layerscale_value=0.5, key_bias=True)  # fmt: skip
-    config = transformers.DINOv3ViTConfig(**{**cfg, **kwargs})
-    config._attn_implementation = attn
-    cls = transformers.DINOv3ViTBackbone if backbone else transformers.DINOv3ViTModel
-    model = cls(config).eval()
-    with torch.no_grad():  # HF's init leaves near-identity layers; spread the weights so merges matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return model
-
-
-@pytest.fixture
-def centroid_rule():
-    adapter = register_adapter(HuggingFaceDinov3Adapter("centroid"))
-    yield
-    from dsm_lightning.adapters import base
-
-    base._REGISTRY.remove(adapter)
 
 
 @pytest.mark.parametrize("attn", ATTN)
@@ -176,65 +154,6 @@ def test_refusals_name_the_fix():
 
     with pytest.raises(UnsupportedModelError, match="attn_implementation='sdpa'"):
         apply_dsm(flash)
-
-
-def test_quality_guard_chooses_a_schedule():
-    from dsm_lightning import DSMConfig
-    from dsm_lightning.guard import quality_guard
-
-    model = tiny_dinov3()
-    x = images(batch=4)
-    with torch.no_grad():
-        dense = model(x).last_hidden_state
-    result = quality_guard(model, x, dense, DSMConfig(delay=1, r=6), 0.5, measure="cosine")
-    assert result.config is not None and not is_patched(model)
-
-
-@pytest.mark.slow
-def test_compile_blocks_matches_eager():
-    from dsm_lightning import compile_blocks
-
-    model = apply_dsm(tiny_dinov3(), delay=1, r=6)
-    x = images()
-    with torch.no_grad():
-        ref = model(x).last_hidden_state
-        compile_blocks(model, backend="eager")
-        out = model(x).last_hidden_state
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_onnx_export_matches(tmp_path):
-    pytest.importorskip("onnxruntime")
-    from dsm_lightning import DSMConfig
-    from dsm_lightning.export import check_onnx, export_onnx
-
-    model = apply_dsm(tiny_dinov3(), DSMConfig(delay=1, r=6))
-    path = export_onnx(model, tmp_path / "dinov3.onnx", 32, dynamic_batch=False)
-    assert check_onnx(model, path, images(2)) < 1e-4
-
-
-def test_dsm_callback_guards_a_dinov3_backbone(tmp_path):
-    """DSMCallback in a LightningModule around a DINOv3ViTModel: the guard compares tokens (cosine) and chooses."""
-    from lightning.pytorch import LightningModule
-
-    from dsm_lightning import DSMCallback
-    from tests.lightning_helpers import make_image_folder, tiny_data, trainer
-
-    class Backbone(LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = tiny_dinov3()
-
-        def validation_step(self, batch, batch_idx):
-            self.model(pixel_values=batch["image"])
-
-    data = tiny_data(make_image_folder(tmp_path, classes=2, per_class=2), img_size=32)
-    callback = DSMCallback(delay=1, r=4, min_agreement=0.5, guard_images=3)
-    module = Backbone()
-    trainer(callbacks=[callback]).validate(module, datamodule=data, verbose=False)
-    assert callback.guard is not None and callback.guard.measure == "cosine" and callback.guard.config is not None
-    assert not is_patched(module.model)
 
 
 @pytest.mark.slow

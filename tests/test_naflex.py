@@ -1,7 +1,7 @@
 """timm ``NaFlexVit``: images and NaFlex batches (``patch_coord`` / ``patch_valid`` padding). r=0 bit-identical,
 remove_dsm exact, equal to the loop reference that keeps padding in the sequence and masks it (both position rules,
-plain and RoPE blocks), padding never merging nor receiving a merge, adaptive merging, dense intermediates, the guard,
-compile and ONNX export."""
+plain and RoPE blocks), padding never merging nor receiving a merge, adaptive merging, dense intermediates. The guard,
+compile, ONNX export and the callback: tests/test_rope.py."""
 
 from __future__ import annotations
 
@@ -9,33 +9,13 @@ import pytest
 import torch
 
 from dsm_lightning import apply_dsm, is_patched, remove_dsm, token_plan
-from dsm_lightning.adapters import TimmNaFlexAdapter, get_adapter, register_adapter
+from dsm_lightning.adapters import get_adapter
+from tests.rope_models import NAFLEX_VARIANTS, tiny_naflex
 from tests.rope_reference import ref_naflex
 
-#: Tiny NaFlexVits: plain Block with learned / factorized position embeddings, and EvaBlocks with each RoPE type.
-VARIANTS = {
-    "learned_avg": dict(),
-    "factorized_cls_token_pool": dict(pos_embed="factorized", class_token=True, global_pool="token"),
-    "map_pool_layerscale": dict(global_pool="map", init_values=0.5),
-    "rope_axial": dict(rope_type="axial", pos_embed="none", reg_tokens=1),
-    "rope_mixed_cls_regs": dict(rope_type="mixed", pos_embed="none", class_token=True, reg_tokens=2),
-    "rope_dinov3_swiglu": dict(rope_type="dinov3", rope_rotate_half=True, swiglu_mlp=True, class_token=True),
-}
+VARIANTS = NAFLEX_VARIANTS
 #: Images of three sizes (two share a grid), 4 px patches: grids 6x4, 4x6, 6x4, 4x4.
 SIZES = [(24, 16), (16, 24), (24, 16), (16, 16)]
-
-
-def tiny_naflex(seed=0, **kwargs):
-    from timm.models.naflexvit import NaFlexVit
-
-    torch.manual_seed(seed)
-    cfg = dict(patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=5, img_size=32,
-               pos_embed_grid_size=(8, 8), global_pool="avg")  # fmt: skip
-    model = NaFlexVit(**{**cfg, **kwargs}).eval()
-    with torch.no_grad():  # timm's init leaves near-identity blocks; spread the weights so merges matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return model
 
 
 def naflex_batch(sizes=SIZES, seed=1):
@@ -61,15 +41,6 @@ def naflex_batch(sizes=SIZES, seed=1):
 
 def images(n=2, size=32, seed=1):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture
-def centroid_rule():
-    adapter = register_adapter(TimmNaFlexAdapter("centroid"))
-    yield
-    from dsm_lightning.adapters import base
-
-    base._REGISTRY.remove(adapter)
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -182,64 +153,3 @@ def test_a_batch_not_in_the_collators_layout_is_refused():
     batch["patch_valid"][0, 3] = False  # a hole inside the grid
     with pytest.raises(ValueError, match="raster order"):
         model(batch)
-
-
-def test_quality_guard_on_images():
-    from dsm_lightning import DSMConfig
-    from dsm_lightning.guard import quality_guard
-
-    model = tiny_naflex(**VARIANTS["rope_axial"])
-    x = images(4)
-    with torch.no_grad():
-        dense = model(x)
-    result = quality_guard(model, x, dense, DSMConfig(delay=1, r=4), 0.25)
-    assert result.trials and not is_patched(model)
-
-
-@pytest.mark.slow
-def test_compile_blocks_matches_eager():
-    from dsm_lightning import compile_blocks
-
-    model = apply_dsm(tiny_naflex(**VARIANTS["rope_axial"]), delay=1, r=4)
-    x = images()
-    with torch.no_grad():
-        ref = model(x)
-        compile_blocks(model, backend="eager")
-        out = model(x)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_onnx_export_matches(tmp_path):
-    pytest.importorskip("onnxruntime")
-    from dsm_lightning import DSMConfig
-    from dsm_lightning.export import check_onnx, export_onnx
-
-    model = apply_dsm(tiny_naflex(**VARIANTS["rope_axial"]), DSMConfig(delay=1, r=4))
-    path = export_onnx(model, tmp_path / "naflex.onnx", 32, dynamic_batch=False)
-    assert check_onnx(model, path, images(2)) < 1e-4
-
-
-def test_dsm_callback_on_a_naflex_classifier(tmp_path):
-    """DSMCallback around a NaFlexVit classifier fed images: the guard compares top-1 and the stage runs merged."""
-    from lightning.pytorch import LightningModule
-
-    from dsm_lightning import DSMCallback
-    from tests.lightning_helpers import make_image_folder, tiny_data, trainer
-
-    class Classifier(LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = tiny_naflex(**VARIANTS["rope_axial"])
-            self.seen = []
-
-        def validation_step(self, batch, batch_idx):
-            self.seen.append(is_patched(self.model))
-            self.model(batch["image"])
-
-    data = tiny_data(make_image_folder(tmp_path, classes=2, per_class=4), img_size=32)
-    callback = DSMCallback(delay=1, r=4, min_agreement=0.01, guard_images=4)
-    module = Classifier()
-    trainer(callbacks=[callback]).validate(module, datamodule=data, verbose=False)
-    assert callback.guard is not None and callback.guard.config is not None
-    assert module.seen[0] is False and all(module.seen[1:]) and not is_patched(module.model)
