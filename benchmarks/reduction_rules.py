@@ -24,7 +24,12 @@ tokens to remove:
 * ``energy`` (PiToMe-style): each token's energy is its mean similarity to the others, passed through PiToMe's
   margin function (margin ``0.9 (1 - block / depth)``); only the ``2r`` highest-energy tokens may merge or receive
   a merge (isolated tokens are protected), with the default's matching among them; ``energy+cls`` protects the
-  default's 20% most class-attended tokens as well.
+  default's 20% most class-attended tokens as well;
+* ``soft k=.. t=..`` (many-to-many merging, as in training-free "token transforming"): the default's matching
+  chooses the ``r`` tokens that go, and each is shared among its ``k`` most similar ``b`` tokens with weights
+  ``softmax(similarity / t)`` over them (``k = 1`` is the default exactly, checked);
+* ``attn-weighted g=..``: the default's pairs, but inside a merge each token weighs its size times its class
+  attention per patch to the power ``g``, so the more attended token keeps more of its features (sizes still add).
 
 Official ToMe rows (``--tome``) bracket the budget. Images: the ``dev`` pool (choosing only). Per row: GFLOPs
 (``torch.utils.flop_counter``), top-1 agreement and KL x100 against dense, the paired difference in agreement from
@@ -94,6 +99,51 @@ def nearest(unit, src, exclude):
     return s.max(-1)
 
 
+def soft_merge(x, unit, size, pos, p, r, config, attn, k, tau, gamma=0.0):
+    """Many-to-many merging: the default's bipartite matching (even patches ``a``, odd ``b``, protected tokens
+    blocked) chooses the ``r`` ``a`` tokens that go; each is shared among its ``k`` most similar ``b`` tokens with
+    weights ``softmax(similarity / tau)`` over those ``k`` (size-weighted: a ``b`` token's size grows by its share).
+    ``gamma > 0`` weights each token of a merge by its size times its class attention per patch to the power
+    ``gamma`` (the more attended token keeps more of its features; the merged size is still the sum of sizes).
+    ``k = 1, gamma = 0`` is the default's merge."""
+    B, T, C = x.shape
+    N = T - p
+    a, b = unit[:, 0::2], unit[:, 1::2]
+    na, nb = a.shape[1], b.shape[1]
+    blocked = merge_module.protected_mask(attn, config.protect)
+    scores = torch.bmm(a, b.transpose(1, 2))
+    scores = scores.masked_fill(blocked[:, 0::2, None] | blocked[:, None, 1::2], -2.0)
+    node_max, node_idx = scores.max(-1)
+    order = node_max.argsort(dim=-1, descending=True, stable=True)
+    src, unm = order[:, :r], order[:, r:]
+    rows = scores.gather(1, src[..., None].expand(-1, -1, nb))  # [B, r, nb]
+    vals, idx = rows.topk(min(k, nb), dim=-1)
+    w = (vals / tau).masked_fill(vals < -1.5, float("-inf")).softmax(-1)
+    w = torch.where(torch.isnan(w), torch.zeros_like(w), w)
+    W = torch.zeros(B, r, nb, device=x.device).scatter_(2, idx, w)  # [B, r, nb]
+    patches, psize = x[:, p:].float(), size[:, p:]
+    weight = psize * (attn[..., None] / psize).pow(gamma) if gamma else psize  # what each token weighs in a merge
+    xa, xb, sa, sb = patches[:, 0::2], patches[:, 1::2], psize[:, 0::2], psize[:, 1::2]
+    wa, wb = weight[:, 0::2], weight[:, 1::2]
+    xs = xa.gather(1, src[..., None].expand(-1, -1, C))
+    ss, ws = sa.gather(1, src[..., None]), wa.gather(1, src[..., None])
+    num = xb * wb + W.transpose(1, 2) @ (xs * ws)
+    mass = sb + W.transpose(1, 2) @ ss
+    norm = wb + W.transpose(1, 2) @ ws
+    xu = xa.gather(1, unm[..., None].expand(-1, -1, C))
+    su = sa.gather(1, unm[..., None])
+    out = torch.cat([x[:, :p], xu.to(x.dtype), (num / norm).to(x.dtype)], 1)
+    osize = torch.cat([size[:, :p], su, mass], 1)
+    # where each patch token went (a merged a token: its most similar b), for the patch-to-token map
+    a_new = torch.empty(B, na, dtype=torch.long, device=x.device)
+    a_new.scatter_(1, unm, torch.arange(na - r, device=x.device).expand(B, -1))
+    a_new.scatter_(1, src, node_idx.gather(1, src) + (na - r))
+    new_index = torch.empty(B, N, dtype=torch.long, device=x.device)
+    new_index[:, 0::2] = a_new
+    new_index[:, 1::2] = torch.arange(na - r, na - r + nb, device=x.device)
+    return out, MergeState(osize, new_index.gather(1, pos))
+
+
 def step(x, metric, state, bp, grid, p, config=None, cls_attn=None):
     rule = RULE.get("rule")
     if rule is None or bp.mode != "global" or not bp.merges:
@@ -147,6 +197,8 @@ def step(x, metric, state, bp, grid, p, config=None, cls_attn=None):
             return ORIG(x, metric, state, bp, grid, p, config, cls_attn)
         finally:
             merge_module._protected = saved
+    if rule_now == "soft":  # the default's matching picks what merges; each merged token spreads over its top-k
+        return soft_merge(x, unit, size, pos, p, r, config, attn, RULE["k"], RULE["tau"], RULE.get("gamma", 0.0))
     if rule_now == "prune_mix":  # prune fraction f of r lowest-attention, merge rest by default
         rp = round(RULE["f"] * r)
         src = imp.topk(rp, dim=1, largest=False).indices
@@ -170,6 +222,12 @@ RULES = {
     "pairwise->unary @.5": {"rule": "mix_depth", "switch": 0.5},
     "energy": {"rule": "energy"},
     "energy+cls": {"rule": "energy", "with_cls": True},
+    "soft k=2 t=.05": {"rule": "soft", "k": 2, "tau": 0.05},
+    "soft k=4 t=.05": {"rule": "soft", "k": 4, "tau": 0.05},
+    "soft k=4 t=.02": {"rule": "soft", "k": 4, "tau": 0.02},
+    "attn-weighted g=.5": {"rule": "soft", "k": 1, "tau": 0.05, "gamma": 0.5},
+    "attn-weighted g=1": {"rule": "soft", "k": 1, "tau": 0.05, "gamma": 1.0},
+    "attn-weighted g=2": {"rule": "soft", "k": 1, "tau": 0.05, "gamma": 2.0},
 }
 
 
