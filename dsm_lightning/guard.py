@@ -637,8 +637,9 @@ class QualityGuard:
         elif self.current is not None and self.audit > 0:
             lines.append("Audit: no merged batch was drawn for the audit in this stage (too few batches).")
         if self.cost_ratio is not None:
+            extra = " (not compare_dense's dense passes)" if every_batch else ""
             lines.append(
-                f"Cost: counting the guard's passes and its {self.audit:.0%} audit, the stage spent "
+                f"Cost: counting the guard's passes and its {self.audit:.0%} audit{extra}, the stage spent "
                 f"{self.cost_ratio:.2f}x the block FLOPs of running it dense (this process)."
             )
         return lines
