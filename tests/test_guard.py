@@ -75,7 +75,7 @@ def test_callback_guard_samples_the_stage_then_merges_every_batch_and_logs(tmp_p
     assert not is_patched(module.model)
     cost = [line for line in cb.quality.report() if line.startswith("Cost:")]
     assert cost and "compare_dense" not in cost[0]
-    assert "not compare_dense's dense passes" in [s for s in cb.quality.report(every_batch=True) if "Cost:" in s][0]
+    assert "not compare_dense's dense passes" in next(s for s in cb.quality.report(every_batch=True) if "Cost:" in s)
 
 
 def test_callback_guard_on_a_stage_too_small_to_show_the_target_stays_dense_and_says_why(tmp_path):
