@@ -64,8 +64,8 @@ def find_vit(module: nn.Module, attr: Optional[str] = None) -> Tuple[str, nn.Mod
         return name, sub
     raise UnsupportedModelError(
         f"DSMCallback found no supported ViT inside {type(module).__name__}. Wrap a timm VisionTransformer or a "
-        f"torchvision VisionTransformer in the LightningModule, pass model_attr='name.of.vit', or register an "
-        f"adapter for your model (README, 'Custom ViTs')."
+        f"torchvision VisionTransformer in the LightningModule, pass model_attr='name.of.vit' (--dsm.model_attr on "
+        f"the command line), or register an adapter for your model (docs/models.md, 'Custom ViTs')."
     )
 
 

@@ -54,6 +54,41 @@ def test_cli_predict_writes_every_image_once(tmp_path, suffix):
     assert not list(tmp_path.glob(".preds*")), "no part or temp files left"
 
 
+def test_an_existing_output_is_refused_at_start_unless_overwrite(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "imgs", classes=1, per_class=2)
+    out = tmp_path / "preds.csv"
+    out.write_text("an earlier run's predictions\n")
+    with pytest.raises(FileExistsError, match=r"--writer.overwrite=true to replace"):
+        main(["predict", *cli_args(tmp_path, data, out)])
+    assert out.read_text() == "an earlier run's predictions\n"
+    main(["predict", *cli_args(tmp_path, data, out, "--writer.overwrite=true")])
+    assert len(read_csv(out)) == 2
+    assert "replacing the file that was there" in capsys.readouterr().out
+
+
+def test_an_output_that_appears_during_the_run_is_left_alone(tmp_path, capsys):
+    from lightning.pytorch import Callback
+
+    from dsm_lightning.app.data import ImageFolderDataModule
+    from dsm_lightning.app.writer import PredictionWriter
+    from tests.lightning_helpers import tiny_classifier, trainer
+
+    class Intruder(Callback):  # another program writes the output while the run goes
+        def on_predict_batch_end(self, *args, **kwargs):
+            if not out.exists():
+                out.write_text("someone else's file\n")
+
+    data = make_image_folder(tmp_path / "imgs", classes=1, per_class=2)
+    out = tmp_path / "preds.csv"
+    datamodule = ImageFolderDataModule(predict_dir=str(data), batch_size=1, crop_pct=1.0, img_size=32)
+    run = trainer(callbacks=[PredictionWriter(str(out)), Intruder()], default_root_dir=tmp_path)
+    run.predict(tiny_classifier(), datamodule=datamodule, return_predictions=False)
+    assert out.read_text() == "someone else's file\n"
+    kept = list(tmp_path.glob("preds.*.csv"))
+    assert len(kept) == 1 and len(read_csv(kept[0])) == 2
+    assert "appeared while the run went and was left alone" in capsys.readouterr().out
+
+
 def test_cli_validate_with_dsm(tmp_path):
     data = make_image_folder(tmp_path / "imgs")
     args = cli_args(tmp_path, data, tmp_path / "p.csv", f"--data.val_dir={data}")

@@ -114,12 +114,17 @@ def test_user_attn_mask_refused():
         ),
         (["predict", "--data.batch_size=abc"], r"^dsm-lightning predict: error: .*data\.batch_size.*abc$"),
         (["predict", "--config=missing.yaml"], r"^dsm-lightning predict: error: .*missing\.yaml'?$"),
+        (
+            ["predict", "--config=typo.yaml"],
+            r"^dsm-lightning predict: error: .*'data\.batchsize' \(did you mean data\.batch_size\?\)$",
+        ),
     ],
 )
 def test_command_line_mistakes_print_one_line_and_the_help_command(argv, match, capsys, tmp_path, monkeypatch):
     from dsm_lightning.app.cli import main
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "typo.yaml").write_text("data:\n  batchsize: 16\n")  # a misspelt key in a config file
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2

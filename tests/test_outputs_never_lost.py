@@ -15,9 +15,15 @@ from dsm_lightning.app.cli import cli as main
 from dsm_lightning.app.writer import PredictionWriter
 from examples.saliency.app import maps_cli
 from tests.lightning_helpers import make_image_folder, read_csv, read_tsv
-from tests.test_cli_writer import cli_args
+from tests.test_cli_writer import cli_args as _cli_args
 from tests.test_saliency_example import args as maps_args
 from tests.test_saliency_example import tiny_saliency
+
+
+def cli_args(tmp_path, data_dir, output, *extra):
+    """The CLI arguments of tests/test_cli_writer.py with ``--writer.overwrite=true``: the tests here run onto an
+    older output on purpose, to show it is replaced only by a run that finishes."""
+    return _cli_args(tmp_path, data_dir, output, "--writer.overwrite=true", *extra)
 
 
 def test_cli_never_writes_or_replaces_config_yaml_in_the_working_directory(tmp_path, monkeypatch):
@@ -49,7 +55,7 @@ def test_a_second_run_on_the_same_output_is_refused_at_start_while_the_first_run
     data = make_image_folder(tmp_path / "imgs", labelled=False, classes=1, per_class=2)
     out = tmp_path / "preds.csv"
     lock = tmp_path / ".preds.csv.lock"
-    first = PredictionWriter(str(out))
+    first = PredictionWriter(str(out), overwrite=True)
     first._take_lock()  # a live run holds the output
     with pytest.raises(FileExistsError, match=r"another run \(process \d+ on .+\) is writing"):
         main(["predict", *cli_args(tmp_path, data, out)])
@@ -65,7 +71,7 @@ def test_a_lock_file_no_live_run_holds_is_taken_over_whatever_pid_it_names(tmp_p
     """PID 1 (the CLI in a container) and the process's own PID are alive, yet the run that wrote them is gone."""
     lock = tmp_path / ".p.csv.lock"
     lock.write_text(str(os.getpid()) if owner == "own" else owner)
-    writer = PredictionWriter(str(tmp_path / "p.csv"))
+    writer = PredictionWriter(str(tmp_path / "p.csv"), overwrite=True)
     writer._take_lock()
     assert lock.read_text().split()[0] == str(os.getpid())
     writer._release()
@@ -78,7 +84,7 @@ def test_runs_racing_to_take_over_a_dead_lock_never_both_win(tmp_path):
     out = tmp_path / "p.csv"
     for trial in range(60):
         (tmp_path / ".p.csv.lock").write_text("999999999")  # left by a killed run
-        writers = [PredictionWriter(str(out)) for _ in range(3)]
+        writers = [PredictionWriter(str(out), overwrite=True) for _ in range(3)]
         barrier = threading.Barrier(len(writers))
         won = []
 
@@ -101,7 +107,7 @@ def test_runs_racing_to_take_over_a_dead_lock_never_both_win(tmp_path):
 
 def test_a_released_lock_is_not_held_by_a_run_that_opened_it_before_the_release(tmp_path):
     out = tmp_path / "p.csv"
-    first, second, third = (PredictionWriter(str(out)) for _ in range(3))
+    first, second, third = (PredictionWriter(str(out), overwrite=True) for _ in range(3))
     first._take_lock()
     stale = os.open(tmp_path / ".p.csv.lock", os.O_RDWR)  # opened while held, locked after release
     first._release()
@@ -205,7 +211,10 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(tmp_path):
 
 
 def test_part_and_temporary_names_differ_between_runs(tmp_path):
-    a, b = PredictionWriter(str(tmp_path / "p.csv")), PredictionWriter(str(tmp_path / "p.csv"))
+    a, b = (
+        PredictionWriter(str(tmp_path / "p.csv"), overwrite=True),
+        PredictionWriter(str(tmp_path / "p.csv"), overwrite=True),
+    )
     assert a._part(0) != b._part(0) and a._tmp != b._tmp
 
 
@@ -324,7 +333,7 @@ def _predict_until_stopped(tmp_path, callbacks, capsys):
     out.write_text("OLD OUTPUT\n")
     module = tiny_classifier()
     dm = tiny_data(data, predict_dir=str(data))
-    writer = PredictionWriter(str(out))
+    writer = PredictionWriter(str(out), overwrite=True)
     run = trainer(callbacks=[DSMCallback(delay=1, r=2, min_agreement=None), writer, *callbacks])
     with pytest.raises(SystemExit) as stopped:
         run.predict(module, datamodule=dm, return_predictions=False)
@@ -384,14 +393,14 @@ def test_a_lock_that_is_a_symbolic_link_is_replaced_and_its_target_never_written
     lock = tmp_path / ".p.csv.lock"
     for target in (victim, tmp_path / "nowhere"):
         lock.symlink_to(target)
-        writer = PredictionWriter(str(tmp_path / "p.csv"))
+        writer = PredictionWriter(str(tmp_path / "p.csv"), overwrite=True)
         writer._take_lock()
         assert not lock.is_symlink() and lock.read_text().split()[0] == str(os.getpid())
         writer._release()
     assert victim.read_text() == "precious" and not (tmp_path / "nowhere").exists()
     lock.mkdir()
     with pytest.raises(IsADirectoryError, match="is a directory, where the writer keeps its lock; remove it"):
-        PredictionWriter(str(tmp_path / "p.csv"))._take_lock()
+        PredictionWriter(str(tmp_path / "p.csv"), overwrite=True)._take_lock()
 
 
 class _SigtermInValidation(Callback):
@@ -450,10 +459,10 @@ def test_without_flock_the_lock_falls_back_to_the_process_id(tmp_path, monkeypat
     lock = tmp_path / ".p.csv.lock"
     for stale in ("999999999", str(os.getpid()), "garbage"):  # a dead run, this very process, junk: taken over
         lock.write_text(stale)
-        writer = PredictionWriter(str(tmp_path / "p.csv"))
+        writer = PredictionWriter(str(tmp_path / "p.csv"), overwrite=True)
         writer._take_lock()
         assert lock.read_text().split()[0] == str(os.getpid())
         writer._release()
     lock.write_text("1")  # PID 1 is alive and not us: refused, naming the lock to delete
     with pytest.raises(FileExistsError, match=r"another run \(process 1\).*delete .*\.p\.csv\.lock"):
-        PredictionWriter(str(tmp_path / "p.csv"))._take_lock()
+        PredictionWriter(str(tmp_path / "p.csv"), overwrite=True)._take_lock()

@@ -33,5 +33,5 @@ def test_the_cli_logs_progress_when_stdout_is_not_a_terminal(tmp_path):
     args = [a for a in cli_args(tmp_path, data, tmp_path / "p.csv") if "enable_progress_bar" not in a]
     run = cli(["predict", *args])  # pytest captures stdout: not a terminal
     assert any(isinstance(c, LogProgress) for c in run.trainer.callbacks)
-    quiet = cli(["predict", *args, "--trainer.enable_progress_bar=false"])
+    quiet = cli(["predict", *args, "--trainer.enable_progress_bar=false", "--writer.overwrite=true"])
     assert not any(isinstance(c, LogProgress) for c in quiet.trainer.callbacks), "no progress asked, none shown"

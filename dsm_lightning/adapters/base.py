@@ -283,5 +283,5 @@ def get_adapter(model: nn.Module) -> Adapter:
     raise UnsupportedModelError(
         f"DSM has no adapter for {type(model).__module__}.{type(model).__qualname__}. Supported: {supported}. "
         f"For another ViT, subclass dsm_lightning.adapters.Adapter and call register_adapter() "
-        f"(README, 'Custom ViTs')."
+        f"(docs/models.md, 'Custom ViTs')."
     )

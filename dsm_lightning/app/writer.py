@@ -51,10 +51,12 @@ class PredictionWriter(BasePredictionWriter):
 
     Args:
         output: Destination file; ``.csv`` or ``.jsonl``.
-        overwrite: Replace an existing file (otherwise refuse before any work starts).
+        overwrite: Replace an existing file (the run says so when it does). By default an existing file is refused
+            before any work starts, and a file that appears while the run goes is left alone: the predictions
+            then go to a name of their own, which the run prints.
     """
 
-    def __init__(self, output: str = "predictions.csv", overwrite: bool = True) -> None:
+    def __init__(self, output: str = "predictions.csv", overwrite: bool = False) -> None:
         super().__init__(write_interval="batch")
         self.output = Path(output)
         if self.output.suffix not in (".csv", ".jsonl"):
@@ -68,6 +70,7 @@ class PredictionWriter(BasePredictionWriter):
         self._batches = 0
         self._signal: Optional[int] = None
         self._old_handlers: Dict[int, Any] = {}
+        self._replacing = False
 
     def _part(self, rank: int) -> Path:
         return self.output.with_name(f".{self.output.name}.{self._run}.rank{rank}.part")
@@ -186,7 +189,11 @@ class PredictionWriter(BasePredictionWriter):
                 f"{str(self.output / 'predictions.csv')!r}"
             )
         if self.output.exists() and not self.overwrite:
-            raise FileExistsError(f"{_shown(self.output)} exists; delete it or set overwrite=True")
+            raise FileExistsError(
+                f"{_shown(self.output)} exists; pass another --writer.output, or --writer.overwrite=true to replace "
+                f"it (PredictionWriter(overwrite=True) in Python)"
+            )
+        self._replacing = self.output.exists()
         if trainer.limit_predict_batches == 0:
             raise ValueError(
                 f"trainer.limit_predict_batches=0 predicts no image, so {_shown(self.output)} would not be written; "
@@ -284,8 +291,12 @@ class PredictionWriter(BasePredictionWriter):
             self._fh = None
         trainer.strategy.barrier("dsm_prediction_writer_parts")
         if trainer.is_global_zero:
-            written, skipped = self._merge(trainer.world_size)
-            message = f"PredictionWriter: {written} predictions written to {_shown(self.output)}"
+            written, skipped, path = self._merge(trainer.world_size)
+            message = f"PredictionWriter: {written} predictions written to {_shown(path)}"
+            if path != self.output:
+                message += f" ({_shown(self.output)} appeared while the run went and was left alone)"
+            elif self._replacing:
+                message += " (replacing the file that was there: overwrite=True)"
             if skipped:
                 message += (
                     f"; {skipped} files skipped: unreadable or not images (listed in {_shown(self.skipped_path)})"
@@ -295,7 +306,7 @@ class PredictionWriter(BasePredictionWriter):
             self._release()
         trainer.strategy.barrier("dsm_prediction_writer_done")
 
-    def _merge(self, world_size: int) -> Tuple[int, int]:
+    def _merge(self, world_size: int) -> Tuple[int, int, Path]:
         rows: Dict[int, Dict[str, Any]] = {}
         skipped: Dict[str, str] = {}
         for rank in range(world_size):
@@ -333,7 +344,10 @@ class PredictionWriter(BasePredictionWriter):
                         if self._classes:
                             flat[f"top{j + 1}_name"] = _cell(row["names"][j])
                     writer.writerow(flat)
-        os.replace(tmp, self.output)
+        path = self.output
+        if not self.overwrite and path.exists():  # appeared meanwhile: never replaced without overwrite
+            path = path.with_name(f"{path.stem}.{self._run}{path.suffix}")
+        os.replace(tmp, path)
         if skipped:
             tmp = self.skipped_path.with_name(f".{self.skipped_path.name}.{self._run}.tmp")
             with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
@@ -347,7 +361,7 @@ class PredictionWriter(BasePredictionWriter):
             self.skipped_path.unlink(missing_ok=True)  # a list from an earlier run would mislead
         for rank in range(world_size):
             self._part(rank).unlink(missing_ok=True)
-        return len(ordered), len(skipped)
+        return len(ordered), len(skipped), path
 
     @property
     def _tmp(self) -> Path:
