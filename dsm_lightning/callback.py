@@ -371,7 +371,8 @@ class DSMCallback(Callback):
                 f"DSM ran dense: the guard's {result.images} images cannot show top-1 agreement >= "
                 f"{result.min_agreement:g}{_level(self.guard_confidence)} (that needs {self.quality.needed} "
                 f"or more with one disagreement); with so few images, calibrate a config once on images like these "
-                f"(dsm_lightning.calibrate(); README, 'The quality guard') and pass it with --dsm.config"
+                f"(dsm_lightning.calibrate(); README, 'The quality guard') and pass it as DSMCallback(config) "
+                f"(--dsm.config on the command line)"
             )
 
     def _patch(self, config: DSMConfig) -> None:
@@ -597,7 +598,7 @@ class DSMCallback(Callback):
                 f"fewer than its share of the quality guard's {self.quality.images} images, so every image ran dense "
                 f"and no dsm/* metric was logged. Use a map-style dataset (the guard then samples the stage), "
                 f"calibrate a config once on images like these (dsm_lightning.calibrate(); README, 'The quality "
-                f"guard') and pass it with --dsm.config, or lower guard_images"
+                f"guard') and pass it as DSMCallback(config) (--dsm.config on the command line), or lower guard_images"
             )
             return
         metrics = self._collect()
