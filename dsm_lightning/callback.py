@@ -370,9 +370,7 @@ class DSMCallback(Callback):
             rank_zero_warn(
                 f"DSM ran dense: the guard's {result.images} images cannot show top-1 agreement >= "
                 f"{result.min_agreement:g}{_level(self.guard_confidence)} (that needs {self.quality.needed} "
-                f"or more with one disagreement); with so few images, calibrate a config once on images like these "
-                f"(dsm_lightning.calibrate(); README, 'The quality guard') and pass it as DSMCallback(config) "
-                f"(--dsm.config on the command line)"
+                f"or more with one disagreement); with so few images, {_CALIBRATE_FIRST}"
             )
 
     def _patch(self, config: DSMConfig) -> None:
@@ -597,8 +595,7 @@ class DSMCallback(Callback):
                 f"DSM did not merge: the {stage} stage ended after {seen} images on this process (of {ranks}), "
                 f"fewer than its share of the quality guard's {self.quality.images} images, so every image ran dense "
                 f"and no dsm/* metric was logged. Use a map-style dataset (the guard then samples the stage), "
-                f"calibrate a config once on images like these (dsm_lightning.calibrate(); README, 'The quality "
-                f"guard') and pass it as DSMCallback(config) (--dsm.config on the command line), or lower guard_images"
+                f"{_CALIBRATE_FIRST}, or lower guard_images"
             )
             return
         metrics = self._collect()
@@ -717,6 +714,13 @@ def _check_outputs(vit: Optional[nn.Module], outputs: Any, measure: str) -> None
             f"the quality guard (min_agreement) compares {what}, but {type(vit).__name__} returned "
             f"{type(outputs).__name__}; pass min_agreement=None to merge without the guard"
         )
+
+
+#: What the guard's warnings suggest when a stage has too few images to choose on.
+_CALIBRATE_FIRST = (
+    "calibrate a config once on images like these (dsm_lightning.calibrate(); README, 'The quality guard') and pass "
+    "it as DSMCallback(config) (--dsm.config on the command line)"
+)
 
 
 def _level(confidence: Optional[float]) -> str:

@@ -96,9 +96,11 @@ class GuardResult:
         lines = [f"DSM quality guard: {what} with dense >= {self.min_agreement:.3f}{test} on {self.images} images"]
         for t in self.trials:
             mark = "->" if t is chosen else "  "
-            why = "cannot pass" if t["agreement"] < self.min_agreement else "too few images to show the target"
-            n = t["images"]
-            stop = f"  (stopped after {n} image{'s' * (n != 1)}: {why})" if t.get("stopped") else ""
+            stop = ""
+            if t.get("stopped"):
+                n = t["images"]
+                why = "cannot pass" if t["agreement"] < self.min_agreement else "too few images to show the target"
+                stop = f"  (stopped after {n} image{'s' * (n != 1)}: {why})"
             lines.append(
                 f"{mark} {t['label']:<22} block FLOPs {t['flops_ratio']:.3f}x dense  "
                 f"agreement {t['agreement']:.4f}{stop}"

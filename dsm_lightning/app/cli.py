@@ -72,17 +72,17 @@ class OneLineErrorParser(LightningArgumentParser):
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         text = " ".join(message.split())
-        unknown = re.findall(r"(--[\w.]+)", text) if "nrecognized" in text else []
-        # a key of a --config file: "Subcommand 'predict' does not accept option 'data.batchsize'"
-        keys = re.findall(r"does not accept option '([\w.]+)'", text)
-        unknown += ["--" + key for key in keys]
+        # (name, how the user wrote it): a flag ("unrecognized arguments: --dsm.delya=4"), or a key of a --config file
+        # ("Subcommand 'predict' does not accept option 'data.batchsize'")
+        unknown = [(name, "--") for name in re.findall(r"--([\w.]+)", text)] if "nrecognized" in text else []
+        unknown += [(name, "") for name in re.findall(r"does not accept option '([\w.]+)'", text)]
         options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
         options += [o.replace("--dsm.config.", "--dsm.", 1) for o in options if o.startswith("--dsm.config.")]
         hints = []
-        for flag in unknown:
-            close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
+        for name, dashes in unknown:
+            close = difflib.get_close_matches("--" + name, options, n=1, cutoff=0.75)
             if close:
-                hints.append(f"did you mean {close[0][2:] if flag[2:] in keys else close[0]}?")
+                hints.append(f"did you mean {dashes}{close[0][2:]}?")
         prog = parser.prog.replace(" [options]", "")
         hint = f" ({'; '.join(hints)})" if hints else ""
         text = text if len(text) <= 400 else text[:397] + "..."

@@ -70,7 +70,6 @@ class PredictionWriter(BasePredictionWriter):
         self._batches = 0
         self._signal: Optional[int] = None
         self._old_handlers: Dict[int, Any] = {}
-        self._replacing = False
 
     def _part(self, rank: int) -> Path:
         return self.output.with_name(f".{self.output.name}.{self._run}.rank{rank}.part")
@@ -193,7 +192,6 @@ class PredictionWriter(BasePredictionWriter):
                 f"{_shown(self.output)} exists; pass another --writer.output, or --writer.overwrite=true to replace "
                 f"it (PredictionWriter(overwrite=True) in Python)"
             )
-        self._replacing = self.output.exists()
         if trainer.limit_predict_batches == 0:
             raise ValueError(
                 f"trainer.limit_predict_batches=0 predicts no image, so {_shown(self.output)} would not be written; "
@@ -291,11 +289,11 @@ class PredictionWriter(BasePredictionWriter):
             self._fh = None
         trainer.strategy.barrier("dsm_prediction_writer_parts")
         if trainer.is_global_zero:
-            written, skipped, path = self._merge(trainer.world_size)
+            written, skipped, path, replaced = self._merge(trainer.world_size)
             message = f"PredictionWriter: {written} predictions written to {_shown(path)}"
             if path != self.output:
                 message += f" ({_shown(self.output)} appeared while the run went and was left alone)"
-            elif self._replacing:
+            elif replaced:
                 message += " (replacing the file that was there: overwrite=True)"
             if skipped:
                 message += (
@@ -306,7 +304,10 @@ class PredictionWriter(BasePredictionWriter):
             self._release()
         trainer.strategy.barrier("dsm_prediction_writer_done")
 
-    def _merge(self, world_size: int) -> Tuple[int, int, Path]:
+    def _merge(self, world_size: int) -> Tuple[int, int, Path, bool]:
+        """Merge the ranks' parts into the output. Returns (predictions, skipped files, the path written, whether it
+        replaced a file); without ``overwrite`` an existing file is never replaced: the predictions get a name of
+        their own."""
         rows: Dict[int, Dict[str, Any]] = {}
         skipped: Dict[str, str] = {}
         for rank in range(world_size):
@@ -344,9 +345,9 @@ class PredictionWriter(BasePredictionWriter):
                         if self._classes:
                             flat[f"top{j + 1}_name"] = _cell(row["names"][j])
                     writer.writerow(flat)
-        path = self.output
-        if not self.overwrite and path.exists():  # appeared meanwhile: never replaced without overwrite
-            path = path.with_name(f"{path.stem}.{self._run}{path.suffix}")
+        path, replaced = self.output, self.output.exists()
+        if replaced and not self.overwrite:  # appeared while the run went (setup refused one that was there)
+            path, replaced = path.with_name(f"{path.stem}.{self._run}{path.suffix}"), False
         os.replace(tmp, path)
         if skipped:
             tmp = self.skipped_path.with_name(f".{self.skipped_path.name}.{self._run}.tmp")
@@ -361,7 +362,7 @@ class PredictionWriter(BasePredictionWriter):
             self.skipped_path.unlink(missing_ok=True)  # a list from an earlier run would mislead
         for rank in range(world_size):
             self._part(rank).unlink(missing_ok=True)
-        return len(ordered), len(skipped), path
+        return len(ordered), len(skipped), path, replaced
 
     @property
     def _tmp(self) -> Path:
